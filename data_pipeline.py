@@ -1,0 +1,218 @@
+"""The training data format (TFRecord shards + JSON manifest) and its tf.data input.
+
+A data set is a folder:
+  manifest.json            classes, image shape and dtype, splits with their shards and counts
+  train-00000.tfrecord ... one tf.train.Example per field of view (see FEATURES)
+  eval-00000.tfrecord  ...
+
+Each rank reads its own subset of a split's shards (rank r of n takes shards
+r, r+n, ...), so shards must be at least as many as ranks.
+"""
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+MANIFEST = "manifest.json"
+FORMAT = "mcnn-tfrecord-v1"
+TEXT_FIELDS = ("compound", "concentration", "plate", "well")
+FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),  # raw H x W x C bytes, row-major
+    "height": tf.io.FixedLenFeature([], tf.int64),
+    "width": tf.io.FixedLenFeature([], tf.int64),
+    "channels": tf.io.FixedLenFeature([], tf.int64),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    **{name: tf.io.FixedLenFeature([], tf.string, default_value="") for name in TEXT_FIELDS},
+}
+DTYPES = {"uint8": tf.uint8, "uint16": tf.uint16}
+
+
+# ---------------------------------------------------------------- writing
+
+def encode_example(image, label, provenance=None):
+    """One field of view as a serialized tf.train.Example; provenance maps TEXT_FIELDS."""
+    provenance = provenance or {}
+    unknown = set(provenance) - set(TEXT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown provenance fields {sorted(unknown)}; known: {TEXT_FIELDS}")
+    height, width, channels = image.shape
+
+    def int64(v):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
+
+    def text(v):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(v).encode()]))
+
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[np.ascontiguousarray(image).tobytes()])),
+        "height": int64(height), "width": int64(width), "channels": int64(channels),
+        "label": int64(label),
+        **{name: text(provenance.get(name, "")) for name in TEXT_FIELDS},
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_dataset(output_dir, splits, classes, image_shape, images_per_shard,
+                  dtype="uint8", extra_manifest=None):
+    """Writes `splits` ({name: iterable of (image, label, provenance)}) as shards + manifest.
+
+    Everything goes to a temporary sibling folder that is renamed to `output_dir`
+    only when complete, so an interrupted run never leaves a data set that looks whole.
+    """
+    image_shape = tuple(int(d) for d in image_shape)
+    output_dir = os.path.abspath(output_dir)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
+    try:
+        manifest = {"format": FORMAT, "classes": list(classes), "image_shape": list(image_shape),
+                    "dtype": dtype, "splits": {}, **(extra_manifest or {})}
+        for split, examples in splits.items():
+            manifest["splits"][split] = _write_split(
+                staging, split, examples, len(classes), image_shape, dtype, images_per_shard)
+        with open(os.path.join(staging, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+        os.rename(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_split(folder, split, examples, num_classes, image_shape, dtype, images_per_shard):
+    files, class_counts, writer = [], [0] * num_classes, None
+    count = 0
+    for count, (image, label, provenance) in enumerate(examples, start=1):
+        if image.shape != image_shape or image.dtype != np.dtype(dtype):
+            raise ValueError(f"{split} example {count}: image is {image.dtype} {image.shape}, "
+                             f"the data set is {dtype} {image_shape}")
+        if not 0 <= label < num_classes:
+            raise ValueError(f"{split} example {count}: label {label} outside 0..{num_classes - 1}")
+        if (count - 1) % images_per_shard == 0:
+            if writer:
+                writer.close()
+            files.append(f"{split}-{len(files):05d}.tfrecord")
+            writer = tf.io.TFRecordWriter(os.path.join(folder, files[-1]))
+        writer.write(encode_example(image, label, provenance))
+        class_counts[label] += 1
+    if writer:
+        writer.close()
+    return {"files": files, "count": count, "class_counts": class_counts}
+
+
+@contextlib.contextmanager
+def exclusive_lock(path):
+    """Holds an exclusive flock on `path` (many ranks, one writer; released if we die)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- reading
+
+def read_manifest(data_dir):
+    """Loads and checks manifest.json; errors name the folder and what is wrong."""
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {data_dir} is not an M-CNN data set "
+                                f"(convert your images first, or omit the data flag for synthetic data)")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("dtype") not in DTYPES:
+        raise ValueError(f"{path}: dtype {manifest.get('dtype')!r} is not one of {list(DTYPES)}")
+    for split, info in manifest["splits"].items():
+        for name in info["files"]:
+            if not os.path.isfile(os.path.join(data_dir, name)):
+                raise FileNotFoundError(f"{path} lists {name} in split {split!r}, "
+                                        f"but {os.path.join(data_dir, name)} does not exist")
+    return manifest
+
+
+def rank_files(files, rank, num_ranks):
+    """Rank `rank` of `num_ranks` takes files rank, rank + num_ranks, ..."""
+    if len(files) < num_ranks:
+        raise ValueError(f"{len(files)} shard files for {num_ranks} ranks: every rank needs at "
+                         f"least one; write the data set with fewer images per shard")
+    return files[rank::num_ranks]
+
+
+def parse_record(record, filename, image_shape, num_classes, dtype="uint8"):
+    """Decodes one record to (image, label), checking it against the manifest."""
+    features = tf.io.parse_single_example(record, FEATURES)
+    pixels = tf.io.decode_raw(features["image"], DTYPES[dtype])
+    height, width, channels = image_shape
+    stored = tf.stack([features["height"], features["width"], features["channels"]])
+    checks = [
+        tf.debugging.Assert(
+            tf.reduce_all(tf.equal(stored, tf.constant(image_shape, tf.int64)))
+            & tf.equal(tf.size(pixels, out_type=tf.int64), height * width * channels),
+            ["A record in", filename, "holds an image of shape", stored, "with",
+             tf.size(pixels), f"pixels; the manifest says {list(image_shape)}"]),
+        tf.debugging.Assert(
+            (features["label"] >= 0) & (features["label"] < num_classes),
+            ["A record in", filename, "has label", features["label"],
+             f"outside the manifest's {num_classes} classes"]),
+    ]
+    with tf.control_dependencies(checks):
+        image = tf.reshape(pixels, image_shape)
+    return image, tf.cast(features["label"], tf.int32)
+
+
+def augment(image):
+    """Random flips, and transposes for square images: microscopy has no up or left.
+
+    A 90-degree rotation of a non-square field would change its shape, so those
+    get the four symmetries of the rectangle, square ones all eight.
+    """
+    image = tf.image.random_flip_left_right(image)
+    image = tf.image.random_flip_up_down(image)
+    if image.shape[0] == image.shape[1]:
+        image = tf.cond(tf.random.uniform([]) < 0.5,
+                        lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
+    return image
+
+
+def make_dataset(data_dir, split, batch_size, rank=0, num_ranks=1, training=False,
+                 shuffle_buffer=64, seed=0, manifest=None):
+    """(images, labels) batches of this rank's part of `split`.
+
+    Images stay in the stored integer dtype (the model scales them to [0, 1]).
+    Training repeats forever with shuffling and augmentation and drops the last
+    partial batch; evaluation reads each of this rank's images once, in order.
+    """
+    manifest = manifest or read_manifest(data_dir)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{data_dir} has no split {split!r}; it has {list(manifest['splits'])}")
+    files = [os.path.join(data_dir, f) for f in manifest["splits"][split]["files"]]
+    files = rank_files(files, rank, num_ranks)
+    image_shape = tuple(manifest["image_shape"])
+    num_classes = len(manifest["classes"])
+
+    def read_file(filename):
+        return tf.data.TFRecordDataset(filename, buffer_size=8 << 20).map(
+            lambda record: parse_record(record, filename, image_shape, num_classes,
+                                        manifest["dtype"]))
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        ds = ds.shuffle(len(files), seed=seed + rank, reshuffle_each_iteration=True).repeat()
+    ds = ds.interleave(read_file, cycle_length=min(len(files), 4), block_length=1,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed + rank)
+        ds = ds.map(lambda image, label: (augment(image), label),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=training)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,81 @@
+"""The multi-scale CNN (M-CNN) of Godinez et al., Bioinformatics 33(13), 2017.
+
+Seven columns read the same image at seven scales: column k max-pools the input
+by 2**k, applies three 5x5 convolutions, then max-pools by 64 / 2**k so that
+every column ends at H/64 x W/64. The columns are concatenated, mixed by a 1x1
+convolution, pooled once more and classified by two dense layers. At 1024 x 1280
+x 3 with 13 classes it has 42,577,261 parameters, 98.5% of them in `fc_512`.
+"""
+import tensorflow as tf
+
+NUM_SCALES = 7
+FILTERS_PER_SCALE = (16, 16, 16, 32, 32, 32, 64)
+CONVS_PER_SCALE = 3
+KERNEL_SIZE = 5
+COLUMN_REDUCTION = 2 ** (NUM_SCALES - 1)  # every column ends at 1/64 of the input
+SIZE_MULTIPLE = 2 * COLUMN_REDUCTION  # then one more 2x2 pooling after the merge
+MERGE_FILTERS = 1024
+HIDDEN_UNITS = 512
+
+
+def check_image_shape(image_shape):
+    """Raises ValueError unless image_shape is (H, W, C) with H, W divisible by 128."""
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape must be (height, width, channels), got {image_shape}")
+    height, width, channels = image_shape
+    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or height <= 0 or width <= 0:
+        raise ValueError(
+            f"M-CNN image height and width must be positive multiples of {SIZE_MULTIPLE} "
+            f"(64x pooling in the columns, then 2x after the merge); got {height} x {width}")
+    if channels <= 0:
+        raise ValueError(f"image_shape needs at least one channel, got {image_shape}")
+
+
+def scale_column(images, scale, data_format):
+    """Column `scale`: pool by 2**scale, three 5x5 convolutions, pool to 1/64."""
+    pre_pool = 2 ** scale
+    post_pool = COLUMN_REDUCTION // pre_pool
+    x = images
+    if pre_pool > 1:
+        x = tf.keras.layers.MaxPool2D(pre_pool, data_format=data_format,
+                                      name=f"scale_{scale}/downsample")(x)
+    for i in range(CONVS_PER_SCALE):
+        x = tf.keras.layers.Conv2D(
+            FILTERS_PER_SCALE[scale], KERNEL_SIZE, padding="same", activation="relu",
+            data_format=data_format, name=f"scale_{scale}/conv_{i}")(x)
+    if post_pool > 1:
+        x = tf.keras.layers.MaxPool2D(post_pool, padding="same", data_format=data_format,
+                                      name=f"scale_{scale}/pool")(x)
+    return x
+
+
+def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, data_format="channels_last",
+               input_dtype="uint8"):
+    """Returns the uncompiled M-CNN; it outputs logits.
+
+    The model takes images as stored, (batch, H, W, C) of `input_dtype`, and scales
+    integer pixels to [0, 1] itself, so the input pipeline can stay in uint8.
+    With data_format="channels_first" the layers run in NCHW after a transpose.
+    """
+    check_image_shape(image_shape)
+    if data_format not in ("channels_last", "channels_first"):
+        raise ValueError(f"data_format must be channels_last or channels_first, got {data_format}")
+    channel_axis = -1 if data_format == "channels_last" else 1
+
+    images = tf.keras.Input(shape=image_shape, dtype=input_dtype, name="image")
+    x = images
+    if tf.as_dtype(input_dtype).is_integer:
+        x = tf.keras.layers.Rescaling(1.0 / tf.as_dtype(input_dtype).max, name="to_unit_range")(x)
+    if data_format == "channels_first":
+        x = tf.keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
+
+    columns = [scale_column(x, scale, data_format) for scale in range(NUM_SCALES)]
+    x = tf.keras.layers.Concatenate(axis=channel_axis, name="merge")(columns)
+    x = tf.keras.layers.Conv2D(MERGE_FILTERS, 1, activation="relu", data_format=data_format,
+                               name="merge_conv")(x)
+    x = tf.keras.layers.MaxPool2D(2, data_format=data_format, name="merge_pool")(x)
+    x = tf.keras.layers.Flatten(data_format=data_format, name="flatten")(x)
+    # No activation between the two dense layers, as in the authors' code.
+    x = tf.keras.layers.Dense(HIDDEN_UNITS, name="fc_512")(x)
+    logits = tf.keras.layers.Dense(num_classes, name="logits")(x)
+    return tf.keras.Model(images, logits, name="mcnn")

@@ -1,0 +1,155 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import data_pipeline
+import synthetic_data
+
+SHAPE = (128, 160, 3)
+
+
+def numbered_images(count, label_of=lambda i: i % 3):
+    """Images whose first two channels hold their index, so reads can be traced back,
+    and whose third channel marks the top-left corner, so flips can be seen."""
+    for i in range(count):
+        image = np.zeros(SHAPE, np.uint8)
+        image[..., 0], image[..., 1], image[0, 0, 2] = i % 256, i // 256, 255
+        yield image, label_of(i), {"well": f"W{i}"}
+
+
+def image_ids(dataset):
+    return [int(images[k, 0, 0, 0]) + 256 * int(images[k, 0, 0, 1])
+            for images, _ in dataset for k in range(images.shape[0])]
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "small"
+    data_pipeline.write_dataset(path, {"train": numbered_images(30), "eval": numbered_images(21)},
+                                ["a", "b", "c"], SHAPE, images_per_shard=4)
+    return str(path)
+
+
+def test_manifest_describes_the_shards(small_set):
+    manifest = data_pipeline.read_manifest(small_set)
+    assert manifest["image_shape"] == list(SHAPE) and manifest["classes"] == ["a", "b", "c"]
+    assert manifest["splits"]["eval"]["count"] == 21
+    assert manifest["splits"]["eval"]["class_counts"] == [7, 7, 7]
+    assert len(manifest["splits"]["eval"]["files"]) == 6  # 21 images, 4 a shard
+    assert sorted(os.listdir(small_set)) == sorted(
+        ["manifest.json"] + manifest["splits"]["train"]["files"]
+        + manifest["splits"]["eval"]["files"])
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3])
+def test_evaluation_sharding_is_disjoint_and_complete(small_set, num_ranks):
+    per_rank = [image_ids(data_pipeline.make_dataset(small_set, "eval", 5, rank, num_ranks))
+                for rank in range(num_ranks)]
+    every = [i for ids in per_rank for i in ids]
+    assert sorted(every) == list(range(21))  # each held-out image exactly once
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3])
+def test_training_shards_are_disjoint_across_ranks(small_set, num_ranks):
+    seen = []
+    for rank in range(num_ranks):
+        ds = data_pipeline.make_dataset(small_set, "train", 2, rank, num_ranks, training=True)
+        seen.append(set(image_ids(ds.take(40))))  # repeats forever: read several passes
+    assert set().union(*seen) == set(range(30))
+    for a in range(num_ranks):
+        for b in range(a + 1, num_ranks):
+            assert not seen[a] & seen[b]
+
+
+def test_training_batches_are_full_uint8_and_augmented(small_set):
+    ds = data_pipeline.make_dataset(small_set, "train", 4, training=True, seed=1)
+    corners = set()
+    for images, labels in ds.take(30):
+        assert images.shape == (4, *SHAPE) and images.dtype == tf.uint8
+        assert labels.dtype == tf.int32
+        # Flips move the marked pixel to another corner of the field.
+        for k in range(4):
+            corners.update(tuple(p) for p in np.argwhere(images[k, :, :, 2].numpy() > 0))
+    assert {(0, 0), (0, 159), (127, 0), (127, 159)} <= corners
+
+
+def test_fewer_shards_than_ranks_is_a_clear_error(small_set):
+    with pytest.raises(ValueError, match="6 shard files for 7 ranks"):
+        data_pipeline.make_dataset(small_set, "eval", 2, rank=0, num_ranks=7)
+
+
+def test_record_of_the_wrong_shape_names_its_file(tmp_path, small_set):
+    data_pipeline.write_dataset(tmp_path / "bad", {"eval": numbered_images(3)}, ["a", "b", "c"],
+                                SHAPE, images_per_shard=4)
+    bad_file = tmp_path / "bad" / "eval-00000.tfrecord"
+    with tf.io.TFRecordWriter(str(bad_file)) as writer:  # overwrite with a 64 x 64 image
+        writer.write(data_pipeline.encode_example(np.zeros((64, 64, 3), np.uint8), 1))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"(?s)eval-00000\.tfrecord.*\[64 64 3\].*\[128, 160, 3\]"):
+        list(data_pipeline.make_dataset(str(tmp_path / "bad"), "eval", 2))
+
+
+def test_label_outside_the_classes_names_its_file(tmp_path):
+    data_pipeline.write_dataset(tmp_path / "bad", {"eval": numbered_images(2)}, ["a", "b", "c"],
+                                SHAPE, images_per_shard=4)
+    with tf.io.TFRecordWriter(str(tmp_path / "bad" / "eval-00000.tfrecord")) as writer:
+        writer.write(data_pipeline.encode_example(np.zeros(SHAPE, np.uint8), 7))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"(?s)eval-00000\.tfrecord.*label.*7.*3 classes"):
+        list(data_pipeline.make_dataset(str(tmp_path / "bad"), "eval", 2))
+
+
+def test_missing_manifest_or_shard_is_a_clear_error(tmp_path, small_set):
+    with pytest.raises(FileNotFoundError, match="manifest.json not found"):
+        data_pipeline.read_manifest(str(tmp_path))
+    broken = tmp_path / "broken"
+    data_pipeline.write_dataset(broken, {"eval": numbered_images(5)}, ["a", "b", "c"], SHAPE, 4)
+    os.remove(broken / "eval-00001.tfrecord")
+    with pytest.raises(FileNotFoundError, match="eval-00001.tfrecord"):
+        data_pipeline.read_manifest(str(broken))
+
+
+def test_a_failed_write_leaves_nothing_that_looks_whole(tmp_path):
+    def failing():
+        yield from numbered_images(5)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        data_pipeline.write_dataset(tmp_path / "out", {"train": failing()}, ["a", "b", "c"],
+                                    SHAPE, 2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_synthetic_screen_is_deterministic_by_seed(tmp_path):
+    def shard_bytes(seed, name):
+        path = tmp_path / name
+        synthetic_data.generate(path, 128, 128, num_classes=3, train_images=6, eval_images=3,
+                                seed=seed, images_per_shard=4, workers=2)
+        return [(path / f).read_bytes() for f in sorted(os.listdir(path)) if "tfrecord" in f]
+
+    first, again, other = shard_bytes(0, "a"), shard_bytes(0, "b"), shard_bytes(1, "c")
+    assert first == again
+    assert first != other
+
+
+def test_synthetic_classes_differ_in_their_phenotype():
+    """Mean nuclear (DNA) area per field separates DMSO from DNA damage on average."""
+    def dna_fraction(label):
+        fields = [synthetic_data.field_of_view(256, 320, 6, 0, "train", i)
+                  for i in range(label, 60, 6)]
+        return np.mean([(image[..., 0] > 100).mean() for image, _, _ in fields])
+
+    assert synthetic_data.CLASSES[:2] == ("DMSO", "DNA damage")
+    assert dna_fraction(1) > 1.3 * dna_fraction(0)
+
+
+def test_concurrent_callers_generate_the_synthetic_set_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: synthetic_data.ensure_synthetic_dataset(
+            str(tmp_path), 128, 128, 2, 4, 2, images_per_shard=2), range(3)))
+    assert len(set(paths)) == 1
+    assert sorted(p for p in os.listdir(tmp_path) if not p.endswith(".lock")) == [
+        os.path.basename(paths[0])]

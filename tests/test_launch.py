@@ -1,0 +1,92 @@
+"""The launcher's placement, checked through --dry-run."""
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from conftest import LAUNCH, ROOT
+
+
+def dry_run(*args):
+    result = subprocess.run([LAUNCH, "train", "--dry-run", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return shlex.split(result.stdout)
+
+
+def option(command, name):
+    return command[command.index(name) + 1]
+
+
+def exported(command):
+    return dict(command[i + 1].split("=", 1) for i, word in enumerate(command)
+                if word == "-x" and "=" in command[i + 1])
+
+
+def test_two_socket_twenty_core_node_with_two_ranks_per_socket():
+    command = dry_run("--sockets", "2", "--cores-per-socket", "20", "--ranks-per-socket", "2",
+                      "--", "--per_rank_batch=8")
+    assert command[0] == "mpirun"
+    assert option(command, "-np") == "4"
+    assert option(command, "--map-by") == "ppr:2:socket:PE=10"
+    assert option(command, "--bind-to") == "core"
+    env = exported(command)
+    assert env["OMP_NUM_THREADS"] == env["TF_NUM_INTRAOP_THREADS"] == "10"
+    assert env["TF_NUM_INTEROP_THREADS"] == "1"
+    assert env["TF_ENABLE_ONEDNN_OPTS"] == "1" and env["KMP_BLOCKTIME"] == "1"
+    assert env["KMP_AFFINITY"] == "granularity=fine,compact,1,0"
+    assert command[-2:] == [os.path.join(ROOT, "train_mcnn.py"), "--per_rank_batch=8"]
+    assert ("--allow-run-as-root" in command) == (os.geteuid() == 0)
+
+
+def test_hostfile_of_two_nodes(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two-socket nodes\nnode-a slots=4\nnode-b slots=4  # second\n\n")
+    command = dry_run("--hostfile", str(hostfile), "--sockets", "2", "--cores-per-socket", "20",
+                      "--ranks-per-socket", "2")
+    assert option(command, "-np") == "8"
+    assert option(command, "--host") == "node-a:4,node-b:4"
+    assert option(command, "--map-by") == "ppr:2:socket:PE=10"
+
+
+def test_slurm_allocation_sets_the_node_count():
+    env = dict(os.environ, SLURM_JOB_NUM_NODES="3")
+    result = subprocess.run([LAUNCH, "train", "--dry-run", "--sockets", "2",
+                             "--cores-per-socket", "16"], capture_output=True, text=True, env=env)
+    command = shlex.split(result.stdout)
+    assert option(command, "-np") == "6" and option(command, "--map-by") == "ppr:1:socket:PE=16"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cores-per-socket", "20", "--ranks-per-socket", "3"], "does not divide the 20 cores"),
+    (["--nodes", "2"], "needs --hostfile or a Slurm allocation"),
+    (["--ranks-per-socket", "0"], "--ranks-per-socket must be a positive integer"),
+    (["--per_rank_batch=8"], "arguments for the program go after --"),
+])
+def test_bad_placement_is_a_clear_error(args, message):
+    result = subprocess.run([LAUNCH, "train", "--dry-run", *args], capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.mark.parametrize("flagfile", sorted(os.listdir(os.path.join(ROOT, "experiments"))))
+def test_shipped_flag_files_parse(flagfile):
+    import train_mcnn
+    FLAGS = train_mcnn.FLAGS
+    try:
+        FLAGS(["train_mcnn.py", f"--flagfile={os.path.join(ROOT, 'experiments', flagfile)}"])
+        assert FLAGS.per_rank_batch > 0 and FLAGS.warmup_epochs < FLAGS.epochs
+    finally:
+        FLAGS.unparse_flags()
+
+
+def test_authors_recipe_flag_file_gives_their_schedule():
+    import train_mcnn
+    FLAGS = train_mcnn.FLAGS
+    try:
+        FLAGS(["train_mcnn.py", f"--flagfile={os.path.join(ROOT, 'experiments', 'authors_8_nodes.flags')}"])
+        # 8 nodes x 4 ranks x 8 images; ~10,240 training images: 40 steps an epoch.
+        schedule = train_mcnn.build_lr_schedule(global_batch=256, steps_per_epoch=40,
+                                                total_steps=2000)
+        assert [round(float(schedule(s)), 6) for s in (0, 200, 2000)] == [0.001, 0.008, 0.0001]
+    finally:
+        FLAGS.unparse_flags()
