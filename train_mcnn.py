@@ -75,6 +75,13 @@ flags.DEFINE_float("target_accuracy", 0.0, "Stop once held-out accuracy reaches 
 FLAGS = flags.FLAGS
 
 
+@flags.multi_flags_validator(["image_height", "image_width"],
+                             message="--image_height and --image_width must be multiples of "
+                                     f"{mcnn_model.SIZE_MULTIPLE} (the M-CNN pools by 128)")
+def _image_size_fits_the_model(sizes):
+    return all(size > 0 and size % mcnn_model.SIZE_MULTIPLE == 0 for size in sizes.values())
+
+
 def log(message):
     if hvd.rank() == 0:
         print(message, flush=True)
@@ -157,6 +164,33 @@ def evaluate(predict, dataset):
     return float(totals[0] / totals[1]), int(totals[1])
 
 
+class StepTimer:
+    """Loss and seconds of the training steps since it was made; other time is skipped."""
+
+    def __init__(self):
+        self.loss, self.steps, self.seconds, self.mark = 0.0, 0, 0.0, time.time()
+
+    def add(self, loss):
+        now = time.time()
+        self.loss += loss
+        self.steps += 1
+        self.seconds += now - self.mark
+        self.mark = now
+
+    def skip(self):
+        self.mark = time.time()
+
+    def mean_loss(self):
+        return self.loss / self.steps
+
+
+def write_scalars(writer, step, **scalars):
+    if writer:
+        with writer.as_default(step=step):
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
+
+
 def weights_in_sync(model):
     """True when all ranks hold the same weights, as averaged gradients guarantee."""
     fingerprint = tf.stack([tf.reduce_sum(tf.cast(v, tf.float64)) for v in model.weights])
@@ -229,33 +263,28 @@ def main(argv):
 
     start = time.time()
     history, time_to_target, accuracy, eval_images = [], None, None, 0
-    window_loss, window_steps, window_start = 0.0, 0, time.time()
-    timed_images, timed_seconds = 0, 0.0
+    window, total = StepTimer(), StepTimer()
     batches = iter(train_data)
     for step in range(1, total_steps + 1):
         images, labels = next(batches)
         loss = float(train_step(images, labels))
-        if step == 1:  # the first step traces the graph: not timed
-            window_start = time.time()
-        else:
-            window_loss, window_steps = window_loss + loss, window_steps + 1
+        for timer in (window, total):
+            if step == 1:  # tracing the graph is not training throughput
+                timer.skip()
+            else:
+                timer.add(loss)
 
         epoch = step / steps_per_epoch
-        if window_steps and (step % FLAGS.log_every == 0 or step == total_steps):
-            seconds = time.time() - window_start
-            loss = float(hvd.allreduce(tf.constant(window_loss / window_steps), name="loss"))
-            per_rank = window_steps * FLAGS.per_rank_batch / seconds
-            timed_images += window_steps * global_batch
-            timed_seconds += seconds
+        if window.steps and (step % FLAGS.log_every == 0 or step == total_steps):
+            mean_loss = float(hvd.allreduce(tf.constant(window.mean_loss()), name="loss"))
+            global_rate = window.steps * global_batch / window.seconds
             lr = float(schedule(optimizer.iterations))
-            log(f"step {step}/{total_steps}  epoch {epoch:.2f}  loss {loss:.4f}  lr {lr:.5f}  "
-                f"images/s {per_rank:.2f} per rank, {per_rank * hvd.size():.2f} global")
-            if writer:
-                with writer.as_default(step=step):
-                    tf.summary.scalar("loss", loss)
-                    tf.summary.scalar("learning_rate", lr)
-                    tf.summary.scalar("images_per_second", per_rank * hvd.size())
-            window_loss, window_steps, window_start = 0.0, 0, time.time()
+            log(f"step {step}/{total_steps}  epoch {epoch:.2f}  loss {mean_loss:.4f}  "
+                f"lr {lr:.5f}  images/s {global_rate / hvd.size():.2f} per rank, "
+                f"{global_rate:.2f} global")
+            write_scalars(writer, step, loss=mean_loss, learning_rate=lr,
+                          images_per_second=global_rate)
+            window = StepTimer()
 
         epoch_end = step % steps_per_epoch == 0
         whole_epochs = step // steps_per_epoch
@@ -263,14 +292,13 @@ def main(argv):
             accuracy, eval_images = evaluate(predict, eval_data)
             history.append({"step": step, "epoch": round(epoch, 3), "accuracy": accuracy})
             log(f"epoch {epoch:.2f}: held-out accuracy {accuracy:.4f} on {eval_images} images")
-            if writer:
-                with writer.as_default(step=step):
-                    tf.summary.scalar("eval_accuracy", accuracy)
+            write_scalars(writer, step, eval_accuracy=accuracy)
             if FLAGS.target_accuracy and accuracy >= FLAGS.target_accuracy:
                 time_to_target = time.time() - start
                 log(f"target accuracy {FLAGS.target_accuracy} reached after "
                     f"{time_to_target:.1f} s: stopping")
-            window_start = time.time()  # evaluation is not training throughput
+            for timer in (window, total):
+                timer.skip()  # evaluation is not training throughput
         if manager and ((epoch_end and whole_epochs % FLAGS.checkpoint_every == 0)
                         or step == total_steps or time_to_target):
             manager.save(checkpoint_number=step)
@@ -280,7 +308,7 @@ def main(argv):
     train_seconds = time.time() - start
     in_sync = weights_in_sync(model)
     if hvd.rank() == 0:
-        images_per_sec = timed_images / timed_seconds if timed_seconds else None
+        images_per_sec = total.steps * global_batch / total.seconds if total.steps else None
         path = write_summary(FLAGS.model_dir, {
             "time_to_train_s": round(train_seconds, 2),
             "time_to_target_s": time_to_target and round(time_to_target, 2),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, launch_two_ranks
+from conftest import LAUNCH, ROOT, launch_two_ranks, run
 
 
 def scalar_series(event_dir, tag):
@@ -25,9 +25,9 @@ def two_rank_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     result = launch_two_ranks(os.path.join(ROOT, "train_mcnn.py"), [
         f"--synthetic_cache={out / 'data'}", f"--model_dir={out / 'model'}",
-        "--image_height=128", "--image_width=160", "--synthetic_classes=3",
+        "--image_height=128", "--image_width=128", "--synthetic_classes=3",
         "--synthetic_train_images=96", "--synthetic_eval_images=24",
-        "--per_rank_batch=4", "--epochs=5", "--warmup_epochs=1", "--base_lr=0.01",
+        "--per_rank_batch=4", "--epochs=10", "--warmup_epochs=1", "--base_lr=0.02",
         "--base_batch=8", "--log_every=4", "--eval_every=1", "--checkpoint_every=2"])
     return out / "model", result.stdout
 
@@ -36,22 +36,22 @@ def test_two_ranks_train_and_write_checkpoint_and_summary(two_rank_run):
     model_dir, stdout = two_rank_run
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["global_batch"] == 8
-    assert summary["steps"] == 60 and summary["epochs"] == 5
+    assert summary["steps"] == 120 and summary["epochs"] == 10
     assert summary["eval_images"] == 24  # every held-out image once across the ranks
-    assert 0.0 <= summary["final_accuracy"] <= 1.0
+    assert summary["final_accuracy"] >= 0.6  # 3 classes: chance is 0.33
     assert summary["images_per_sec"] > 0
     assert summary["flags"]["per_rank_batch"] == 4
-    assert tf.train.latest_checkpoint(model_dir / "checkpoints").endswith("ckpt-60")
+    assert tf.train.latest_checkpoint(model_dir / "checkpoints").endswith("ckpt-120")
     assert (model_dir / "flags.txt").read_text().count("--per_rank_batch=4") == 1
     assert "held-out accuracy" in stdout and "images/s" in stdout
     # Only rank 0 prints progress.
-    assert stdout.count("step 4/60") == 1
+    assert stdout.count("step 4/120") == 1
 
 
 def test_loss_falls(two_rank_run):
     losses = scalar_series(model_dir := two_rank_run[0] / "tensorboard", "loss")
-    assert len(losses) >= 10, model_dir
-    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
+    assert len(losses) == 30, model_dir
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
 
 
 def test_ranks_end_with_identical_weights(two_rank_run):
@@ -72,3 +72,14 @@ def test_two_ranks_average_to_the_gradient_of_the_whole_batch(tmp_path):
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
     # And the halves on their own differ: the agreement above is the averaging's doing.
     assert not np.allclose(rank0["whole_47"], 0)
+
+
+def test_full_size_images_train(tmp_path):
+    """Two steps on uncropped 1024 x 1280 x 3 fields, one rank on every core."""
+    result = run([LAUNCH, "train", "--", f"--synthetic_cache={tmp_path / 'data'}",
+                  f"--model_dir={tmp_path / 'model'}", "--synthetic_classes=2",
+                  "--synthetic_train_images=2", "--synthetic_eval_images=1",
+                  "--per_rank_batch=1", "--epochs=1", "--warmup_epochs=0"])
+    summary = json.loads((tmp_path / "model" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["eval_images"] == 1
+    assert "images (1024, 1280, 3) uint8" in result.stdout
