@@ -42,6 +42,7 @@ PHENOTYPES = {
 CLASSES = tuple(PHENOTYPES)
 COMPOUNDS_PER_CLASS = 2
 CONCENTRATIONS = ("0.3", "1.0", "3.0")
+SPLIT_IDS = {"train": 1, "eval": 2}  # part of each image's random seed
 
 
 def render_field(height, width, phenotype, rng):
@@ -134,9 +135,6 @@ def field_of_view(height, width, num_classes, seed, split, index):
         "well": f"{'BCDEFG'[index % 60 // 10]}{index % 10 + 2:02d}",
     }
     return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), label, provenance
-
-
-SPLIT_IDS = {"train": 1, "eval": 2}
 
 
 def synthetic_dir_name(height, width, num_classes, train_images, eval_images, seed):

@@ -12,8 +12,8 @@ import os
 import sys
 import time
 
-# oneDNN makes training 5-6x faster on AVX2 CPUs, where TensorFlow leaves it off
-# by default (it turns it on only for AVX-512 VNNI and newer). Must precede the import.
+# oneDNN makes training several times faster; TensorFlow turns it on by itself only
+# on CPUs with AVX-512 VNNI and newer, so AVX2 nodes need it set. Must precede the import.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
@@ -198,6 +198,18 @@ def weights_in_sync(model):
     return bool(tf.reduce_all(everyone == everyone[0]))
 
 
+def open_outputs(model, optimizer):
+    """The model dir's TensorBoard writer and checkpoint manager; records the flags."""
+    os.makedirs(FLAGS.model_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.model_dir, "flags.txt"), "w") as f:
+        f.write(FLAGS.flags_into_string())  # a flag file: --flagfile=flags.txt reruns it
+    writer = tf.summary.create_file_writer(os.path.join(FLAGS.model_dir, "tensorboard"))
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(FLAGS.model_dir, "checkpoints"),
+                                         max_to_keep=FLAGS.keep_checkpoints)
+    return writer, manager
+
+
 def write_summary(model_dir, summary):
     path = os.path.join(model_dir, "summary.json")
     with open(path + ".tmp", "w") as f:
@@ -245,18 +257,12 @@ def main(argv):
     predict = make_predict(model, image_shape, dtype)
 
     # Horovod 6: rank 0 alone writes.
-    writer, manager = None, None
-    if hvd.rank() == 0:
-        os.makedirs(FLAGS.model_dir, exist_ok=True)
-        FLAGS.append_flags_into_file(os.path.join(FLAGS.model_dir, "flags.txt"))
-        writer = tf.summary.create_file_writer(os.path.join(FLAGS.model_dir, "tensorboard"))
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-        manager = tf.train.CheckpointManager(checkpoint, os.path.join(FLAGS.model_dir, "checkpoints"),
-                                             max_to_keep=FLAGS.keep_checkpoints)
+    writer, manager = open_outputs(model, optimizer) if hvd.rank() == 0 else (None, None)
 
     log(f"M-CNN: {model.count_params():,} parameters, images {image_shape} {manifest['dtype']}, "
         f"{len(classes)} classes; data {data_dir}")
-    log(f"{hvd.size()} ranks x {FLAGS.per_rank_batch} images = global batch {global_batch}; "
+    log(f"{hvd.size()} rank{'s' * (hvd.size() > 1)} x {FLAGS.per_rank_batch} images = "
+        f"global batch {global_batch}; "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps; peak LR {schedule.peak_lr:g} "
         f"({FLAGS.lr_scaling} rule); threads per rank: {intra} intra-op, {inter} inter-op; "
         f"oneDNN {os.environ.get('TF_ENABLE_ONEDNN_OPTS')}")
