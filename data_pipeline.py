@@ -10,6 +10,7 @@ r, r+n, ...), so shards must be at least as many as ranks.
 """
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -58,6 +59,23 @@ def encode_example(image, label, provenance=None):
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
+def write_shard(path, examples):
+    """Writes (image, label, provenance) examples to one shard, atomically: a shard
+    that exists is complete."""
+    with tf.io.TFRecordWriter(path + ".tmp") as writer:
+        for image, label, provenance in examples:
+            writer.write(encode_example(image, label, provenance))
+    os.replace(path + ".tmp", path)
+
+
+def finish_dataset(staging, output_dir, manifest):
+    """Writes the manifest into `staging` and renames it to `output_dir`: the data set
+    appears whole or not at all."""
+    with open(os.path.join(staging, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.rename(staging, output_dir)
+
+
 def write_dataset(output_dir, splits, classes, image_shape, images_per_shard,
                   dtype="uint8", extra_manifest=None):
     """Writes `splits` ({name: iterable of (image, label, provenance)}) as shards + manifest.
@@ -75,34 +93,34 @@ def write_dataset(output_dir, splits, classes, image_shape, images_per_shard,
                     "dtype": dtype, "splits": {}, **(extra_manifest or {})}
         for split, examples in splits.items():
             manifest["splits"][split] = _write_split(
-                staging, split, examples, len(classes), image_shape, dtype, images_per_shard)
-        with open(os.path.join(staging, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-        os.rename(staging, output_dir)
+                staging, split, checked(examples, split, len(classes), image_shape, dtype),
+                len(classes), images_per_shard)
+        finish_dataset(staging, output_dir, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
 
 
-def _write_split(folder, split, examples, num_classes, image_shape, dtype, images_per_shard):
-    files, class_counts, writer = [], [0] * num_classes, None
-    count = 0
+def checked(examples, split, num_classes, image_shape, dtype):
     for count, (image, label, provenance) in enumerate(examples, start=1):
         if image.shape != image_shape or image.dtype != np.dtype(dtype):
             raise ValueError(f"{split} example {count}: image is {image.dtype} {image.shape}, "
                              f"the data set is {dtype} {image_shape}")
         if not 0 <= label < num_classes:
             raise ValueError(f"{split} example {count}: label {label} outside 0..{num_classes - 1}")
-        if (count - 1) % images_per_shard == 0:
-            if writer:
-                writer.close()
-            files.append(f"{split}-{len(files):05d}.tfrecord")
-            writer = tf.io.TFRecordWriter(os.path.join(folder, files[-1]))
-        writer.write(encode_example(image, label, provenance))
-        class_counts[label] += 1
-    if writer:
-        writer.close()
+        yield image, label, provenance
+
+
+def _write_split(folder, split, examples, num_classes, images_per_shard):
+    files, class_counts, count = [], [0] * num_classes, 0
+    examples = iter(examples)
+    while chunk := list(itertools.islice(examples, images_per_shard)):
+        files.append(f"{split}-{len(files):05d}.tfrecord")
+        write_shard(os.path.join(folder, files[-1]), chunk)
+        for _, label, _ in chunk:
+            class_counts[label] += 1
+        count += len(chunk)
     return {"files": files, "count": count, "class_counts": class_counts}
 
 
@@ -149,7 +167,7 @@ def rank_files(files, rank, num_ranks):
 
 
 def parse_record(record, filename, image_shape, num_classes, dtype="uint8"):
-    """Decodes one record to (image, label), checking it against the manifest."""
+    """Decodes one record to (image, label, provenance), checking it against the manifest."""
     features = tf.io.parse_single_example(record, FEATURES)
     pixels = tf.io.decode_raw(features["image"], DTYPES[dtype])
     height, width, channels = image_shape
@@ -167,7 +185,7 @@ def parse_record(record, filename, image_shape, num_classes, dtype="uint8"):
     ]
     with tf.control_dependencies(checks):
         image = tf.reshape(pixels, image_shape)
-    return image, tf.cast(features["label"], tf.int32)
+    return image, tf.cast(features["label"], tf.int32), {k: features[k] for k in TEXT_FIELDS}
 
 
 def augment(image):
@@ -185,8 +203,9 @@ def augment(image):
 
 
 def make_dataset(data_dir, split, batch_size, rank=0, num_ranks=1, training=False,
-                 shuffle_buffer=64, seed=0, manifest=None):
-    """(images, labels) batches of this rank's part of `split`.
+                 shuffle_buffer=64, seed=0, manifest=None, provenance=False):
+    """(images, labels) batches of this rank's part of `split`; with `provenance`,
+    (images, labels, {compound, concentration, plate, well}).
 
     Images stay in the stored integer dtype (the model scales them to [0, 1]).
     Training repeats forever with shuffling and augmentation and drops the last
@@ -201,9 +220,10 @@ def make_dataset(data_dir, split, batch_size, rank=0, num_ranks=1, training=Fals
     num_classes = len(manifest["classes"])
 
     def read_file(filename):
-        return tf.data.TFRecordDataset(filename, buffer_size=8 << 20).map(
+        records = tf.data.TFRecordDataset(filename, buffer_size=8 << 20).map(
             lambda record: parse_record(record, filename, image_shape, num_classes,
                                         manifest["dtype"]))
+        return records if provenance else records.map(lambda image, label, _: (image, label))
 
     ds = tf.data.Dataset.from_tensor_slices(files)
     if training:
@@ -212,7 +232,7 @@ def make_dataset(data_dir, split, batch_size, rank=0, num_ranks=1, training=Fals
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed + rank)
-        ds = ds.map(lambda image, label: (augment(image), label),
+        ds = ds.map(lambda image, *rest: (augment(image), *rest),
                     num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=training)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,24 +1,29 @@
-"""An embedded synthetic high-content screen, written in the training format.
+"""An embedded synthetic high-content screen, in the layout of the real BBBC021 set.
 
-Three channels that look like a Cell Painting-style MCF-7 screen: nuclei (DNA),
-microtubules (tubulin) and actin. Each class is a mechanism of action with its
-own phenotype (nucleus size and count, micronuclei, cell shape, microtubule
-texture, actin pattern); every cell varies around it, and every field has its own
-cell density, illumination, intensity scale and camera noise, so the classes
-overlap and must be learned, not read off one pixel.
+Three channels that look like an MCF-7 screen: nuclei (DNA), microtubules
+(tubulin) and actin. Each class is a mechanism of action (MoA) with its own
+phenotype (nucleus size and count, micronuclei, cell shape, microtubule texture,
+actin pattern); each compound of an MoA shows it in its own way, more at a higher
+concentration; every cell varies, and every field has its own cell density,
+illumination, exposure and camera noise, so the classes must be learned.
 
-    python synthetic_data.py --output_dir data/synthetic --height 1024 --width 1280
+The screen is written as real screens come: one folder per plate of 16-bit
+single-channel TIFFs, BBBC021_v1_image.csv and BBBC021_v1_moa.csv. Training data
+is made from it by prepare_data.py, the path users' own plates take.
 
-Deterministic by seed: image i of a split depends only on (seed, split, i).
+    python synthetic_data.py --output_dir data/screen --height 1024 --width 1280
+
+Deterministic by seed.
 """
 import concurrent.futures
 import multiprocessing
 import os
 
 import numpy as np
+import tifffile
 
 CHANNELS = ("DNA", "tubulin", "actin")
-VERSION = 1
+VERSION = 2
 REFERENCE_AREA = 1024 * 1280  # phenotype sizes below are in pixels of a full field
 
 # Mean phenotype per class; cells vary around these. radius and nucleus in pixels,
@@ -40,9 +45,10 @@ PHENOTYPES = {
                            fibres=0.1, aster=1.0, cortex=0.6, puncta=0.0, stress=0.1),
 }
 CLASSES = tuple(PHENOTYPES)
-COMPOUNDS_PER_CLASS = 2
-CONCENTRATIONS = ("0.3", "1.0", "3.0")
-SPLIT_IDS = {"train": 1, "eval": 2}  # part of each image's random seed
+CONTROL = "DMSO"
+CONCENTRATIONS = ("1.0", "3.0")
+BBBC021_NAMES = ("DAPI", "Tubulin", "Actin")  # CHANNELS as the BBBC021 tables name them
+IMAGE_TABLE, MOA_TABLE, IMAGES = "BBBC021_v1_image.csv", "BBBC021_v1_moa.csv", "images"
 
 
 def render_field(height, width, phenotype, rng):
@@ -121,91 +127,141 @@ def sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def field_of_view(height, width, num_classes, seed, split, index):
-    """(uint8 image, label, provenance) of image `index` of `split`: deterministic."""
-    rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
-    label = index % num_classes
-    name = CLASSES[label]
-    image = render_field(height, width, PHENOTYPES[name], rng)
-    compound = f"{name.lower().replace(' ', '-')}-{int(rng.integers(COMPOUNDS_PER_CLASS)) + 1}"
-    provenance = {
-        "compound": compound,
-        "concentration": CONCENTRATIONS[int(rng.integers(len(CONCENTRATIONS)))],
-        "plate": f"Synthetic_{SPLIT_IDS[split]}{index // 60:03d}",
-        "well": f"{'BCDEFG'[index % 60 // 10]}{index % 10 + 2:02d}",
-    }
-    return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), label, provenance
+def plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, seed):
+    """One row per field: plate, well, site, compound, concentration, moa, phenotype.
 
-
-def synthetic_dir_name(height, width, num_classes, train_images, eval_images, seed):
-    return (f"synthetic-v{VERSION}_{height}x{width}_{num_classes}cls_"
-            f"{train_images}+{eval_images}_seed{seed}")
-
-
-def generate(output_dir, height, width, num_classes=len(CLASSES), train_images=256,
-             eval_images=64, seed=0, images_per_shard=8, workers=None):
-    """Writes the synthetic set to `output_dir` (atomically) using `workers` processes."""
-    # Imported here so the worker processes, which only render, need no TensorFlow.
-    import data_pipeline
-    import mcnn_model
-
-    mcnn_model.check_image_shape((height, width, len(CHANNELS)))
+    Every MoA but the control has `compounds_per_class` compounds at each of
+    CONCENTRATIONS; each compound perturbs its MoA's phenotype in its own way and a
+    lower concentration shows less of it, so a model must generalise to compounds it
+    has not seen. The control (DMSO) has as many fields as an MoA.
+    """
     if not 2 <= num_classes <= len(CLASSES):
-        raise ValueError(f"the synthetic set has 2 to {len(CLASSES)} classes, got {num_classes}")
+        raise ValueError(f"the synthetic screen has 2 to {len(CLASSES)} classes, got {num_classes}")
+    rng = np.random.default_rng([seed, 0])
+    treatments = []
+    for moa in CLASSES[1:num_classes]:
+        for k in range(1, compounds_per_class + 1):
+            compound = f"{moa.lower().replace(' ', '-')}-{k}"
+            quirk = rng.uniform(0.85, 1.15, size=len(PHENOTYPES[moa]))
+            for strength, concentration in zip((0.75, 1.0), CONCENTRATIONS):
+                treatments.append((compound, concentration, moa, strength, quirk))
+    for _ in range(compounds_per_class * len(CONCENTRATIONS)):
+        treatments.append((CONTROL, "0", CONTROL, 0.0, np.ones(len(PHENOTYPES[CONTROL]))))
+    rows = []
+    for t, (compound, concentration, moa, strength, quirk) in enumerate(treatments):
+        well = f"{'BCDEFG'[t // 10 % 6]}{t % 10 + 2:02d}"
+        for site in range(fields_per_treatment):
+            rows.append({"plate": f"Week1_Synth{site % plates + 1:02d}", "well": well,
+                         "site": site + 1, "compound": compound, "concentration": concentration,
+                         "moa": moa, "phenotype": treated_phenotype(moa, strength, quirk)})
+    return rows
+
+
+def treated_phenotype(moa, strength, quirk):
+    """The control's phenotype moved `strength` of the way to `moa`'s, with a compound's quirk."""
+    control, target = PHENOTYPES[CONTROL], PHENOTYPES[moa]
+    return {name: (control[name] + strength * (target[name] - control[name])) * q
+            for q, name in zip(quirk, control)}
+
+
+def write_field(root, height, width, field, seed, index):
+    """Renders one field and writes its three 16-bit TIFFs; returns their file names."""
+    rng = np.random.default_rng([seed, 1, index])
+    image = render_field(height, width, field["phenotype"], rng)
+    plate_gain = 0.8 + 0.1 * (int(field["plate"][-2:]) % 5)  # plates differ in brightness
+    pixels = np.clip(300 + image * 12000 * plate_gain, 0, 65535).astype(np.uint16)
+    names = []
+    for c, channel in enumerate(CHANNELS):
+        name = f"{field['plate']}_{field['well']}_s{field['site']}_w{c + 1}.tif"
+        tifffile.imwrite(os.path.join(root, field["plate"], name), pixels[..., c])
+        names.append(name)
+    return names
+
+
+def write_screen(output_dir, height, width, num_classes=len(CLASSES), compounds_per_class=3,
+                 fields_per_treatment=4, plates=3, seed=0, workers=None):
+    """Writes a screen in the BBBC021 layout: one folder per plate of single-channel
+    16-bit TIFFs, plus BBBC021_v1_image.csv and BBBC021_v1_moa.csv. Atomically."""
+    import pandas as pd
+
+    fields = plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, seed)
+    staging = f"{output_dir}.partial-{os.getpid()}"
+    for plate in sorted({f["plate"] for f in fields}):
+        os.makedirs(os.path.join(staging, IMAGES, plate), exist_ok=True)
     workers = workers or len(os.sched_getaffinity(0))
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        def split_examples(split, count):
-            return pool.map(field_of_view, *zip(*[
-                (height, width, num_classes, seed, split, i) for i in range(count)]),
-                chunksize=4)
+        names = list(pool.map(write_field, *zip(*[
+            (os.path.join(staging, IMAGES), height, width, f, seed, i)
+            for i, f in enumerate(fields)]), chunksize=4))
+    pd.DataFrame([{
+        "TableNumber": 1, "ImageNumber": i + 1,
+        **{column: value for c, channel in enumerate(BBBC021_NAMES) for column, value in (
+            (f"Image_FileName_{channel}", files[c]), (f"Image_PathName_{channel}", f["plate"]))},
+        "Image_Metadata_Plate_DAPI": f["plate"], "Image_Metadata_Well_DAPI": f["well"],
+        "Replicate": f["site"], "Image_Metadata_Compound": f["compound"],
+        "Image_Metadata_Concentration": f["concentration"],
+    } for i, (f, files) in enumerate(zip(fields, names))]).to_csv(
+        os.path.join(staging, IMAGE_TABLE), index=False)
+    pd.DataFrame(sorted({(f["compound"], f["concentration"], f["moa"]) for f in fields}),
+                 columns=["compound", "concentration", "moa"]).to_csv(
+        os.path.join(staging, MOA_TABLE), index=False)
+    os.rename(staging, output_dir)
 
-        return data_pipeline.write_dataset(
-            output_dir,
-            {"train": split_examples("train", train_images),
-             "eval": split_examples("eval", eval_images)},
-            classes=CLASSES[:num_classes], image_shape=(height, width, len(CHANNELS)),
-            images_per_shard=images_per_shard,
-            extra_manifest={"channels": list(CHANNELS),
-                            "source": f"synthetic_data.py v{VERSION}, seed {seed}"})
 
+def ensure_synthetic_dataset(cache_dir, height, width, num_classes=len(CLASSES),
+                             compounds_per_class=3, fields_per_treatment=4, seed=0,
+                             images_per_shard=8):
+    """Path of the synthetic data set: the screen in BBBC021 layout, converted by
+    prepare_data.py with a split by compound (the control split by field).
 
-def ensure_synthetic_dataset(cache_dir, height, width, num_classes, train_images, eval_images,
-                             seed=0, images_per_shard=8):
-    """Path of the cached synthetic set, generating it first if absent.
-
-    Safe when many ranks call it at once: one generates under a file lock, the
-    others wait for the lock and then find the finished set.
+    Both are cached; safe when many ranks call it at once: one generates under a
+    file lock, the others wait for the lock and then find the finished result.
     """
     import data_pipeline
+    import mcnn_model
+    import prepare_data
 
-    path = os.path.join(cache_dir, synthetic_dir_name(
-        height, width, num_classes, train_images, eval_images, seed))
-    with data_pipeline.exclusive_lock(path + ".lock"):
-        if not os.path.isdir(path):
-            print(f"Generating the synthetic data set in {path}", flush=True)
-            generate(path, height, width, num_classes, train_images, eval_images, seed,
-                     images_per_shard)
-    return path
+    mcnn_model.check_image_shape((height, width, len(CHANNELS)))
+    name = (f"synthetic-v{VERSION}_{height}x{width}_{num_classes}cls_{compounds_per_class}cpd_"
+            f"{fields_per_treatment}fields_seed{seed}")
+    screen = os.path.join(cache_dir, name + "_screen")
+    data = os.path.join(cache_dir, name + "_by-compound")
+    with data_pipeline.exclusive_lock(os.path.join(cache_dir, name + ".lock")):
+        if not os.path.isdir(screen):
+            print(f"Generating the synthetic screen in {screen}", flush=True)
+            write_screen(screen, height, width, num_classes, compounds_per_class,
+                         fields_per_treatment, seed=seed)
+        if not os.path.isdir(data):
+            print(f"Converting it with prepare_data.py to {data}", flush=True)
+            prepare_data.convert(
+                os.path.join(screen, IMAGE_TABLE), os.path.join(screen, MOA_TABLE),
+                os.path.join(screen, IMAGES), data, split="compound",
+                eval_fraction=1 / max(compounds_per_class, 2), include_control=True,
+                control=CONTROL,
+                images_per_shard=images_per_shard, seed=seed, progress=lambda _: None)
+    return data
 
 
 def main(_):
-    manifest = generate(FLAGS.output_dir, FLAGS.height, FLAGS.width, FLAGS.classes,
-                        FLAGS.train_images, FLAGS.eval_images, FLAGS.seed, FLAGS.images_per_shard)
-    print(f"{FLAGS.output_dir}: {manifest['splits']['train']['count']} train, "
-          f"{manifest['splits']['eval']['count']} eval images of {manifest['image_shape']}")
+    write_screen(FLAGS.output_dir, FLAGS.height, FLAGS.width, FLAGS.classes,
+                 FLAGS.compounds_per_class, FLAGS.fields_per_treatment, FLAGS.plates, FLAGS.seed)
+    print(f"{FLAGS.output_dir}: {IMAGE_TABLE}, {MOA_TABLE} and {IMAGES}/; convert with\n"
+          f"  python prepare_data.py --image_table={FLAGS.output_dir}/{IMAGE_TABLE} "
+          f"--moa_table={FLAGS.output_dir}/{MOA_TABLE} --image_root={FLAGS.output_dir}/{IMAGES} "
+          f"--include_dmso --output_dir=DIR")
 
 
 if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("output_dir", None, "Folder to create (must not exist).", required=True)
-    flags.DEFINE_integer("height", 1024, "Image height (a multiple of 128).")
-    flags.DEFINE_integer("width", 1280, "Image width (a multiple of 128).")
-    flags.DEFINE_integer("classes", len(CLASSES), f"Number of classes, 2..{len(CLASSES)}.")
-    flags.DEFINE_integer("train_images", 256, "Images in the train split.")
-    flags.DEFINE_integer("eval_images", 64, "Images in the eval split.")
-    flags.DEFINE_integer("images_per_shard", 8, "Images per TFRecord shard.")
-    flags.DEFINE_integer("seed", 0, "Random seed; same seed, same images.")
+    flags.DEFINE_integer("height", 1024, "Image height (a multiple of 128 to train on).")
+    flags.DEFINE_integer("width", 1280, "Image width (a multiple of 128 to train on).")
+    flags.DEFINE_integer("classes", len(CLASSES), f"MoA classes with the control, 2..{len(CLASSES)}.")
+    flags.DEFINE_integer("compounds_per_class", 3, "Compounds per MoA.")
+    flags.DEFINE_integer("fields_per_treatment", 4, "Fields of view per compound and concentration.")
+    flags.DEFINE_integer("plates", 3, "Plates the fields are spread over.")
+    flags.DEFINE_integer("seed", 0, "Random seed; same seed, same screen.")
     FLAGS = flags.FLAGS
     app.run(main)

@@ -19,14 +19,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags  # noqa: E402
 import horovod.tensorflow as hvd  # noqa: E402
+import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import data_pipeline  # noqa: E402
+import evaluation  # noqa: E402
 import lr_schedule  # noqa: E402
 import mcnn_model  # noqa: E402
 import synthetic_data  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+EXPORT_DIR = "saved_model"
+DATA_MANIFEST = "data_manifest.json"
 
 # Data
 flags.DEFINE_string("data_dir", None, "Data set folder (manifest.json + TFRecord shards). "
@@ -36,9 +40,11 @@ flags.DEFINE_string("synthetic_cache", os.path.join(HERE, "data"),
 flags.DEFINE_integer("image_height", 1024, "Synthetic image height (multiple of 128).")
 flags.DEFINE_integer("image_width", 1280, "Synthetic image width (multiple of 128).")
 flags.DEFINE_integer("synthetic_classes", len(synthetic_data.CLASSES),
-                     "Classes in the synthetic screen.")
-flags.DEFINE_integer("synthetic_train_images", 256, "Training images in the synthetic screen.")
-flags.DEFINE_integer("synthetic_eval_images", 64, "Held-out images in the synthetic screen.")
+                     "MoA classes in the synthetic screen, the DMSO control included.")
+flags.DEFINE_integer("synthetic_compounds_per_class", 3,
+                     "Compounds per MoA in the synthetic screen; one per MoA is held out.")
+flags.DEFINE_integer("synthetic_fields_per_treatment", 4,
+                     "Fields per compound and concentration in the synthetic screen.")
 flags.DEFINE_integer("shuffle_buffer", 64, "Images in each rank's shuffle buffer.")
 # Optimisation (the authors' recipe by default)
 flags.DEFINE_integer("per_rank_batch", 8, "Images per rank per step.")
@@ -101,7 +107,8 @@ def resolve_data_dir():
     """The data set to train on: --data_dir, or the synthetic screen (generated if absent)."""
     if FLAGS.data_dir:
         synthetic_only = [name for name in ("image_height", "image_width", "synthetic_classes",
-                                            "synthetic_train_images", "synthetic_eval_images")
+                                            "synthetic_compounds_per_class",
+                                            "synthetic_fields_per_treatment")
                           if FLAGS[name].present]
         if synthetic_only:
             raise app.UsageError(f"--{', --'.join(synthetic_only)} apply to synthetic data only; "
@@ -109,7 +116,8 @@ def resolve_data_dir():
         return FLAGS.data_dir
     return synthetic_data.ensure_synthetic_dataset(
         FLAGS.synthetic_cache, FLAGS.image_height, FLAGS.image_width, FLAGS.synthetic_classes,
-        FLAGS.synthetic_train_images, FLAGS.synthetic_eval_images, seed=FLAGS.seed)
+        FLAGS.synthetic_compounds_per_class, FLAGS.synthetic_fields_per_treatment,
+        seed=FLAGS.seed)
 
 
 def build_lr_schedule(global_batch, steps_per_epoch, total_steps):
@@ -153,15 +161,17 @@ def make_predict(model, image_shape, dtype):
     return predict
 
 
-def evaluate(predict, dataset):
-    """Accuracy over the whole held-out split: each rank counts its shards, Horovod sums."""
-    correct, seen = 0, 0
-    for images, labels in dataset:
-        correct += int(tf.reduce_sum(tf.cast(predict(images) == labels, tf.int32)))
-        seen += int(tf.size(labels))
-    totals = hvd.allreduce(tf.constant([correct, seen], tf.float64), op=hvd.Sum,
-                           name="eval_counts")
-    return float(totals[0] / totals[1]), int(totals[1])
+def evaluate(predict, dataset, classes):
+    """Metrics of the whole held-out split: each rank predicts its own shards, and
+    Horovod gathers every field's result on all ranks."""
+    mine = []
+    for images, labels, provenance in dataset:
+        columns = {"label": labels.numpy(), "prediction": predict(images).numpy(),
+                   **{k: [v.decode() for v in provenance[k].numpy()] for k in provenance}}
+        mine.append(pd.DataFrame(columns))
+    everyone = hvd.allgather_object(pd.concat(mine) if mine else None, name="eval_fields")
+    fields = pd.concat([part for part in everyone if part is not None], ignore_index=True)
+    return fields, evaluation.summarize(fields, classes)
 
 
 class StepTimer:
@@ -210,6 +220,14 @@ def open_outputs(model, optimizer):
     return writer, manager
 
 
+def export_model(model, manifest):
+    """A SavedModel for predict.py, and the data manifest it needs (classes, channels,
+    intensity ranges), in the model dir."""
+    model.save(os.path.join(FLAGS.model_dir, EXPORT_DIR))
+    with open(os.path.join(FLAGS.model_dir, DATA_MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+
+
 def write_summary(model_dir, summary):
     path = os.path.join(model_dir, "summary.json")
     with open(path + ".tmp", "w") as f:
@@ -220,6 +238,7 @@ def write_summary(model_dir, summary):
 
 def main(argv):
     del argv
+    tf.get_logger().setLevel("ERROR")  # TensorFlow's Python warnings are noise here
     # Horovod 1: one process per rank, all ranks discover each other.
     hvd.init()
     # Horovod 2: each rank uses only the cores it was placed on.
@@ -244,7 +263,8 @@ def main(argv):
         data_dir, "train", FLAGS.per_rank_batch, hvd.rank(), hvd.size(), training=True,
         shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed, manifest=manifest)
     eval_data = data_pipeline.make_dataset(
-        data_dir, "eval", FLAGS.per_rank_batch, hvd.rank(), hvd.size(), manifest=manifest)
+        data_dir, "eval", FLAGS.per_rank_batch, hvd.rank(), hvd.size(), manifest=manifest,
+        provenance=True)
 
     model = mcnn_model.build_mcnn(image_shape, len(classes), FLAGS.data_format, dtype)
     optimizer = tf.keras.optimizers.SGD(schedule, momentum=FLAGS.momentum, nesterov=True)
@@ -295,10 +315,17 @@ def main(argv):
         epoch_end = step % steps_per_epoch == 0
         whole_epochs = step // steps_per_epoch
         if (epoch_end and whole_epochs % FLAGS.eval_every == 0) or step == total_steps:
-            accuracy, eval_images = evaluate(predict, eval_data)
-            history.append({"step": step, "epoch": round(epoch, 3), "accuracy": accuracy})
-            log(f"epoch {epoch:.2f}: held-out accuracy {accuracy:.4f} on {eval_images} images")
-            write_scalars(writer, step, eval_accuracy=accuracy)
+            fields, metrics = evaluate(predict, eval_data, classes)
+            accuracy, eval_images = metrics["accuracy"], metrics["fields"]
+            history.append({"step": step, "epoch": round(epoch, 3), "accuracy": accuracy,
+                            "treatment_accuracy": metrics["treatment_accuracy"]})
+            log(f"epoch {epoch:.2f}: held-out accuracy {accuracy:.4f} on {eval_images} fields, "
+                f"{metrics['treatment_accuracy']:.4f} on {metrics['treatments']} treatments")
+            write_scalars(writer, step, eval_accuracy=accuracy,
+                          eval_treatment_accuracy=metrics["treatment_accuracy"])
+            if hvd.rank() == 0:
+                evaluation.write_report(os.path.join(FLAGS.model_dir, "evaluation"), fields,
+                                        metrics, classes, step)
             if FLAGS.target_accuracy and accuracy >= FLAGS.target_accuracy:
                 time_to_target = time.time() - start
                 log(f"target accuracy {FLAGS.target_accuracy} reached after "
@@ -314,6 +341,9 @@ def main(argv):
     train_seconds = time.time() - start
     in_sync = weights_in_sync(model)
     if hvd.rank() == 0:
+        export_model(model, manifest)
+        log(f"Held-out results at the end (split: {manifest.get('split', {}).get('by', 'as given')}"
+            f"): {evaluation.format_per_class(metrics)}")
         images_per_sec = total.steps * global_batch / total.seconds if total.steps else None
         path = write_summary(FLAGS.model_dir, {
             "time_to_train_s": round(train_seconds, 2),
@@ -330,6 +360,8 @@ def main(argv):
             "epochs": round(step / steps_per_epoch, 3),
             "data_dir": os.path.abspath(data_dir),
             "classes": classes,
+            "final_treatment_accuracy": metrics["treatment_accuracy"],
+            "split": manifest.get("split", {}).get("by"),
             "eval_history": history,
             "flags": {f.name: f.value
                       for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])},

@@ -124,33 +124,36 @@ def test_a_failed_write_leaves_nothing_that_looks_whole(tmp_path):
 
 
 def test_synthetic_screen_is_deterministic_by_seed(tmp_path):
-    def shard_bytes(seed, name):
-        path = tmp_path / name
-        synthetic_data.generate(path, 128, 128, num_classes=3, train_images=6, eval_images=3,
-                                seed=seed, images_per_shard=4, workers=2)
-        return [(path / f).read_bytes() for f in sorted(os.listdir(path)) if "tfrecord" in f]
+    def screen_bytes(seed, name):
+        synthetic_data.write_screen(str(tmp_path / name), 128, 128, num_classes=3,
+                                    compounds_per_class=2, fields_per_treatment=1, seed=seed,
+                                    workers=2)
+        return {str(p.relative_to(tmp_path / name)): p.read_bytes()
+                for p in sorted((tmp_path / name).rglob("*")) if p.is_file()}
 
-    first, again, other = shard_bytes(0, "a"), shard_bytes(0, "b"), shard_bytes(1, "c")
+    first, again, other = screen_bytes(0, "a"), screen_bytes(0, "b"), screen_bytes(1, "c")
     assert first == again
-    assert first != other
+    assert len([p for p in first if p.endswith(".tif")]) == 3 * 3 * 2 * 2  # 3 channels
+    assert first.keys() == other.keys() and first != other
 
 
 def test_synthetic_classes_differ_in_their_phenotype():
-    """Mean nuclear (DNA) area per field separates DMSO from DNA damage on average."""
-    def dna_fraction(label):
-        fields = [synthetic_data.field_of_view(256, 320, 6, 0, "train", i)
-                  for i in range(label, 60, 6)]
-        return np.mean([(image[..., 0] > 100).mean() for image, _, _ in fields])
+    """Nuclear (DNA) area per field separates DMSO from DNA damage on average."""
+    def dna_fraction(moa):
+        rng = np.random.default_rng(0)
+        return np.mean([(synthetic_data.render_field(256, 320, synthetic_data.PHENOTYPES[moa],
+                                                     rng)[..., 0] > 0.4).mean()
+                        for _ in range(10)])
 
-    assert synthetic_data.CLASSES[:2] == ("DMSO", "DNA damage")
-    assert dna_fraction(1) > 1.3 * dna_fraction(0)
+    assert dna_fraction("DNA damage") > 1.3 * dna_fraction("DMSO")
 
 
 def test_concurrent_callers_generate_the_synthetic_set_once(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(3) as pool:
         paths = list(pool.map(lambda _: synthetic_data.ensure_synthetic_dataset(
-            str(tmp_path), 128, 128, 2, 4, 2, images_per_shard=2), range(3)))
+            str(tmp_path), 128, 128, 2, 1, 1, images_per_shard=1), range(3)))
     assert len(set(paths)) == 1
-    assert sorted(p for p in os.listdir(tmp_path) if not p.endswith(".lock")) == [
-        os.path.basename(paths[0])]
+    made = sorted(p for p in os.listdir(tmp_path) if not p.endswith(".lock"))
+    assert made == sorted([os.path.basename(paths[0]),
+                           os.path.basename(paths[0]).replace("_by-compound", "_screen")])

@@ -26,8 +26,8 @@ def two_rank_run(tmp_path_factory):
     result = launch_two_ranks(os.path.join(ROOT, "train_mcnn.py"), [
         f"--synthetic_cache={out / 'data'}", f"--model_dir={out / 'model'}",
         "--image_height=128", "--image_width=128", "--synthetic_classes=3",
-        "--synthetic_train_images=96", "--synthetic_eval_images=24",
-        "--per_rank_batch=4", "--epochs=10", "--warmup_epochs=1", "--base_lr=0.02",
+        "--synthetic_compounds_per_class=2", "--synthetic_fields_per_treatment=8",
+        "--per_rank_batch=4", "--epochs=20", "--warmup_epochs=2", "--base_lr=0.02",
         "--base_batch=8", "--log_every=4", "--eval_every=1", "--checkpoint_every=2"])
     return out / "model", result.stdout
 
@@ -36,9 +36,10 @@ def test_two_ranks_train_and_write_checkpoint_and_summary(two_rank_run):
     model_dir, stdout = two_rank_run
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["global_batch"] == 8
-    assert summary["steps"] == 120 and summary["epochs"] == 10
-    assert summary["eval_images"] == 24  # every held-out image once across the ranks
-    assert summary["final_accuracy"] >= 0.6  # 3 classes: chance is 0.33
+    assert summary["steps"] == 120 and summary["epochs"] == 20
+    assert summary["eval_images"] == 48  # every held-out field once across the ranks
+    assert summary["split"] == "compound"
+    assert summary["final_accuracy"] >= 0.5  # 3 classes: chance is 0.33
     assert summary["images_per_sec"] > 0
     assert summary["flags"]["per_rank_batch"] == 4
     assert tf.train.latest_checkpoint(model_dir / "checkpoints").endswith("ckpt-120")
@@ -78,8 +79,8 @@ def test_full_size_images_train(tmp_path):
     """Two steps on uncropped 1024 x 1280 x 3 fields, one rank on every core."""
     result = run([LAUNCH, "train", "--", f"--synthetic_cache={tmp_path / 'data'}",
                   f"--model_dir={tmp_path / 'model'}", "--synthetic_classes=2",
-                  "--synthetic_train_images=2", "--synthetic_eval_images=1",
+                  "--synthetic_compounds_per_class=1", "--synthetic_fields_per_treatment=1",
                   "--per_rank_batch=1", "--epochs=1", "--warmup_epochs=0"])
     summary = json.loads((tmp_path / "model" / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["eval_images"] == 1
+    assert summary["steps"] == 2 and summary["eval_images"] == 2
     assert "images (1024, 1280, 3) uint8" in result.stdout
