@@ -6,6 +6,9 @@ every column ends at H/64 x W/64. The columns are concatenated, mixed by a 1x1
 convolution, pooled once more and classified by two dense layers. At 1024 x 1280
 x 3 with 13 classes it has 42,577,261 parameters, 98.5% of them in `fc_512`.
 """
+import json
+import os
+
 import tensorflow as tf
 
 NUM_SCALES = 7
@@ -14,6 +17,8 @@ CONVS_PER_SCALE = 3
 KERNEL_SIZE = 5
 COLUMN_REDUCTION = 2 ** (NUM_SCALES - 1)  # every column ends at 1/64 of the input
 SIZE_MULTIPLE = 2 * COLUMN_REDUCTION  # then one more 2x2 pooling after the merge
+# What a trained model dir holds besides TensorBoard logs and summary.json:
+CHECKPOINTS, SAVED_MODEL, DATA_MANIFEST = "checkpoints", "saved_model", "data_manifest.json"
 MERGE_FILTERS = 1024
 HIDDEN_UNITS = 512
 
@@ -79,3 +84,31 @@ def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, data_format="channel
     x = tf.keras.layers.Dense(HIDDEN_UNITS, name="fc_512")(x)
     logits = tf.keras.layers.Dense(num_classes, name="logits")(x)
     return tf.keras.Model(images, logits, name="mcnn")
+
+
+def export(model, model_dir, data_manifest):
+    """Saves `model` as a SavedModel with the manifest of its training data (classes,
+    channels, intensity ranges), which prediction needs."""
+    model.save(os.path.join(model_dir, SAVED_MODEL))
+    with open(os.path.join(model_dir, DATA_MANIFEST), "w") as f:
+        json.dump(data_manifest, f, indent=2)
+
+
+def load_trained(model_dir):
+    """(model, data manifest) of a training run: its SavedModel, else its latest checkpoint."""
+    manifest_path = os.path.join(model_dir, DATA_MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise FileNotFoundError(f"{manifest_path} not found: is {model_dir} the --model_dir of "
+                                f"a finished train_mcnn.py run?")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    exported = os.path.join(model_dir, SAVED_MODEL)
+    if os.path.isdir(exported):
+        return tf.keras.models.load_model(exported, compile=False), manifest
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINTS))
+    if latest is None:
+        raise FileNotFoundError(f"{model_dir} holds neither {SAVED_MODEL}/ nor a checkpoint")
+    model = build_mcnn(tuple(manifest["image_shape"]), len(manifest["classes"]),
+                       input_dtype=manifest["dtype"])
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    return model, manifest

@@ -29,8 +29,6 @@ import mcnn_model  # noqa: E402
 import synthetic_data  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXPORT_DIR = "saved_model"
-DATA_MANIFEST = "data_manifest.json"
 
 # Data
 flags.DEFINE_string("data_dir", None, "Data set folder (manifest.json + TFRecord shards). "
@@ -215,17 +213,10 @@ def open_outputs(model, optimizer):
         f.write(FLAGS.flags_into_string())  # a flag file: --flagfile=flags.txt reruns it
     writer = tf.summary.create_file_writer(os.path.join(FLAGS.model_dir, "tensorboard"))
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(FLAGS.model_dir, "checkpoints"),
-                                         max_to_keep=FLAGS.keep_checkpoints)
+    manager = tf.train.CheckpointManager(
+        checkpoint, os.path.join(FLAGS.model_dir, mcnn_model.CHECKPOINTS),
+        max_to_keep=FLAGS.keep_checkpoints)
     return writer, manager
-
-
-def export_model(model, manifest):
-    """A SavedModel for predict.py, and the data manifest it needs (classes, channels,
-    intensity ranges), in the model dir."""
-    model.save(os.path.join(FLAGS.model_dir, EXPORT_DIR))
-    with open(os.path.join(FLAGS.model_dir, DATA_MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
 
 
 def write_summary(model_dir, summary):
@@ -341,7 +332,7 @@ def main(argv):
     train_seconds = time.time() - start
     in_sync = weights_in_sync(model)
     if hvd.rank() == 0:
-        export_model(model, manifest)
+        mcnn_model.export(model, FLAGS.model_dir, manifest)
         log(f"Held-out results at the end (split: {manifest.get('split', {}).get('by', 'as given')}"
             f"): {evaluation.format_per_class(metrics)}")
         images_per_sec = total.steps * global_batch / total.seconds if total.steps else None

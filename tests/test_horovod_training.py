@@ -2,8 +2,10 @@
 import glob
 import json
 import os
+import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 
@@ -84,3 +86,49 @@ def test_full_size_images_train(tmp_path):
     summary = json.loads((tmp_path / "model" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["eval_images"] == 2
     assert "images (1024, 1280, 3) uint8" in result.stdout
+
+
+def test_prediction_csv_from_tables_on_two_ranks(two_rank_run, tmp_path):
+    model_dir, _ = two_rank_run
+    screen = next((model_dir.parent / "data").glob("*_screen"))
+    output = tmp_path / "predictions.csv"
+    launch_two_ranks(os.path.join(ROOT, "predict.py"), [
+        f"--model_dir={model_dir}", f"--output={output}",
+        f"--image_table={screen / 'BBBC021_v1_image.csv'}", f"--image_root={screen / 'images'}"])
+    fields = pd.read_csv(output)
+    table = pd.read_csv(screen / "BBBC021_v1_image.csv")
+    classes = json.loads((model_dir / "data_manifest.json").read_text())["classes"]
+    assert len(fields) == len(table)  # every field once across the two ranks
+    assert sorted(zip(fields["plate"], fields["well"])) == sorted(
+        zip(table["Image_Metadata_Plate_DAPI"], table["Image_Metadata_Well_DAPI"]))
+    probabilities = fields[[f"p_{c}" for c in classes]]
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert (fields["predicted_moa"] == probabilities.idxmax(axis=1).str[2:]).all()
+    treatments = pd.read_csv(tmp_path / "predictions_treatments.csv")
+    assert len(treatments) == table.groupby(
+        ["Image_Metadata_Compound", "Image_Metadata_Concentration"]).ngroups
+    assert treatments["fields"].sum() == len(table)
+
+
+def test_prediction_from_shards_matches_training_evaluation(two_rank_run, tmp_path):
+    model_dir, _ = two_rank_run
+    data_dir = next((model_dir.parent / "data").glob("*_by-compound"))
+    output = tmp_path / "eval.csv"
+    run([os.path.join(ROOT, ".venv", "bin", "python"), os.path.join(ROOT, "predict.py"),
+         f"--model_dir={model_dir}", f"--output={output}", f"--data_dir={data_dir}"])
+    predicted = pd.read_csv(output, dtype=str).sort_values(["plate", "well", "compound"])
+    at_training = pd.read_csv(model_dir / "evaluation" / "fields.csv", dtype=str).sort_values(
+        ["plate", "well", "compound"])
+    assert predicted["predicted_moa"].tolist() == at_training["predicted_moa"].tolist()
+
+
+def test_wrong_channel_count_at_prediction_is_a_clear_error(two_rank_run, tmp_path):
+    model_dir, _ = two_rank_run
+    screen = next((model_dir.parent / "data").glob("*_screen"))
+    result = subprocess.run(
+        [os.path.join(ROOT, ".venv", "bin", "python"), os.path.join(ROOT, "predict.py"),
+         f"--model_dir={model_dir}", f"--output={tmp_path / 'p.csv'}", "--channels=DAPI,Actin",
+         f"--image_table={screen / 'BBBC021_v1_image.csv'}", f"--image_root={screen / 'images'}"],
+        capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "--channels=DAPI,Actin, but the model was trained on" in result.stderr

@@ -1,0 +1,112 @@
+"""Predicts the mechanism of action of new fields with a trained M-CNN.
+
+    python predict.py --model_dir runs/x --output predictions.csv \\
+        --image_table plates.csv --image_root DIR          # plates: tables + TIFFs
+    python predict.py --model_dir runs/x --output predictions.csv --data_dir DIR   # shards
+
+Writes one row per field (plate, well, compound, concentration, predicted MoA, the
+probability of each class) to --output, and one row per treatment (majority vote
+of its fields, mean probabilities) beside it as *_treatments.csv. TIFFs are scaled
+with the intensity ranges recorded when the training data was made. Launched with
+several ranks (./launch train --program predict.py -- ...), each predicts its share.
+"""
+import os
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as in train_mcnn.py
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app, flags  # noqa: E402
+import horovod.tensorflow as hvd  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import data_pipeline  # noqa: E402
+import mcnn_model  # noqa: E402
+import prepare_data  # noqa: E402
+
+prepare_data.define_table_flags(flags)
+flags.DEFINE_string("data_dir", None, "A data set of shards to predict instead of tables.")
+flags.DEFINE_string("split", "eval", "With --data_dir: the split to predict.")
+flags.DEFINE_string("output", None, "CSV to write, one row per field.")
+flags.DEFINE_integer("batch_size", 4, "Fields per forward pass per rank.")
+flags.DEFINE_string("model_dir", None, "The --model_dir of a train_mcnn.py run.")
+FLAGS = flags.FLAGS
+PROVENANCE = ["plate", "well", "compound", "concentration"]
+
+
+def table_batches(manifest):
+    """This rank's fields from --image_table, scaled as at training, in batches."""
+    channels = FLAGS.channels
+    if channels != manifest.get("channels", channels) or len(channels) != manifest["image_shape"][2]:
+        raise app.UsageError(f"--channels={','.join(channels)}, but the model was trained on "
+                             f"{manifest.get('channels', manifest['image_shape'][2])}")
+    fields = prepare_data.read_fields(FLAGS.image_table, FLAGS.image_root, channels,
+                                      prepare_data.table_columns(FLAGS))
+    mine = fields.iloc[hvd.rank()::hvd.size()]
+    dtype = np.dtype(manifest["dtype"])
+    for start in range(0, len(mine), FLAGS.batch_size):
+        rows = mine.iloc[start:start + FLAGS.batch_size]
+        images = []
+        for _, row in rows.iterrows():
+            image = prepare_data.read_field([row[f"path_{c}"] for c in channels], row["row"])
+            if list(image.shape) != manifest["image_shape"]:
+                raise app.UsageError(f"image table row {row['row']}: fields are {image.shape}, "
+                                     f"the model takes {manifest['image_shape']}")
+            images.append(prepare_data.scale_to(
+                image, prepare_data.ranges_for(row["plate"], manifest["intensity"]), dtype))
+        yield np.stack(images), rows[PROVENANCE].reset_index(drop=True)
+
+
+def shard_batches(manifest):
+    dataset = data_pipeline.make_dataset(FLAGS.data_dir, FLAGS.split, FLAGS.batch_size,
+                                         hvd.rank(), hvd.size(), provenance=True)
+    trained, given = manifest["image_shape"], data_pipeline.read_manifest(FLAGS.data_dir)
+    if given["image_shape"] != trained:
+        raise app.UsageError(f"{FLAGS.data_dir} holds {given['image_shape']} images, "
+                             f"the model takes {trained}")
+    for images, _, provenance in dataset:
+        yield images, pd.DataFrame({k: [v.decode() for v in provenance[k].numpy()]
+                                    for k in PROVENANCE})
+
+
+def predict_fields(model, batches, classes):
+    parts = []
+    for images, provenance in batches:
+        probabilities = tf.nn.softmax(model(images, training=False)).numpy()
+        part = provenance.assign(predicted_moa=[classes[k] for k in probabilities.argmax(1)])
+        parts.append(part.join(pd.DataFrame(probabilities, columns=[f"p_{c}" for c in classes])))
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
+def treatments(fields, classes):
+    """Majority vote of each treatment's fields (ties: the class listed first)."""
+    probability = [f"p_{c}" for c in classes]
+    grouped = fields.groupby(["compound", "concentration"], sort=True)
+    votes = grouped["predicted_moa"].agg(
+        lambda moas: max(classes, key=lambda c: (list(moas).count(c), -classes.index(c))))
+    return pd.concat([grouped.size().rename("fields"), votes, grouped[probability].mean()],
+                     axis=1).reset_index()
+
+
+def main(argv):
+    del argv
+    if bool(FLAGS.data_dir) == bool(FLAGS.image_table):
+        raise app.UsageError("give either --data_dir or --image_table (with --image_root)")
+    hvd.init()
+    model, manifest = mcnn_model.load_trained(FLAGS.model_dir)
+    classes = manifest["classes"]
+    batches = shard_batches(manifest) if FLAGS.data_dir else table_batches(manifest)
+    everyone = hvd.allgather_object(predict_fields(model, batches, classes), name="predictions")
+    if hvd.rank() != 0:
+        return
+    fields = pd.concat([p for p in everyone if p is not None], ignore_index=True)
+    fields.to_csv(FLAGS.output, index=False)
+    by_treatment = os.path.splitext(FLAGS.output)[0] + "_treatments.csv"
+    treatments(fields, classes).to_csv(by_treatment, index=False)
+    print(f"{len(fields)} fields -> {FLAGS.output}; treatments -> {by_treatment}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["model_dir", "output"])
+    app.run(main)

@@ -1,0 +1,197 @@
+"""prepare_data.py on a small screen in the BBBC021 layout, and on broken copies of it."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+import tifffile
+
+import data_pipeline
+import prepare_data
+import synthetic_data
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory):
+    path = tmp_path_factory.mktemp("screen") / "screen"
+    synthetic_data.write_screen(str(path), 128, 128, num_classes=3, compounds_per_class=2,
+                                fields_per_treatment=2, plates=2, workers=2)
+    return path
+
+
+def convert(screen, output, **options):
+    options = {"images_per_shard": 4, "workers": 2, "progress": lambda _: None, **options}
+    return prepare_data.convert(
+        str(screen / synthetic_data.IMAGE_TABLE), str(screen / synthetic_data.MOA_TABLE),
+        str(screen / synthetic_data.IMAGES), str(output), **options)
+
+
+def copy_screen(screen, tmp_path):
+    shutil.copytree(screen, tmp_path / "screen")
+    return tmp_path / "screen"
+
+
+def records(data_dir, split):
+    ds = data_pipeline.make_dataset(str(data_dir), split, 64, provenance=True)
+    return [(image.numpy(), int(label), {k: v.numpy().decode() for k, v in prov.items()})
+            for images, labels, provenance in ds
+            for image, label, prov in zip(images, labels, [
+                {k: provenance[k][i] for k in provenance} for i in range(len(labels))])]
+
+
+def test_conversion_keeps_every_labelled_field_and_splits_by_compound(screen, tmp_path):
+    manifest = convert(screen, tmp_path / "data", include_control=True, eval_fraction=0.5)
+    assert manifest["classes"] == ["DMSO", "DNA damage", "Microtubule destabilizers"]
+    assert manifest["image_shape"] == [128, 128, 3] and manifest["dtype"] == "uint8"
+    assert manifest["channels"] == ["DAPI", "Tubulin", "Actin"]
+    counts = {s: manifest["splits"][s]["count"] for s in ("train", "eval")}
+    assert counts["train"] + counts["eval"] == 24
+    fields = pd.read_csv(tmp_path / "data" / prepare_data.FIELDS_CSV, dtype=str)
+    sides = fields.groupby("compound")["split"].nunique()
+    assert (sides.drop("DMSO") == 1).all()  # no compound on both sides, but the control
+    for moa in ("DNA damage", "Microtubule destabilizers"):  # each MoA on both sides
+        assert set(fields[fields["moa"] == moa]["split"]) == {"train", "eval"}
+    assert manifest["sources"]["sha256"]["image_table"] == prepare_data.file_sha256(
+        screen / synthetic_data.IMAGE_TABLE)
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def test_pixels_round_trip_within_the_scaling(screen, tmp_path):
+    manifest = convert(screen, tmp_path / "data", include_control=True, scaling="per_plate")
+    table = pd.read_csv(screen / synthetic_data.IMAGE_TABLE, dtype=str)
+    by_field = {(r.Image_Metadata_Plate_DAPI, r.Image_Metadata_Well_DAPI, r.Replicate): r
+                for r in table.itertuples()}
+    checked = 0
+    for image, label, prov in records(tmp_path / "data", "eval"):
+        assert manifest["classes"][label] in ("DMSO", "DNA damage", "Microtubule destabilizers")
+        candidates = [r for (plate, well, _), r in by_field.items()
+                      if plate == prov["plate"] and well == prov["well"]]
+        raw = [np.stack([tifffile.imread(screen / "images" / r.Image_PathName_DAPI / name)
+                         for name in (r.Image_FileName_DAPI, r.Image_FileName_Tubulin,
+                                      r.Image_FileName_Actin)], -1) for r in candidates]
+        assert raw[0].dtype == np.uint16
+        expected = [prepare_data.scale_to(r, manifest["intensity"]["plates"][prov["plate"]],
+                                          np.uint8) for r in raw]
+        assert any(np.array_equal(image, e) for e in expected)
+        checked += 1
+    assert checked == manifest["splits"]["eval"]["count"]
+
+
+def test_control_is_left_out_unless_asked_for(screen, tmp_path):
+    manifest = convert(screen, tmp_path / "data")
+    assert manifest["classes"] == ["DNA damage", "Microtubule destabilizers"]
+    assert sum(manifest["splits"][s]["count"] for s in ("train", "eval")) == 16
+
+
+@pytest.mark.parametrize("split", ["plate", "random"])
+def test_other_splits(screen, tmp_path, split):
+    convert(screen, tmp_path / "data", include_control=True, split=split, eval_fraction=0.5)
+    fields = pd.read_csv(tmp_path / "data" / prepare_data.FIELDS_CSV, dtype=str)
+    if split == "plate":
+        assert (fields.groupby("plate")["split"].nunique() == 1).all()
+    else:
+        assert (fields.groupby("moa")["split"].nunique() == 2).all()
+
+
+def test_split_is_deterministic_by_seed(screen, tmp_path):
+    convert(screen, tmp_path / "a", seed=3)
+    convert(screen, tmp_path / "b", seed=3)
+    a, b = (pd.read_csv(tmp_path / x / prepare_data.FIELDS_CSV) for x in "ab")
+    assert a.equals(b)
+
+
+def test_8_bit_tiffs_and_16_bit_output(screen, tmp_path):
+    copy = copy_screen(screen, tmp_path)
+    for path in copy.rglob("*.tif"):
+        tifffile.imwrite(path, (tifffile.imread(path) >> 8).astype(np.uint8))
+    manifest = convert(copy, tmp_path / "data", dtype="uint16")
+    assert manifest["dtype"] == "uint16"
+    image, _, _ = records(tmp_path / "data", "train")[0]
+    assert image.dtype == np.uint16 and image.max() > 255  # stretched to the 16-bit range
+
+
+def test_missing_tiff_names_row_and_file_and_leaves_no_data_set(screen, tmp_path):
+    copy = copy_screen(screen, tmp_path)
+    table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
+    victim = copy / "images" / table.loc[20, "Image_PathName_Actin"] / table.loc[20, "Image_FileName_Actin"]
+    victim.unlink()
+    with pytest.raises(prepare_data.InputError, match=rf"row 22: {victim} does not exist"):
+        convert(copy, tmp_path / "data", include_control=True)
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_interrupted_conversion_resumes_and_appears_only_when_complete(screen, tmp_path):
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(message):
+        raise Interrupted(message)
+
+    with pytest.raises(Interrupted):
+        convert(screen, tmp_path / "data", include_control=True, progress=interrupt)
+    assert not (tmp_path / "data").exists()
+    staging = [p for p in os.listdir(tmp_path) if ".partial-" in p]
+    assert len(staging) == 1 and not os.path.exists(tmp_path / staging[0] / "manifest.json")
+    done = [p for p in os.listdir(tmp_path / staging[0]) if p.endswith(".tfrecord")]
+    assert done
+
+    messages = []
+    manifest = convert(screen, tmp_path / "data", include_control=True,
+                       progress=messages.append)
+    assert messages[0].startswith(f"Resuming in {tmp_path / staging[0]}: {len(done)} of")
+    assert sum(manifest["splits"][s]["count"] for s in ("train", "eval")) == 24
+    assert len(records(tmp_path / "data", "train")) == manifest["splits"]["train"]["count"]
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def test_unreadable_tiff_and_mismatched_channel_are_named(screen, tmp_path):
+    copy = copy_screen(screen, tmp_path)
+    table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
+    broken = copy / "images" / table.loc[0, "Image_PathName_DAPI"] / table.loc[0, "Image_FileName_DAPI"]
+    broken.write_bytes(b"not a tiff at all")
+    with pytest.raises(prepare_data.InputError, match=rf"row 2: cannot read {broken}"):
+        convert(copy, tmp_path / "a", include_control=True)
+    shutil.copy(screen / broken.relative_to(copy), broken)
+    small = copy / "images" / table.loc[3, "Image_PathName_Tubulin"] / table.loc[3, "Image_FileName_Tubulin"]
+    tifffile.imwrite(small, np.zeros((64, 128), np.uint16))
+    with pytest.raises(prepare_data.InputError, match=rf"row 5: {small} is 64 x 128, but .* is 128 x 128"):
+        convert(copy, tmp_path / "b", include_control=True)
+
+
+def test_missing_columns_are_named(screen, tmp_path):
+    copy = copy_screen(screen, tmp_path)
+    table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
+    table.drop(columns=["Image_FileName_Actin"]).to_csv(copy / synthetic_data.IMAGE_TABLE, index=False)
+    with pytest.raises(prepare_data.InputError, match=r"missing column\(s\) \['Image_FileName_Actin'\]"):
+        convert(copy, tmp_path / "data")
+
+
+def test_treatments_without_moa_are_listed_then_skipped_or_refused(screen, tmp_path, capsys):
+    copy = copy_screen(screen, tmp_path)
+    moas = pd.read_csv(copy / synthetic_data.MOA_TABLE, dtype=str)
+    moas[moas["compound"] != "dna-damage-1"].to_csv(copy / synthetic_data.MOA_TABLE, index=False)
+    manifest = convert(copy, tmp_path / "data")
+    err = capsys.readouterr().err
+    assert "Skipping 4 fields: 2 treatment(s)" in err and "dna-damage-1 @ 1.0 (2 fields)" in err
+    assert sum(manifest["splits"][s]["count"] for s in ("train", "eval")) == 12
+    with pytest.raises(prepare_data.InputError, match=r"2 treatment\(s\) .*dna-damage-1 @ 1.0"):
+        convert(copy, tmp_path / "strict", missing_moa="error")
+
+
+def test_empty_result_is_an_error(screen, tmp_path):
+    copy = copy_screen(screen, tmp_path)
+    pd.DataFrame({"compound": ["x"], "concentration": ["1"], "moa": ["m"]}).to_csv(
+        copy / synthetic_data.MOA_TABLE, index=False)
+    with pytest.raises(prepare_data.InputError, match="no labelled fields"):
+        convert(copy, tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_existing_data_set_is_not_overwritten(screen, tmp_path):
+    convert(screen, tmp_path / "data")
+    with pytest.raises(prepare_data.InputError, match="already holds a data set"):
+        convert(screen, tmp_path / "data")
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text())["format"]
