@@ -14,6 +14,7 @@ only when complete; a rerun with the same inputs and flags resumes where it stop
 import concurrent.futures
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -228,6 +229,27 @@ def fingerprint(**inputs):
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS, columns=None,
+                   split="compound", eval_fraction=0.2, include_control=False, control="DMSO",
+                   missing_moa="skip", scaling="per_plate", percentiles=(0.1, 99.9),
+                   range_sample_fields=8, seed=0):
+    """(fields with their split, classes, (height, width, channels), intensity ranges)."""
+    fields = read_fields(image_table, image_root, list(channels),
+                         {**DEFAULT_COLUMNS, **(columns or {})}, moa_table, control,
+                         include_control, missing_moa)
+    fields["split"] = assign_split(fields, split, eval_fraction, seed)
+    for side in ("train", "eval"):
+        if not (fields["split"] == side).any():
+            raise InputError(f"--split={split} left no {side} fields "
+                             f"({len(fields)} fields, --eval_fraction={eval_fraction})")
+    first = fields.iloc[0]
+    height, width = read_field([first[f"path_{c}"] for c in channels], first["row"]).shape[:2]
+    intensity = intensity_ranges(fields, list(channels), percentiles, scaling,
+                                 range_sample_fields, seed)
+    classes = sorted(fields["moa"].unique())
+    return fields, classes, (int(height), int(width), len(channels)), intensity
+
+
 def convert(image_table, moa_table, image_root, output_dir, channels=BBBC021_CHANNELS,
             columns=None, split="compound", eval_fraction=0.2, include_control=False,
             control="DMSO", missing_moa="skip", dtype="uint8", scaling="per_plate",
@@ -240,17 +262,9 @@ def convert(image_table, moa_table, image_root, output_dir, channels=BBBC021_CHA
     channels = list(channels)
     if os.path.exists(os.path.join(output_dir, data_pipeline.MANIFEST)):
         raise InputError(f"{output_dir} already holds a data set; choose another --output_dir")
-    fields = read_fields(image_table, image_root, channels, columns, moa_table, control,
-                         include_control, missing_moa)
-    fields["split"] = assign_split(fields, split, eval_fraction, seed)
-    classes = sorted(fields["moa"].unique())
-    for side in ("train", "eval"):
-        if not (fields["split"] == side).any():
-            raise InputError(f"--split={split} left no {side} fields "
-                             f"({len(fields)} fields, --eval_fraction={eval_fraction})")
-    first = fields.iloc[0]
-    height, width = read_field([first[f"path_{c}"] for c in channels], first["row"]).shape[:2]
-    intensity = intensity_ranges(fields, channels, percentiles, scaling, range_sample_fields, seed)
+    fields, classes, image_shape, intensity = prepare_fields(
+        image_table, moa_table, image_root, channels, columns, split, eval_fraction,
+        include_control, control, missing_moa, scaling, percentiles, range_sample_fields, seed)
     sources = {"image_table": file_sha256(image_table), "moa_table": file_sha256(moa_table)}
     staging = f"{os.path.abspath(output_dir)}.partial-" + fingerprint(
         sources=sources, image_root=os.path.abspath(image_root), channels=channels,
@@ -272,7 +286,7 @@ def convert(image_table, moa_table, image_root, output_dir, channels=BBBC021_CHA
 
     manifest = {
         "format": data_pipeline.FORMAT, "classes": classes,
-        "image_shape": [int(height), int(width), len(channels)], "dtype": dtype,
+        "image_shape": list(image_shape), "dtype": dtype,
         "channels": channels, "intensity": intensity,
         "split": {"by": split, "eval_fraction": eval_fraction, "seed": seed},
         "splits": {side: {
@@ -295,7 +309,9 @@ def write_shards(todo, fields, staging, channels, intensity, dtype, class_index,
                  progress):
     start, done = time.time(), 0
     total = sum(len(indices) for _, indices in todo)
-    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+    # spawn, not fork: the caller may be an MPI rank with TensorFlow running.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = [pool.submit(write_shard, os.path.join(staging, name),
                                [fields.loc[i].to_dict() for i in indices], channels,
                                intensity, dtype, class_index) for name, indices in todo]
@@ -330,13 +346,40 @@ def table_columns(FLAGS):
             if f"{key}_column" in FLAGS}
 
 
+def define_conversion_flags(flags):
+    """The flags that say which fields to take and how (shared with train_mcnn.py)."""
+    define_table_flags(flags)
+    flags.DEFINE_string("moa_table", None, "CSV: compound, concentration, moa.")
+    for key in ("moa_compound", "moa_concentration", "moa"):
+        flags.DEFINE_string(f"{key}_column", DEFAULT_COLUMNS[key], f"MoA table column: {key}.")
+    flags.DEFINE_enum("split", "compound", SPLITS, "How held-out fields are chosen: by "
+                      "compound (no compound on both sides; honest MoA accuracy), plate or field.")
+    flags.DEFINE_float("eval_fraction", 0.2, "Share of compounds, plates or fields held out.")
+    flags.DEFINE_bool("include_dmso", False, "Keep the control as a class (13 classes on BBBC021).")
+    flags.DEFINE_string("control_moa", "DMSO", "The MoA label of the control treatment.")
+    flags.DEFINE_enum("missing_moa", "skip", ["skip", "error"],
+                      "Treatments without an MoA: list and skip them, or stop.")
+    flags.DEFINE_enum("scaling", "per_plate", ["per_plate", "per_channel"],
+                      "Intensity ranges per plate and channel, or per channel overall.")
+    flags.DEFINE_list("percentiles", ["0.1", "99.9"], "Low and high percentile of the range.")
+    flags.DEFINE_integer("range_sample_fields", 8, "Fields per plate read to find the ranges.")
+
+
+def conversion_options(FLAGS):
+    """prepare_fields() arguments from the flags of define_conversion_flags()."""
+    return dict(image_table=FLAGS.image_table, moa_table=FLAGS.moa_table,
+                image_root=FLAGS.image_root, channels=FLAGS.channels,
+                columns=table_columns(FLAGS), split=FLAGS.split,
+                eval_fraction=FLAGS.eval_fraction, include_control=FLAGS.include_dmso,
+                control=FLAGS.control_moa, missing_moa=FLAGS.missing_moa,
+                scaling=FLAGS.scaling, percentiles=[float(p) for p in FLAGS.percentiles],
+                range_sample_fields=FLAGS.range_sample_fields)
+
+
 def main(_):
-    manifest = convert(
-        FLAGS.image_table, FLAGS.moa_table, FLAGS.image_root, FLAGS.output_dir, FLAGS.channels,
-        table_columns(FLAGS), FLAGS.split, FLAGS.eval_fraction, FLAGS.include_dmso,
-        FLAGS.control_moa, FLAGS.missing_moa, FLAGS.dtype, FLAGS.scaling,
-        [float(p) for p in FLAGS.percentiles], FLAGS.range_sample_fields,
-        FLAGS.images_per_shard, FLAGS.seed, FLAGS.workers)
+    manifest = convert(output_dir=FLAGS.output_dir, dtype=FLAGS.dtype,
+                       images_per_shard=FLAGS.images_per_shard, seed=FLAGS.seed,
+                       workers=FLAGS.workers, **conversion_options(FLAGS))
     counts = {side: manifest["splits"][side]["count"] for side in ("train", "eval")}
     print(f"{FLAGS.output_dir}: {counts['train']} train and {counts['eval']} eval fields of "
           f"{manifest['image_shape']} {manifest['dtype']}, {len(manifest['classes'])} classes, "
@@ -346,25 +389,9 @@ def main(_):
 if __name__ == "__main__":
     from absl import app, flags
 
-    define_table_flags(flags)
-    flags.DEFINE_string("moa_table", None, "CSV: compound, concentration, moa.")
-    flags.DEFINE_string("moa_compound_column", "compound", "MoA table column: compound.")
-    flags.DEFINE_string("moa_concentration_column", "concentration",
-                        "MoA table column: concentration.")
-    flags.DEFINE_string("moa_column", "moa", "MoA table column: mechanism of action.")
+    define_conversion_flags(flags)
     flags.DEFINE_string("output_dir", None, "Data set folder to create.")
-    flags.DEFINE_enum("split", "compound", SPLITS, "How held-out fields are chosen: by "
-                      "compound (no compound on both sides; honest MoA accuracy), plate or field.")
-    flags.DEFINE_float("eval_fraction", 0.2, "Share of compounds, plates or fields held out.")
-    flags.DEFINE_bool("include_dmso", False, "Keep the control as a class (13 classes on BBBC021).")
-    flags.DEFINE_string("control_moa", "DMSO", "The MoA label of the control treatment.")
-    flags.DEFINE_enum("missing_moa", "skip", ["skip", "error"],
-                      "Treatments without an MoA: list and skip them, or stop.")
     flags.DEFINE_enum("dtype", "uint8", ["uint8", "uint16"], "Stored pixel type.")
-    flags.DEFINE_enum("scaling", "per_plate", ["per_plate", "per_channel"],
-                      "Intensity ranges per plate and channel, or per channel overall.")
-    flags.DEFINE_list("percentiles", ["0.1", "99.9"], "Low and high percentile of the range.")
-    flags.DEFINE_integer("range_sample_fields", 8, "Fields per plate read to find the ranges.")
     flags.DEFINE_integer("images_per_shard", 16, "Fields per TFRecord shard.")
     flags.DEFINE_integer("seed", 0, "Seed of the split and of the range sample.")
     flags.DEFINE_integer("workers", 0, "Processes reading and writing (0: every core).")

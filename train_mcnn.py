@@ -26,6 +26,7 @@ import data_pipeline  # noqa: E402
 import evaluation  # noqa: E402
 import lr_schedule  # noqa: E402
 import mcnn_model  # noqa: E402
+import prepare_data  # noqa: E402
 import synthetic_data  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,6 +45,8 @@ flags.DEFINE_integer("synthetic_compounds_per_class", 3,
 flags.DEFINE_integer("synthetic_fields_per_treatment", 4,
                      "Fields per compound and concentration in the synthetic screen.")
 flags.DEFINE_integer("shuffle_buffer", 64, "Images in each rank's shuffle buffer.")
+# Or straight from plates (TIFFs + tables), with no conversion step: see prepare_data.py.
+prepare_data.define_conversion_flags(flags)
 # Optimisation (the authors' recipe by default)
 flags.DEFINE_integer("per_rank_batch", 8, "Images per rank per step.")
 flags.DEFINE_float("epochs", 52, "Training epochs (may be fractional).")
@@ -116,6 +119,32 @@ def resolve_data_dir():
         FLAGS.synthetic_cache, FLAGS.image_height, FLAGS.image_width, FLAGS.synthetic_classes,
         FLAGS.synthetic_compounds_per_class, FLAGS.synthetic_fields_per_treatment,
         seed=FLAGS.seed)
+
+
+def open_data():
+    """(manifest, make_data(split, training, provenance)) for shards or for plates."""
+    if not FLAGS.image_table:
+        data_dir = resolve_data_dir()
+        manifest = {**data_pipeline.read_manifest(data_dir), "source": data_dir}
+        return manifest, lambda split, training=False, provenance=False: (
+            data_pipeline.make_dataset(
+                data_dir, split, FLAGS.per_rank_batch, hvd.rank(), hvd.size(), training,
+                FLAGS.shuffle_buffer, FLAGS.seed, manifest, provenance))
+    if FLAGS.data_dir:
+        raise app.UsageError("give --data_dir or --image_table, not both")
+    fields, classes, image_shape, intensity = prepare_data.prepare_fields(
+        **prepare_data.conversion_options(FLAGS), seed=FLAGS.seed)
+    dtype = "uint8"
+    manifest = {"classes": classes, "image_shape": list(image_shape), "dtype": dtype,
+                "channels": FLAGS.channels, "intensity": intensity,
+                "split": {"by": FLAGS.split, "eval_fraction": FLAGS.eval_fraction},
+                "splits": {side: {"count": int((fields["split"] == side).sum())}
+                           for side in ("train", "eval")},
+                "source": os.path.abspath(FLAGS.image_table)}
+    return manifest, lambda split, training=False, provenance=False: (
+        data_pipeline.make_tiff_dataset(
+            fields[fields["split"] == split], FLAGS.channels, intensity, classes, dtype,
+            FLAGS.per_rank_batch, hvd.rank(), hvd.size(), training, FLAGS.seed, provenance))
 
 
 def build_lr_schedule(global_batch, steps_per_epoch, total_steps):
@@ -236,8 +265,7 @@ def main(argv):
     intra, inter = configure_threads()
     tf.keras.utils.set_random_seed(FLAGS.seed)
 
-    data_dir = resolve_data_dir()
-    manifest = data_pipeline.read_manifest(data_dir)
+    manifest, make_data = open_data()
     image_shape, classes = tuple(manifest["image_shape"]), manifest["classes"]
     dtype = data_pipeline.DTYPES[manifest["dtype"]]
     train_count = manifest["splits"]["train"]["count"]
@@ -245,17 +273,13 @@ def main(argv):
     global_batch = FLAGS.per_rank_batch * hvd.size()
     steps_per_epoch = train_count // global_batch
     if steps_per_epoch == 0:
-        raise app.UsageError(f"{train_count} training images in {data_dir} make no full global "
+        raise app.UsageError(f"{train_count} training images make no full global "
                              f"batch of {global_batch} ({hvd.size()} ranks x --per_rank_batch)")
     total_steps = max(1, round(FLAGS.epochs * steps_per_epoch))
     schedule = build_lr_schedule(global_batch, steps_per_epoch, total_steps)
 
-    train_data = data_pipeline.make_dataset(
-        data_dir, "train", FLAGS.per_rank_batch, hvd.rank(), hvd.size(), training=True,
-        shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed, manifest=manifest)
-    eval_data = data_pipeline.make_dataset(
-        data_dir, "eval", FLAGS.per_rank_batch, hvd.rank(), hvd.size(), manifest=manifest,
-        provenance=True)
+    train_data = make_data("train", training=True)
+    eval_data = make_data("eval", provenance=True)
 
     model = mcnn_model.build_mcnn(image_shape, len(classes), FLAGS.data_format, dtype)
     optimizer = tf.keras.optimizers.SGD(schedule, momentum=FLAGS.momentum, nesterov=True)
@@ -271,7 +295,7 @@ def main(argv):
     writer, manager = open_outputs(model, optimizer) if hvd.rank() == 0 else (None, None)
 
     log(f"M-CNN: {model.count_params():,} parameters, images {image_shape} {manifest['dtype']}, "
-        f"{len(classes)} classes; data {data_dir}")
+        f"{len(classes)} classes; data {manifest['source']}")
     log(f"{hvd.size()} rank{'s' * (hvd.size() > 1)} x {FLAGS.per_rank_batch} images = "
         f"global batch {global_batch}; "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps; peak LR {schedule.peak_lr:g} "
@@ -349,7 +373,7 @@ def main(argv):
             "global_batch": global_batch,
             "steps": step,
             "epochs": round(step / steps_per_epoch, 3),
-            "data_dir": os.path.abspath(data_dir),
+            "data": manifest["source"],
             "classes": classes,
             "final_treatment_accuracy": metrics["treatment_accuracy"],
             "split": manifest.get("split", {}).get("by"),

@@ -132,3 +132,19 @@ def test_wrong_channel_count_at_prediction_is_a_clear_error(two_rank_run, tmp_pa
         capture_output=True, text=True)
     assert result.returncode != 0
     assert "--channels=DAPI,Actin, but the model was trained on" in result.stderr
+
+
+def test_training_straight_from_tiffs_and_tables(two_rank_run, tmp_path):
+    """No conversion step: train_mcnn.py reads the plates' TIFFs inside tf.data."""
+    screen = next((two_rank_run[0].parent / "data").glob("*_screen"))
+    result = run([LAUNCH, "train", "--", f"--model_dir={tmp_path / 'model'}",
+                  f"--image_table={screen / 'BBBC021_v1_image.csv'}",
+                  f"--moa_table={screen / 'BBBC021_v1_moa.csv'}",
+                  f"--image_root={screen / 'images'}", "--include_dmso", "--eval_fraction=0.5",
+                  "--per_rank_batch=8", "--epochs=2", "--warmup_epochs=0"])
+    summary = json.loads((tmp_path / "model" / "summary.json").read_text())
+    assert summary["split"] == "compound" and summary["steps"] == 2 * (48 // 8)
+    assert summary["eval_images"] == 48
+    assert "data " + str(screen / "BBBC021_v1_image.csv") in result.stdout
+    manifest = json.loads((tmp_path / "model" / "data_manifest.json").read_text())
+    assert manifest["channels"] == ["DAPI", "Tubulin", "Actin"] and manifest["intensity"]["plates"]

@@ -6,7 +6,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import tensorflow as tf
 import tifffile
 
 import data_pipeline
@@ -195,3 +194,24 @@ def test_an_existing_data_set_is_not_overwritten(screen, tmp_path):
     with pytest.raises(prepare_data.InputError, match="already holds a data set"):
         convert(screen, tmp_path / "data")
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["format"]
+
+
+def test_reading_tiffs_directly_gives_the_pixels_of_the_shards(screen, tmp_path):
+    options = dict(image_table=str(screen / synthetic_data.IMAGE_TABLE),
+                   moa_table=str(screen / synthetic_data.MOA_TABLE),
+                   image_root=str(screen / synthetic_data.IMAGES), include_control=True)
+    prepare_data.convert(output_dir=str(tmp_path / "data"), images_per_shard=4, workers=2,
+                         progress=lambda _: None, **options)
+    fields, classes, _, intensity = prepare_data.prepare_fields(**options)
+    direct = data_pipeline.make_tiff_dataset(
+        fields[fields["split"] == "eval"], list(prepare_data.BBBC021_CHANNELS), intensity,
+        classes, "uint8", batch_size=3, provenance=True)
+
+    def by_field(batches):
+        return {(p["plate"][i].numpy(), p["well"][i].numpy(), p["compound"][i].numpy(),
+                 images[i].numpy().tobytes()): int(labels[i])
+                for images, labels, p in batches for i in range(len(labels))}
+
+    from_shards = by_field(data_pipeline.make_dataset(str(tmp_path / "data"), "eval", 3,
+                                                      provenance=True))
+    assert by_field(direct) == from_shards and len(from_shards) > 0
