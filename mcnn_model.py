@@ -112,3 +112,18 @@ def load_trained(model_dir):
                        input_dtype=manifest["dtype"])
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     return model, manifest
+
+
+def forward_flops(model):
+    """Floating-point operations of one image's forward pass: 2 per multiply-add of
+    the convolutions and dense layers (pooling and activations are negligible)."""
+    flops = 0
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.Conv2D):
+            kh, kw, cin, cout = layer.kernel.shape
+            spatial = (layer.output.shape[1:3] if layer.data_format == "channels_last"
+                       else layer.output.shape[2:4])
+            flops += 2 * spatial[0] * spatial[1] * kh * kw * cin * cout
+        elif isinstance(layer, tf.keras.layers.Dense):
+            flops += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    return flops

@@ -23,6 +23,11 @@ def test_published_model_has_the_published_parameter_count_and_column_shapes():
     assert model.output.shape[-1] == 13
 
 
+def test_forward_pass_costs_51_gflop_at_full_size():
+    # The convolutions and dense layers' multiply-adds, x 2; training is about 3x this.
+    assert mcnn_model.forward_flops(mcnn_model.build_mcnn()) == pytest.approx(51.4e9, rel=1e-3)
+
+
 def test_layer_names_say_what_they_are():
     names = {layer.name for layer in mcnn_model.build_mcnn((128, 128, 3), 4).layers}
     assert {"scale_0/conv_0", "scale_4/conv_2", "scale_6/conv_2", "scale_3/downsample",
