@@ -11,12 +11,18 @@ training runs. Every figure is the median of --repeats timed runs after warm-up:
 - train: training steps from tensors already in memory, and from the real input
   pipeline; achieved GFLOP/s (3x the forward pass's multiply-adds x 2) and its
   fraction of the roofline; peak memory (RSS) of the process;
-- input: the input pipeline alone, from TFRecords and straight from TIFFs.
+- input: the input pipeline alone, from TFRecords and straight from TIFFs;
+- sweeps: in processes of their own, peak memory at several batches and its slope
+  per image, oneDNN off against on, and 1 rank x every core against one rank per
+  core placed by ./launch (scaling efficiency).
 """
 import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as in train_mcnn.py
@@ -32,7 +38,8 @@ import prepare_data  # noqa: E402
 import synthetic_data  # noqa: E402
 import train_mcnn  # noqa: E402
 
-flags.DEFINE_list("parts", ["roofline", "train", "input"], "What to measure.")
+flags.DEFINE_list("parts", ["roofline", "train", "input", "sweeps"], "What to measure.")
+flags.DEFINE_list("memory_batches", ["1", "2", "4"], "Per-rank batches for the memory slope.")
 flags.DEFINE_integer("steps", 5, "Timed training steps per repeat.")
 flags.DEFINE_integer("input_batches", 20, "Timed input batches per repeat (input alone).")
 flags.DEFINE_integer("repeats", 3, "Timed repeats; figures are their medians.")
@@ -87,7 +94,9 @@ def train_throughput(manifest, make_data):
     images = FLAGS.steps * FLAGS.per_rank_batch
     train_gflop = 3 * mcnn_model.forward_flops(model) / 1e9
     return {
+        "ranks": hvd.size(),
         "per_rank_batch": FLAGS.per_rank_batch,
+        "images_per_sec_global": images * hvd.size() / pipeline_s,
         "train_gflop_per_image": train_gflop,
         "images_per_sec_memory": images / memory_s,
         "images_per_sec": images / pipeline_s,
@@ -119,6 +128,55 @@ def input_throughput(manifest, make_data):
     return figures
 
 
+def run_part(command, env=None):
+    """Figures of benchmark.py --parts=train run as `command` (its own process or mpirun)."""
+    with tempfile.TemporaryDirectory() as folder:
+        output = os.path.join(folder, "figures.json")
+        result = subprocess.run(
+            command + ["--parts=train", f"--output={output}", f"--steps={FLAGS.steps}",
+                       f"--repeats={FLAGS.repeats}"] + passed_flags(),
+            env={**os.environ, **(env or {})}, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+        with open(output) as f:
+            return json.load(f)
+
+
+def passed_flags():
+    """The data and model flags this run was given, for the processes it starts."""
+    names = ("data_dir", "synthetic_cache", "image_height", "image_width", "synthetic_classes",
+             "synthetic_compounds_per_class", "synthetic_fields_per_treatment", "data_format")
+    return [f"--{n}={FLAGS[n].value}" for n in names if FLAGS[n].present]
+
+
+def sweeps():
+    """Figures that need other processes: memory per image, oneDNN off, 1 vs 2 ranks."""
+    here = os.path.abspath(__file__)
+    single = [sys.executable, here]
+    batches = [int(b) for b in FLAGS.memory_batches]
+    memory = [run_part(single + [f"--per_rank_batch={b}"])["peak_rss_gb"] for b in batches]
+    slope = statistics.linear_regression(batches, memory).slope
+    # At batch 1: without oneDNN a full-size step takes several seconds per image.
+    on = run_part(single + ["--per_rank_batch=1"])["images_per_sec_memory"]
+    off = run_part(single + ["--per_rank_batch=1"],
+                   {"TF_ENABLE_ONEDNN_OPTS": "0"})["images_per_sec_memory"]
+    batch = f"--per_rank_batch={FLAGS.per_rank_batch}"
+    launch = [os.path.join(os.path.dirname(here), "launch"), "train", "--program", here]
+    cores = len(os.sched_getaffinity(0))
+    one_rank = run_part(launch + ["--", batch])
+    two_ranks = run_part(launch + ["--ranks-per-socket", str(cores), "--", batch])
+    return {
+        "peak_rss_gb_by_batch": dict(zip(batches, memory)),
+        "memory_gb_per_image": slope,
+        "onednn_off_images_per_sec": off,
+        "onednn_speedup": on / off,
+        "one_rank_images_per_sec": one_rank["images_per_sec_global"],
+        f"{cores}_ranks_images_per_sec": two_ranks["images_per_sec_global"],
+        f"scaling_efficiency_{cores}ranks": (two_ranks["images_per_sec_global"]
+                                             / one_rank["images_per_sec_global"]),
+    }
+
+
 def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
@@ -136,8 +194,15 @@ def main(argv):
             figures["roofline_fraction"] = figures["achieved_gflops"] / figures["conv5x5_gflops"]
     if "input" in FLAGS.parts:
         figures.update(input_throughput(manifest, make_data))
+    if "sweeps" in FLAGS.parts:
+        figures.update(sweeps())
+    if hvd.rank() == 0:
+        report(figures)
+
+
+def report(figures):
     for name, value in figures.items():
-        print(f"{name:28s} {value:.3f}" if isinstance(value, float) else f"{name:28s} {value}")
+        print(f"{name:32s} {value:.3f}" if isinstance(value, float) else f"{name:32s} {value}")
     with open(FLAGS.output, "w") as f:
         json.dump(figures, f, indent=2)
 
