@@ -14,7 +14,8 @@ training runs. Every figure is the median of --repeats timed runs after warm-up:
 - input: the input pipeline alone, from TFRecords and straight from TIFFs;
 - sweeps: in processes of their own, peak memory at several batches and its slope
   per image, oneDNN off against on, and 1 rank x every core against one rank per
-  core placed by ./launch (scaling efficiency).
+  core placed by ./launch (scaling efficiency, and the time of one allreduce of
+  all gradients).
 """
 import json
 import os
@@ -93,7 +94,9 @@ def train_throughput(manifest, make_data):
     pipeline_s = median_seconds(lambda: steps(pipeline), FLAGS.repeats)
     images = FLAGS.steps * FLAGS.per_rank_batch
     train_gflop = 3 * mcnn_model.forward_flops(model) / 1e9
+    figures = allreduce_time(model) if hvd.size() > 1 else {}
     return {
+        **figures,
         "ranks": hvd.size(),
         "per_rank_batch": FLAGS.per_rank_batch,
         "images_per_sec_global": images * hvd.size() / pipeline_s,
@@ -104,6 +107,16 @@ def train_throughput(manifest, make_data):
         "achieved_gflops": train_gflop * images / memory_s,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
     }
+
+
+def allreduce_time(model):
+    """Seconds to average one step's gradients (all weights, fp32) across the ranks."""
+    gradients = [tf.ones_like(v) for v in model.trainable_variables]
+    seconds = median_seconds(
+        lambda: [float(t[(0,) * t.shape.rank]) for t in hvd.grouped_allreduce(gradients)],
+        FLAGS.repeats)
+    return {"gradient_mb": sum(g.shape.num_elements() for g in gradients) * 4 / 2 ** 20,
+            "allreduce_seconds": seconds}
 
 
 def input_throughput(manifest, make_data):
@@ -174,6 +187,8 @@ def sweeps():
         f"{cores}_ranks_images_per_sec": two_ranks["images_per_sec_global"],
         f"scaling_efficiency_{cores}ranks": (two_ranks["images_per_sec_global"]
                                              / one_rank["images_per_sec_global"]),
+        "gradient_mb": two_ranks["gradient_mb"],
+        f"allreduce_seconds_{cores}ranks": two_ranks["allreduce_seconds"],
     }
 
 

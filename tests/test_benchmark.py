@@ -37,3 +37,5 @@ def test_benchmark_sweeps_run_their_own_processes_and_ranks(tmp_path):
     assert figures["onednn_speedup"] > 0 and figures["onednn_off_images_per_sec"] > 0
     cores = len(os.sched_getaffinity(0))
     assert figures[f"scaling_efficiency_{cores}ranks"] > 0
+    assert figures[f"allreduce_seconds_{cores}ranks"] > 0
+    assert 4.3 < figures["gradient_mb"] < 4.5  # the 2-class 128 x 128 M-CNN: 1.15M fp32 weights
