@@ -129,10 +129,8 @@ def input_throughput(manifest, make_data):
     screen = manifest["source"].replace("_by-compound", "_screen")
     if not FLAGS.data_dir and os.path.isdir(screen):
         fields, classes, _, intensity = prepare_data.prepare_fields(
-            os.path.join(screen, synthetic_data.IMAGE_TABLE),
-            os.path.join(screen, synthetic_data.MOA_TABLE),
-            os.path.join(screen, synthetic_data.IMAGES), include_control=True,
-            eval_fraction=1 / max(FLAGS.synthetic_compounds_per_class, 2), seed=FLAGS.seed)
+            **synthetic_data.conversion_options(screen, FLAGS.synthetic_compounds_per_class,
+                                                FLAGS.seed))
         figures["tiff_images_per_sec"] = rate(iter(data_pipeline.make_tiff_dataset(
             fields[fields["split"] == "train"], list(prepare_data.BBBC021_CHANNELS), intensity,
             classes, "uint8", FLAGS.per_rank_batch, training=True)))

@@ -234,13 +234,19 @@ def ensure_synthetic_dataset(cache_dir, height, width, num_classes=len(CLASSES),
                          fields_per_treatment, seed=seed)
         if not os.path.isdir(data):
             print(f"Converting it with prepare_data.py to {data}", flush=True)
-            prepare_data.convert(
-                os.path.join(screen, IMAGE_TABLE), os.path.join(screen, MOA_TABLE),
-                os.path.join(screen, IMAGES), data, split="compound",
-                eval_fraction=1 / max(compounds_per_class, 2), include_control=True,
-                control=CONTROL,
-                images_per_shard=images_per_shard, seed=seed, progress=lambda _: None)
+            prepare_data.convert(output_dir=data, images_per_shard=images_per_shard,
+                                 progress=lambda _: None,
+                                 **conversion_options(screen, compounds_per_class, seed))
     return data
+
+
+def conversion_options(screen, compounds_per_class, seed=0):
+    """prepare_data arguments that make a screen's data set: split by compound (one
+    held out per MoA), the DMSO control kept as a class."""
+    return dict(image_table=os.path.join(screen, IMAGE_TABLE),
+                moa_table=os.path.join(screen, MOA_TABLE), image_root=os.path.join(screen, IMAGES),
+                split="compound", eval_fraction=1 / max(compounds_per_class, 2),
+                include_control=True, control=CONTROL, seed=seed)
 
 
 def main(_):
