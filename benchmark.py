@@ -1,8 +1,8 @@
 """Benchmarks of the M-CNN on this machine; prints a table and writes JSON.
 
-    .venv/bin/python benchmark.py                          # full-size synthetic screen
-    .venv/bin/python benchmark.py --per_rank_batch=2 --parts=train
-    .venv/bin/python benchmark.py --image_height=256 --image_width=384
+    ./launch bench                                         # full-size synthetic screen
+    ./launch bench -- --per_rank_batch=2 --parts=train --recompute
+    ./launch bench -- --image_height=256 --image_width=384 --parts=roofline,train
 
 Takes train_mcnn.py's flags (data, image size, batch, threads), so it measures what
 training runs. Every figure is the median of --repeats timed runs after warm-up:
@@ -11,11 +11,13 @@ training runs. Every figure is the median of --repeats timed runs after warm-up:
 - train: training steps from tensors already in memory, and from the real input
   pipeline; achieved GFLOP/s (3x the forward pass's multiply-adds x 2) and its
   fraction of the roofline; peak memory (RSS) of the process;
+- columns: forward and backward of each scale column alone: GFLOP/s and share of
+  the time, which shows where the step falls short of the roofline;
 - input: the input pipeline alone, from TFRecords and straight from TIFFs;
-- sweeps: in processes of their own, peak memory at several batches and its slope
-  per image, oneDNN off against on, and 1 rank x every core against one rank per
-  core placed by ./launch (scaling efficiency, and the time of one allreduce of
-  all gradients).
+- memory, onednn, scaling: sweeps in processes of their own: peak memory at
+  several batches and its slope per image; oneDNN off against on; 1 rank x every
+  core against one rank per core placed by ./launch (scaling efficiency, the time
+  of one allreduce of all gradients, and how much of it the step hides).
 """
 import json
 import os
@@ -39,7 +41,8 @@ import prepare_data  # noqa: E402
 import synthetic_data  # noqa: E402
 import train_mcnn  # noqa: E402
 
-flags.DEFINE_list("parts", ["roofline", "train", "input", "sweeps"], "What to measure.")
+flags.DEFINE_list("parts", ["roofline", "train", "columns", "input", "memory", "onednn",
+                            "scaling"], "What to measure.")
 flags.DEFINE_list("memory_batches", ["1", "2", "4"], "Per-rank batches for the memory slope.")
 flags.DEFINE_integer("steps", 5, "Timed training steps per repeat.")
 flags.DEFINE_integer("input_batches", 20, "Timed input batches per repeat (input alone).")
@@ -60,9 +63,11 @@ def median_seconds(run, repeats):
 
 
 def roofline():
-    images = tf.random.uniform((1, 512, 640, 32))
-    kernel = tf.random.uniform((5, 5, 32, 32))
-    matrix = tf.random.uniform((4096, 4096))
+    """In the compute precision of --precision (bf16 has its own roofline)."""
+    dtype = tf.keras.mixed_precision.Policy(FLAGS.precision).compute_dtype
+    images = tf.random.uniform((1, 512, 640, 32), dtype=dtype)
+    kernel = tf.random.uniform((5, 5, 32, 32), dtype=dtype)
+    matrix = tf.random.uniform((4096, 4096), dtype=dtype)
     conv = tf.function(lambda: tf.nn.conv2d(images, kernel, 1, "SAME")[0, 0, 0, 0])
     matmul = tf.function(lambda: tf.linalg.matmul(matrix, matrix)[0, 0])
     conv_flop = 2 * 512 * 640 * 5 * 5 * 32 * 32
@@ -75,16 +80,16 @@ def roofline():
 def train_throughput(manifest, make_data):
     """Training images/s from memory and from the input pipeline, with achieved GFLOP/s."""
     classes = manifest["classes"]
-    model = mcnn_model.build_mcnn(tuple(manifest["image_shape"]), len(classes),
-                                  FLAGS.data_format, data_pipeline.DTYPES[manifest["dtype"]])
+    model = train_mcnn.build_model(tuple(manifest["image_shape"]), len(classes),
+                                   data_pipeline.DTYPES[manifest["dtype"]])
     optimizer = tf.keras.optimizers.SGD(0.001, momentum=FLAGS.momentum, nesterov=True)
     train_step = train_mcnn.make_train_step(model, optimizer, len(classes))
     pipeline = iter(make_data("train", training=True))
     in_memory = next(pipeline)
 
-    def steps(batches):
+    def steps(batches, step=train_step):
         for _ in range(FLAGS.steps):
-            float(train_step(*next(batches)))
+            float(step(*next(batches)))
 
     def repeat(batch):
         while True:
@@ -94,7 +99,14 @@ def train_throughput(manifest, make_data):
     pipeline_s = median_seconds(lambda: steps(pipeline), FLAGS.repeats)
     images = FLAGS.steps * FLAGS.per_rank_batch
     train_gflop = 3 * mcnn_model.forward_flops(model) / 1e9
-    figures = allreduce_time(model) if hvd.size() > 1 else {}
+    figures = {}
+    if hvd.size() > 1:
+        local_step = train_mcnn.make_train_step(model, optimizer, len(classes), average=False)
+        local_s = median_seconds(lambda: steps(repeat(in_memory), local_step), FLAGS.repeats)
+        figures = allreduce_time(model)
+        exposed = max(0.0, (memory_s - local_s) / FLAGS.steps)
+        figures.update(allreduce_exposed_seconds=exposed, allreduce_hidden_fraction=max(
+            0.0, 1 - exposed / figures["allreduce_seconds"]))
     return {
         **figures,
         "ranks": hvd.size(),
@@ -117,6 +129,34 @@ def allreduce_time(model):
         FLAGS.repeats)
     return {"gradient_mb": sum(g.shape.num_elements() for g in gradients) * 4 / 2 ** 20,
             "allreduce_seconds": seconds}
+
+
+def column_profile(manifest):
+    """Where a training step's compute goes: forward and backward of each scale
+    column alone, its GFLOP/s, and its share of the columns' time."""
+    model = train_mcnn.build_model(tuple(manifest["image_shape"]), len(manifest["classes"]),
+                                   data_pipeline.DTYPES[manifest["dtype"]])
+    dtype = tf.keras.mixed_precision.Policy(FLAGS.precision).compute_dtype
+    figures, seconds = {}, {}
+    for column in (layer for layer in model.layers if isinstance(layer, mcnn_model.ScaleColumn)):
+        images = tf.random.uniform((FLAGS.per_rank_batch, *column.config["input_shape"]),
+                                   dtype=dtype)
+        seconds[column.name] = median_seconds(
+            lambda: float(backward_of(column, images)), FLAGS.repeats)
+        gflop = 3 * mcnn_model.forward_flops(column.column) * FLAGS.per_rank_batch / 1e9
+        figures[f"{column.name}_gflops"] = gflop / seconds[column.name]
+    total = sum(seconds.values())
+    figures.update({f"{name}_time_share": s / total for name, s in seconds.items()})
+    figures["columns_seconds_per_image"] = total / FLAGS.per_rank_batch
+    return figures
+
+
+@tf.function
+def backward_of(layer, inputs):
+    with tf.GradientTape() as tape:
+        outputs = layer(inputs, training=True)
+    gradients = tape.gradient(outputs, layer.trainable_variables)
+    return tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in gradients])
 
 
 def input_throughput(manifest, make_data):
@@ -156,48 +196,95 @@ def run_part(command, env=None):
 def passed_flags():
     """The data and model flags this run was given, for the processes it starts."""
     names = ("data_dir", "synthetic_cache", "image_height", "image_width", "synthetic_classes",
-             "synthetic_compounds_per_class", "synthetic_fields_per_treatment", "data_format")
+             "synthetic_compounds_per_class", "synthetic_fields_per_treatment", "data_format",
+             "precision", "recompute", "fp16_allreduce", "fusion_threshold_mb", "allreduce_groups")
     return [f"--{n}={FLAGS[n].value}" for n in names if FLAGS[n].present]
 
 
-def sweeps():
-    """Figures that need other processes: memory per image, oneDNN off, 1 vs 2 ranks."""
-    here = os.path.abspath(__file__)
-    single = [sys.executable, here]
+def memory_sweep():
+    """Peak memory at several per-rank batches, each in a process of its own, and its
+    slope per image."""
     batches = [int(b) for b in FLAGS.memory_batches]
-    memory = [run_part(single + [f"--per_rank_batch={b}"])["peak_rss_gb"] for b in batches]
-    slope = statistics.linear_regression(batches, memory).slope
-    # At batch 1: without oneDNN a full-size step takes several seconds per image.
-    on = run_part(single + ["--per_rank_batch=1"])["images_per_sec_memory"]
-    off = run_part(single + ["--per_rank_batch=1"],
+    memory = [run_part(benchmark_process() + [f"--per_rank_batch={b}"])["peak_rss_gb"]
+              for b in batches]
+    fit = statistics.linear_regression(batches, memory)
+    return {"peak_rss_gb_by_batch": dict(zip(batches, memory)),
+            "memory_gb_per_image": fit.slope, "memory_gb_fixed": fit.intercept}
+
+
+def onednn_sweep():
+    """oneDNN on against off, at batch 1: without it a full-size step takes seconds."""
+    on = run_part(benchmark_process() + ["--per_rank_batch=1"])["images_per_sec_memory"]
+    off = run_part(benchmark_process() + ["--per_rank_batch=1"],
                    {"TF_ENABLE_ONEDNN_OPTS": "0"})["images_per_sec_memory"]
-    batch = f"--per_rank_batch={FLAGS.per_rank_batch}"
+    return {"onednn_off_images_per_sec": off, "onednn_speedup": on / off}
+
+
+def scaling_sweep():
+    """1 rank x every core against one rank per core, both placed by ./launch: the
+    scaling efficiency, the time of one allreduce of all gradients, and how much of
+    it the training step hides behind compute."""
+    here = os.path.abspath(__file__)
     launch = [os.path.join(os.path.dirname(here), "launch"), "train", "--program", here]
+    batch = f"--per_rank_batch={FLAGS.per_rank_batch}"
     cores = len(os.sched_getaffinity(0))
     one_rank = run_part(launch + ["--", batch])
-    two_ranks = run_part(launch + ["--ranks-per-socket", str(cores), "--", batch])
+    ranks = run_part(launch + ["--ranks-per-socket", str(cores), "--", batch])
     return {
-        "peak_rss_gb_by_batch": dict(zip(batches, memory)),
-        "memory_gb_per_image": slope,
-        "onednn_off_images_per_sec": off,
-        "onednn_speedup": on / off,
         "one_rank_images_per_sec": one_rank["images_per_sec_global"],
-        f"{cores}_ranks_images_per_sec": two_ranks["images_per_sec_global"],
-        f"scaling_efficiency_{cores}ranks": (two_ranks["images_per_sec_global"]
+        f"{cores}_ranks_images_per_sec": ranks["images_per_sec_global"],
+        f"scaling_efficiency_{cores}ranks": (ranks["images_per_sec_global"]
                                              / one_rank["images_per_sec_global"]),
-        "gradient_mb": two_ranks["gradient_mb"],
-        f"allreduce_seconds_{cores}ranks": two_ranks["allreduce_seconds"],
+        "gradient_mb": ranks["gradient_mb"],
+        f"allreduce_seconds_{cores}ranks": ranks["allreduce_seconds"],
+        f"allreduce_exposed_seconds_{cores}ranks": ranks["allreduce_exposed_seconds"],
+        f"allreduce_hidden_fraction_{cores}ranks": ranks["allreduce_hidden_fraction"],
     }
+
+
+# The time-to-train projection's cluster and job: the authors' (README): two-socket
+# nodes of 2 x 20 cores, 4 ranks of 10 cores each, 100 Gb/s links; BBBC021's ~9,900
+# training fields for 52 epochs at 8 images per rank.
+NODE_CORES, RANKS_PER_NODE, LINK_GBPS = 40, 4, 100
+TRAIN_IMAGES, EPOCHS, PER_RANK_BATCH = 9900, 52, 8
+
+
+def projected_hours(figures, nodes):
+    """Time to train on `nodes` nodes, from the compute and allreduce measured here.
+
+    Assumes a core there trains as fast as a core here, ranks within a node scale
+    as 1 against `cores` ranks did here, and the gradient allreduce is a ring over
+    all ranks limited by one link, hidden behind compute by the fraction measured
+    here."""
+    cores = len(os.sched_getaffinity(0))
+    per_core = figures["one_rank_images_per_sec"] / cores
+    rank_rate = per_core * NODE_CORES / RANKS_PER_NODE * figures[f"scaling_efficiency_{cores}ranks"]
+    ranks = nodes * RANKS_PER_NODE
+    allreduce = (2 * (ranks - 1) / ranks * figures["gradient_mb"] * 2 ** 20 * 8
+                 / (LINK_GBPS * 1e9)) if nodes > 1 else 0.0
+    exposed = allreduce * (1 - figures[f"allreduce_hidden_fraction_{cores}ranks"])
+    steps = EPOCHS * TRAIN_IMAGES / (ranks * PER_RANK_BATCH)
+    return steps * (PER_RANK_BATCH / rank_rate + exposed) / 3600
+
+
+def benchmark_process():
+    return [sys.executable, os.path.abspath(__file__)]
+
+
+SWEEPS = {"memory": memory_sweep, "onednn": onednn_sweep, "scaling": scaling_sweep}
 
 
 def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
-    hvd.init()
+    train_mcnn.init_horovod()
     intra, inter = train_mcnn.configure_threads()
     manifest, make_data = train_mcnn.open_data()
+    FLAGS.per_rank_batch = train_mcnn.choose_per_rank_batch(
+        manifest["image_shape"], manifest["splits"]["train"]["count"] // hvd.size())
     figures = {"image_shape": manifest["image_shape"], "intra_op_threads": intra,
-               "inter_op_threads": inter,
+               "inter_op_threads": inter, "precision": FLAGS.precision,
+               "recompute": FLAGS.recompute,
                "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
     if "roofline" in FLAGS.parts:
         figures.update(roofline())
@@ -205,10 +292,16 @@ def main(argv):
         figures.update(train_throughput(manifest, make_data))
         if "conv5x5_gflops" in figures:
             figures["roofline_fraction"] = figures["achieved_gflops"] / figures["conv5x5_gflops"]
+    if "columns" in FLAGS.parts:
+        figures.update(column_profile(manifest))
     if "input" in FLAGS.parts:
         figures.update(input_throughput(manifest, make_data))
-    if "sweeps" in FLAGS.parts:
-        figures.update(sweeps())
+    for name, sweep in SWEEPS.items():
+        if name in FLAGS.parts:
+            figures.update(sweep())
+    if "scaling" in FLAGS.parts:
+        figures.update({f"projected_hours_{n}_nodes": projected_hours(figures, n)
+                        for n in (1, 8, 32, 128)})
     if hvd.rank() == 0:
         report(figures)
 

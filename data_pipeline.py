@@ -13,6 +13,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -141,21 +142,83 @@ def exclusive_lock(path):
 def read_manifest(data_dir):
     """Loads and checks manifest.json; errors name the folder and what is wrong."""
     path = os.path.join(data_dir, MANIFEST)
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data set folder {data_dir} does not exist")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {data_dir} is not an M-CNN data set "
                                 f"(convert your images first, or omit the data flag for synthetic data)")
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): was the conversion interrupted?")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("dtype") not in DTYPES:
         raise ValueError(f"{path}: dtype {manifest.get('dtype')!r} is not one of {list(DTYPES)}")
     for split, info in manifest["splits"].items():
         for name in info["files"]:
-            if not os.path.isfile(os.path.join(data_dir, name)):
+            shard = os.path.join(data_dir, name)
+            if not os.path.isfile(shard):
                 raise FileNotFoundError(f"{path} lists {name} in split {split!r}, "
-                                        f"but {os.path.join(data_dir, name)} does not exist")
+                                        f"but {shard} does not exist")
+            if os.path.getsize(shard) == 0:
+                raise ValueError(f"{shard} is empty, but {path} lists it in split {split!r}")
     return manifest
+
+
+def split_files(data_dir, manifest, split, rank=0, num_ranks=1):
+    """This rank's shard files of `split`."""
+    if split not in manifest["splits"]:
+        raise ValueError(f"{data_dir} has no split {split!r}; it has {list(manifest['splits'])}")
+    files = [os.path.join(data_dir, f) for f in manifest["splits"][split]["files"]]
+    return rank_files(files, rank, num_ranks)
+
+
+def scan_shards(files, manifest):
+    """Reads every record of `files` and checks it against the manifest.
+
+    Returns ({file: indices of its good records}, [problems, each naming file and
+    record]). A corrupt or truncated record ends its file: TFRecords cannot be
+    resynchronised after one.
+    """
+    good, problems = {}, []
+    for filename in files:
+        good[filename] = []
+        records = iter(tf.data.TFRecordDataset(filename))
+        for index in itertools.count():
+            try:
+                record = next(records)
+            except StopIteration:
+                break
+            except tf.errors.DataLossError as e:
+                problems.append(f"{filename}: record {index} and after are corrupt or "
+                                f"truncated ({error_text(e)})")
+                break
+            try:
+                parse_record(record, filename, tuple(manifest["image_shape"]),
+                             len(manifest["classes"]), manifest["dtype"])
+                good[filename].append(index)
+            except tf.errors.InvalidArgumentError as e:
+                problems.append(f"{filename}: record {index}: {error_text(e)}")
+    return good, problems
+
+
+def error_text(error):
+    """A TensorFlow error's message without its graph decorations."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}", "", error.message)
+    text = text.split("Summarized data: ")[-1]  # a failed tf.debugging.Assert, run eagerly
+    text = text.split(" [Op:")[0].split("\n\t")[0]
+    text = re.sub(r"b'([^']*)'|b\"([^\"]*)\"", lambda m: m.group(1) or m.group(2), text)
+    return " ".join(text.split())
+
+def explain_data_loss(files, manifest, error):
+    """A DataLossError naming the shards at fault (tf.data's own names none)."""
+    _, problems = scan_shards(files, manifest)
+    where = "; ".join(problems) or "no shard fails when read again"
+    return tf.errors.DataLossError(
+        None, None, f"{where}. Rerun with --skip_bad_records to skip such records "
+                    f"(tf.data said: {error_text(error)})")
 
 
 def rank_files(files, rank, num_ranks):
@@ -203,29 +266,37 @@ def augment(image):
 
 
 def make_dataset(data_dir, split, batch_size, rank=0, num_ranks=1, training=False,
-                 shuffle_buffer=64, seed=0, manifest=None, provenance=False):
+                 shuffle_buffer=64, seed=0, manifest=None, provenance=False, good_records=None):
     """(images, labels) batches of this rank's part of `split`; with `provenance`,
-    (images, labels, {compound, concentration, plate, well}).
+    (images, labels, {compound, concentration, plate, well}). With `good_records`
+    (from scan_shards), only those records of each file are read.
 
     Images stay in the stored integer dtype (the model scales them to [0, 1]).
     Training repeats forever with shuffling and augmentation and drops the last
     partial batch; evaluation reads each of this rank's images once, in order.
     """
     manifest = manifest or read_manifest(data_dir)
-    if split not in manifest["splits"]:
-        raise ValueError(f"{data_dir} has no split {split!r}; it has {list(manifest['splits'])}")
-    files = [os.path.join(data_dir, f) for f in manifest["splits"][split]["files"]]
-    files = rank_files(files, rank, num_ranks)
+    files = split_files(data_dir, manifest, split, rank, num_ranks)
     image_shape = tuple(manifest["image_shape"])
     num_classes = len(manifest["classes"])
+    kept = [(good_records or {}).get(f) for f in files]
+    if good_records is not None:
+        files = [f for f, indices in zip(files, kept) if indices]
+        kept = [indices for indices in kept if indices]
+        if not files:
+            raise ValueError(f"no good record left in this rank's shards of {split!r}")
 
-    def read_file(filename):
-        records = tf.data.TFRecordDataset(filename, buffer_size=8 << 20).map(
-            lambda record: parse_record(record, filename, image_shape, num_classes,
-                                        manifest["dtype"]))
+    def read_file(filename, indices):
+        records = tf.data.TFRecordDataset(filename, buffer_size=8 << 20)
+        if good_records is not None:
+            records = records.take(tf.reduce_max(indices) + 1).enumerate().filter(
+                lambda i, _: tf.reduce_any(tf.equal(indices, i))).map(lambda _, record: record)
+        records = records.map(lambda record: parse_record(record, filename, image_shape,
+                                                          num_classes, manifest["dtype"]))
         return records if provenance else records.map(lambda image, label, _: (image, label))
 
-    ds = tf.data.Dataset.from_tensor_slices(files)
+    ds = tf.data.Dataset.from_tensor_slices(
+        (files, tf.ragged.constant([k or [-1] for k in kept], dtype=tf.int64)))
     if training:
         ds = ds.shuffle(len(files), seed=seed + rank, reshuffle_each_iteration=True).repeat()
     ds = ds.interleave(read_file, cycle_length=min(len(files), 4), block_length=1,

@@ -36,31 +36,86 @@ def check_image_shape(image_shape):
         raise ValueError(f"image_shape needs at least one channel, got {image_shape}")
 
 
-def scale_column(images, scale, data_format):
-    """Column `scale`: pool by 2**scale, three 5x5 convolutions, pool to 1/64."""
+def scale_column(input_shape, scale, data_format):
+    """Column `scale` as a model of its own: pool by 2**scale, three 5x5
+    convolutions, pool to 1/64."""
     pre_pool = 2 ** scale
     post_pool = COLUMN_REDUCTION // pre_pool
+    images = tf.keras.Input(shape=input_shape,
+                            dtype=tf.keras.mixed_precision.global_policy().compute_dtype)
     x = images
     if pre_pool > 1:
-        x = tf.keras.layers.MaxPool2D(pre_pool, data_format=data_format,
-                                      name=f"scale_{scale}/downsample")(x)
+        x = tf.keras.layers.MaxPool2D(pre_pool, data_format=data_format, name="downsample")(x)
     for i in range(CONVS_PER_SCALE):
         x = tf.keras.layers.Conv2D(
             FILTERS_PER_SCALE[scale], KERNEL_SIZE, padding="same", activation="relu",
-            data_format=data_format, name=f"scale_{scale}/conv_{i}")(x)
+            data_format=data_format, name=f"conv_{i}")(x)
     if post_pool > 1:
         x = tf.keras.layers.MaxPool2D(post_pool, padding="same", data_format=data_format,
-                                      name=f"scale_{scale}/pool")(x)
-    return x
+                                      name="pool")(x)
+    return tf.keras.Model(images, x, name=f"scale_{scale}")
+
+
+def recompute_per_image(function, images):
+    """function(images) one image at a time, with a backward pass that keeps none of
+    the forward pass's activations but recomputes them, again one image at a time.
+    A batch then costs memory for the function's inputs and outputs alone, and
+    one more forward pass of compute."""
+    def one_by_one(step, elements, signature):
+        return tf.map_fn(step, elements, fn_output_signature=signature, parallel_iterations=1)
+
+    @tf.custom_gradient
+    def forward(images):
+        outputs = one_by_one(lambda image: function(image[tf.newaxis], training=True)[0],
+                             images, tf.TensorSpec(None, images.dtype))
+
+        def backward(upstream, variables):
+            def one_image(image_and_upstream):
+                image, image_upstream = image_and_upstream
+                with tf.GradientTape() as tape:
+                    tape.watch(image)
+                    output = function(image[tf.newaxis], training=True)
+                return tape.gradient(output, [image, *variables],
+                                     output_gradients=image_upstream[tf.newaxis])
+
+            grads = one_by_one(one_image, (images, upstream), [
+                tf.TensorSpec(images.shape[1:], images.dtype),
+                *(tf.TensorSpec(v.shape, v.dtype) for v in variables)])
+            return grads[0], [tf.reduce_sum(g, axis=0) for g in grads[1:]]
+        return outputs, backward
+    return forward(images)
+
+
+@tf.keras.utils.register_keras_serializable("mcnn")
+class ScaleColumn(tf.keras.layers.Layer):
+    """One scale column; with recompute=True, training recomputes its activations
+    in the backward pass (gradient checkpointing per column, one image at a time)."""
+
+    def __init__(self, input_shape, scale, data_format, recompute=False, **kwargs):
+        super().__init__(**{"name": f"scale_{scale}", **kwargs})
+        self.config = {"input_shape": tuple(input_shape), "scale": scale,
+                       "data_format": data_format, "recompute": recompute}
+        self.column = scale_column(input_shape, scale, data_format)
+        self.recompute = recompute
+
+    def call(self, images, training=False):
+        if self.recompute and training:
+            return recompute_per_image(self.column, images)
+        return self.column(images, training=training)
+
+    def get_config(self):
+        return {**super().get_config(), **self.config}
 
 
 def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, data_format="channels_last",
-               input_dtype="uint8"):
+               input_dtype="uint8", recompute=False):
     """Returns the uncompiled M-CNN; it outputs logits.
 
     The model takes images as stored, (batch, H, W, C) of `input_dtype`, and scales
     integer pixels to [0, 1] itself, so the input pipeline can stay in uint8.
     With data_format="channels_first" the layers run in NCHW after a transpose.
+    recompute=True trades a third more compute for memory (see ScaleColumn).
+    Under a mixed-precision policy the logits stay float32.
     """
     check_image_shape(image_shape)
     if data_format not in ("channels_last", "channels_first"):
@@ -74,7 +129,8 @@ def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, data_format="channel
     if data_format == "channels_first":
         x = tf.keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
 
-    columns = [scale_column(x, scale, data_format) for scale in range(NUM_SCALES)]
+    columns = [ScaleColumn(x.shape[1:], scale, data_format, recompute)(x)
+               for scale in range(NUM_SCALES)]
     x = tf.keras.layers.Concatenate(axis=channel_axis, name="merge")(columns)
     x = tf.keras.layers.Conv2D(MERGE_FILTERS, 1, activation="relu", data_format=data_format,
                                name="merge_conv")(x)
@@ -82,7 +138,7 @@ def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, data_format="channel
     x = tf.keras.layers.Flatten(data_format=data_format, name="flatten")(x)
     # No activation between the two dense layers, as in the authors' code.
     x = tf.keras.layers.Dense(HIDDEN_UNITS, name="fc_512")(x)
-    logits = tf.keras.layers.Dense(num_classes, name="logits")(x)
+    logits = tf.keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
     return tf.keras.Model(images, logits, name="mcnn")
 
 
@@ -118,7 +174,7 @@ def forward_flops(model):
     """Floating-point operations of one image's forward pass: 2 per multiply-add of
     the convolutions and dense layers (pooling and activations are negligible)."""
     flops = 0
-    for layer in model.layers:
+    for layer in model.submodules:
         if isinstance(layer, tf.keras.layers.Conv2D):
             kh, kw, cin, cout = layer.kernel.shape
             spatial = (layer.output.shape[1:3] if layer.data_format == "channels_last"

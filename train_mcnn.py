@@ -7,8 +7,12 @@ Without --data_dir it trains on the embedded synthetic screen (generated on firs
 Every rank runs this program; rank 0 alone prints, writes TensorBoard summaries,
 checkpoints and summary.json.
 """
+import glob
 import json
+import math
 import os
+import shutil
+import signal
 import sys
 import time
 
@@ -20,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app, flags  # noqa: E402
 import horovod.tensorflow as hvd  # noqa: E402
 import pandas as pd  # noqa: E402
+import psutil  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import data_pipeline  # noqa: E402
@@ -30,6 +35,23 @@ import prepare_data  # noqa: E402
 import synthetic_data  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BatchParser(flags.ArgumentParser):
+    """--per_rank_batch: a positive integer, or 'auto'."""
+    syntactic_help = "a positive integer or 'auto'"
+
+    def parse(self, argument):
+        if argument == "auto":
+            return argument
+        value = int(argument)
+        if value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+    def flag_type(self):
+        return "int or 'auto'"
+
 
 # Data
 flags.DEFINE_string("data_dir", None, "Data set folder (manifest.json + TFRecord shards). "
@@ -45,10 +67,15 @@ flags.DEFINE_integer("synthetic_compounds_per_class", 3,
 flags.DEFINE_integer("synthetic_fields_per_treatment", 4,
                      "Fields per compound and concentration in the synthetic screen.")
 flags.DEFINE_integer("shuffle_buffer", 64, "Images in each rank's shuffle buffer.")
+flags.DEFINE_bool("skip_bad_records", False, "Check every record first and train on the good "
+                  "ones, reporting the corrupt, truncated or mislabelled ones, instead of "
+                  "stopping at the first.")
 # Or straight from plates (TIFFs + tables), with no conversion step: see prepare_data.py.
 prepare_data.define_conversion_flags(flags)
 # Optimisation (the authors' recipe by default)
-flags.DEFINE_integer("per_rank_batch", 8, "Images per rank per step.")
+flags.DEFINE(BatchParser(), "per_rank_batch", 8, "Images per rank per step, or 'auto': the "
+             "most that fit this rank's share of the node's memory.",
+             serializer=flags.ArgumentSerializer())
 flags.DEFINE_float("epochs", 52, "Training epochs (may be fractional).")
 flags.DEFINE_float("base_lr", 0.001, "Learning rate at --base_batch images; also the "
                    "warm-up's starting rate.")
@@ -70,16 +97,40 @@ flags.DEFINE_integer("intra_op_threads", 0, "Threads per op; 0: the launcher's "
                      "TF_NUM_INTRAOP_THREADS, else the cores this rank is bound to.")
 flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: the launcher's "
                      "TF_NUM_INTEROP_THREADS, else TensorFlow's default.")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"],
+                  "mixed_bfloat16: bf16 compute, fp32 weights (for CPUs with native bf16).")
+flags.DEFINE_bool("recompute", False, "Recompute each scale column's activations in the "
+                  "backward pass: about a third more compute, much less memory per image.")
+flags.DEFINE_bool("fp16_allreduce", False, "Send gradients as fp16 in the allreduce.")
+flags.DEFINE_integer("allreduce_groups", 0, "0: Horovod's default, each gradient is sent as "
+                     "soon as it is ready, overlapping the backward pass; N: in N groups, "
+                     "each once all of its gradients are ready.")
+flags.DEFINE_integer("fusion_threshold_mb", None, "Horovod tensor fusion buffer in MB "
+                     "(HOROVOD_FUSION_THRESHOLD; Horovod's default is 128).")
 # Output
 flags.DEFINE_string("model_dir", os.path.join("runs", "mcnn"),
                     "Checkpoints, TensorBoard logs, flags.txt and summary.json.")
 flags.DEFINE_integer("log_every", 10, "Print progress every this many steps.")
 flags.DEFINE_integer("eval_every", 1, "Evaluate on the held-out split every this many epochs.")
 flags.DEFINE_integer("checkpoint_every", 1, "Checkpoint every this many epochs.")
+flags.DEFINE_integer("checkpoint_steps", 0, "Also checkpoint every this many steps (0: at "
+                     "epoch ends only). At most this many steps are redone after a crash.")
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
+flags.DEFINE_bool("elastic", False, "Horovod elastic mode, under horovodrun (launch train "
+                  "--elastic): training goes on when workers are lost or added.")
+flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in --model_dir, if any.")
+flags.DEFINE_bool("overwrite", False, "With --noresume: delete a previous run in --model_dir "
+                  "and start afresh.")
 flags.DEFINE_float("target_accuracy", 0.0, "Stop once held-out accuracy reaches this (0: never).")
 
 FLAGS = flags.FLAGS
+
+
+@flags.multi_flags_validator(["resume", "overwrite"],
+                             message="--overwrite deletes a previous run and --resume continues "
+                                     "it: give --noresume with --overwrite")
+def _overwrite_only_without_resume(values):
+    return not (values["resume"] and values["overwrite"])
 
 
 @flags.multi_flags_validator(["image_height", "image_width"],
@@ -104,6 +155,49 @@ def configure_threads():
     return intra or len(os.sched_getaffinity(0)), inter or "default"
 
 
+# Peak memory of a training rank, measured at 1024 x 1280 x 3 by
+# `benchmark.py --parts=sweeps` (README): a fixed part (runtime, weights, gradients,
+# momentum) and a part per image of the batch, which scales with its pixels.
+MEMORY_FIXED_GB = 2.6
+MEMORY_PER_FULL_SIZE_IMAGE_GB = {  # (precision, recompute)
+    ("float32", False): 0.46, ("float32", True): 0.035,
+    ("mixed_bfloat16", False): 0.20, ("mixed_bfloat16", True): 0.07,
+}
+FULL_SIZE_PIXELS = 1024 * 1280 * 3
+MEMORY_SAFETY = 0.9  # of the memory the rank may use
+
+
+def memory_gb(image_shape, batch):
+    """Estimated peak memory of a training rank with this per-rank batch."""
+    per_image = MEMORY_PER_FULL_SIZE_IMAGE_GB[FLAGS.precision, FLAGS.recompute]
+    pixels = image_shape[0] * image_shape[1] * image_shape[2]
+    return MEMORY_FIXED_GB + batch * per_image * pixels / FULL_SIZE_PIXELS
+
+
+def rank_memory_gb():
+    """This rank's share of the memory available on its node."""
+    return psutil.virtual_memory().available / 2 ** 30 / hvd.local_size()
+
+
+def choose_per_rank_batch(image_shape, most):
+    """--per_rank_batch, or for 'auto' the largest that fits (up to `most`); warns
+    when the batch asked for will not fit."""
+    usable = MEMORY_SAFETY * rank_memory_gb()
+    if FLAGS.per_rank_batch == "auto":
+        batch = 1
+        while batch < most and memory_gb(image_shape, batch + 1) <= usable:
+            batch += 1
+        log(f"--per_rank_batch=auto: {batch} images per rank, estimated "
+            f"{memory_gb(image_shape, batch):.1f} GB of this rank's {usable:.1f} GB")
+        return batch
+    if memory_gb(image_shape, FLAGS.per_rank_batch) > usable:
+        log(f"WARNING: --per_rank_batch={FLAGS.per_rank_batch} needs about "
+            f"{memory_gb(image_shape, FLAGS.per_rank_batch):.1f} GB per rank, more than the "
+            f"{usable:.1f} GB each of the {hvd.local_size()} ranks on this node can use; "
+            f"expect it to be killed. --recompute or a smaller batch would fit.")
+    return FLAGS.per_rank_batch
+
+
 def resolve_data_dir():
     """The data set to train on: --data_dir, or the synthetic screen (generated if absent)."""
     if FLAGS.data_dir:
@@ -122,14 +216,15 @@ def resolve_data_dir():
 
 
 def open_data():
-    """(manifest, make_data(split, training, provenance)) for shards or for plates."""
+    """(manifest, make_data(split, training, provenance, seed)) for shards or for plates."""
     if not FLAGS.image_table:
         data_dir = resolve_data_dir()
         manifest = {**data_pipeline.read_manifest(data_dir), "source": data_dir}
-        return manifest, lambda split, training=False, provenance=False: (
+        good = good_records(data_dir, manifest) if FLAGS.skip_bad_records else None
+        return manifest, lambda split, training=False, provenance=False, seed=FLAGS.seed: (
             data_pipeline.make_dataset(
                 data_dir, split, FLAGS.per_rank_batch, hvd.rank(), hvd.size(), training,
-                FLAGS.shuffle_buffer, FLAGS.seed, manifest, provenance))
+                FLAGS.shuffle_buffer, seed, manifest, provenance, good))
     if FLAGS.data_dir:
         raise app.UsageError("give --data_dir or --image_table, not both")
     fields, classes, image_shape, intensity = prepare_data.prepare_fields(
@@ -141,10 +236,41 @@ def open_data():
                 "splits": {side: {"count": int((fields["split"] == side).sum())}
                            for side in ("train", "eval")},
                 "source": os.path.abspath(FLAGS.image_table)}
-    return manifest, lambda split, training=False, provenance=False: (
+    return manifest, lambda split, training=False, provenance=False, seed=FLAGS.seed: (
         data_pipeline.make_tiff_dataset(
             fields[fields["split"] == split], FLAGS.channels, intensity, classes, dtype,
-            FLAGS.per_rank_batch, hvd.rank(), hvd.size(), training, FLAGS.seed, provenance))
+            FLAGS.per_rank_batch, hvd.rank(), hvd.size(), training, seed, provenance))
+
+
+def good_records(data_dir, manifest):
+    """--skip_bad_records: every rank checks its own shards; rank 0 reports them all."""
+    good, problems = {}, []
+    for split in manifest["splits"]:
+        files = data_pipeline.split_files(data_dir, manifest, split, hvd.rank(), hvd.size())
+        split_good, split_problems = data_pipeline.scan_shards(files, manifest)
+        good.update(split_good)
+        problems += split_problems
+    everyone = [p for rank in hvd.allgather_object(problems, name="bad_records") for p in rank]
+    manifest["bad_records_skipped"] = len(everyone)
+    log(f"--skip_bad_records: {len(everyone)} bad record{'s' * (len(everyone) != 1)} skipped"
+        + "".join(f"\n  {p}" for p in everyone))
+    return good
+
+
+def named_data_errors(batches, manifest, split):
+    """The batches of `batches`; tf.data's DataLossError, which names no file, becomes
+    one naming this rank's corrupt shards."""
+    while True:
+        try:
+            yield next(batches)
+        except StopIteration:
+            return
+        except tf.errors.DataLossError as e:
+            if FLAGS.image_table:
+                raise
+            files = data_pipeline.split_files(manifest["source"], manifest, split, hvd.rank(),
+                                              hvd.size())
+            raise data_pipeline.explain_data_loss(files, manifest, e) from None
 
 
 def build_lr_schedule(global_batch, steps_per_epoch, total_steps):
@@ -159,8 +285,21 @@ def build_lr_schedule(global_batch, steps_per_epoch, total_steps):
         [round(float(e) * steps_per_epoch) for e in FLAGS.decay_epochs])
 
 
-def compute_gradients(model, images, labels, num_classes):
-    """Loss of this rank's batch and gradients averaged over all ranks by allreduce."""
+def init_horovod():
+    if FLAGS.fusion_threshold_mb is not None:
+        os.environ["HOROVOD_FUSION_THRESHOLD"] = str(FLAGS.fusion_threshold_mb * 2 ** 20)
+    hvd.init()
+
+
+def build_model(image_shape, num_classes, input_dtype):
+    tf.keras.mixed_precision.set_global_policy(FLAGS.precision)
+    return mcnn_model.build_mcnn(image_shape, num_classes, FLAGS.data_format, input_dtype,
+                                 FLAGS.recompute)
+
+
+def compute_gradients(model, images, labels, num_classes, average=True):
+    """Loss of this rank's batch and its gradients, averaged over all ranks by
+    allreduce (average=False, for benchmarks: this rank's own)."""
     cross_entropy = tf.keras.losses.CategoricalCrossentropy(
         from_logits=True, label_smoothing=FLAGS.label_smoothing)
     with tf.GradientTape() as tape:
@@ -168,14 +307,17 @@ def compute_gradients(model, images, labels, num_classes):
         loss = cross_entropy(tf.one_hot(labels, num_classes), logits)
         total = loss + FLAGS.weight_decay * tf.add_n(
             [tf.nn.l2_loss(v) for v in model.trainable_variables])
-    tape = hvd.DistributedGradientTape(tape)
+    if average:
+        tape = hvd.DistributedGradientTape(
+            tape, compression=hvd.Compression.fp16 if FLAGS.fp16_allreduce
+            else hvd.Compression.none, groups=FLAGS.allreduce_groups or None)
     return loss, tape.gradient(total, model.trainable_variables)
 
 
-def make_train_step(model, optimizer, num_classes):
+def make_train_step(model, optimizer, num_classes, average=True):
     @tf.function
     def train_step(images, labels):
-        loss, gradients = compute_gradients(model, images, labels, num_classes)
+        loss, gradients = compute_gradients(model, images, labels, num_classes, average)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         return loss
     return train_step
@@ -188,17 +330,17 @@ def make_predict(model, image_shape, dtype):
     return predict
 
 
-def evaluate(predict, dataset, classes):
+def evaluate(predict, dataset, manifest):
     """Metrics of the whole held-out split: each rank predicts its own shards, and
     Horovod gathers every field's result on all ranks."""
     mine = []
-    for images, labels, provenance in dataset:
+    for images, labels, provenance in named_data_errors(iter(dataset), manifest, "eval"):
         columns = {"label": labels.numpy(), "prediction": predict(images).numpy(),
                    **{k: [v.decode() for v in provenance[k].numpy()] for k in provenance}}
         mine.append(pd.DataFrame(columns))
     everyone = hvd.allgather_object(pd.concat(mine) if mine else None, name="eval_fields")
     fields = pd.concat([part for part in everyone if part is not None], ignore_index=True)
-    return fields, evaluation.summarize(fields, classes)
+    return fields, evaluation.summarize(fields, manifest["classes"])
 
 
 class StepTimer:
@@ -235,17 +377,132 @@ def weights_in_sync(model):
     return bool(tf.reduce_all(everyone == everyone[0]))
 
 
-def open_outputs(model, optimizer):
-    """The model dir's TensorBoard writer and checkpoint manager; records the flags."""
-    os.makedirs(FLAGS.model_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.model_dir, "flags.txt"), "w") as f:
-        f.write(FLAGS.flags_into_string())  # a flag file: --flagfile=flags.txt reruns it
-    writer = tf.summary.create_file_writer(os.path.join(FLAGS.model_dir, "tensorboard"))
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    manager = tf.train.CheckpointManager(
+# What a run leaves in --model_dir besides flags.txt; --overwrite deletes them.
+RUN_OUTPUTS = (mcnn_model.CHECKPOINTS, mcnn_model.SAVED_MODEL, mcnn_model.DATA_MANIFEST,
+               "tensorboard", "evaluation", "summary.json")
+
+
+def open_checkpoints(model, optimizer, global_batch):
+    """A manager of --model_dir's checkpoints: model, optimizer (with its step count,
+    so the schedule and the data position follow) and the global batch they assume."""
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                     global_batch=tf.Variable(global_batch, dtype=tf.int64))
+    return tf.train.CheckpointManager(
         checkpoint, os.path.join(FLAGS.model_dir, mcnn_model.CHECKPOINTS),
         max_to_keep=FLAGS.keep_checkpoints)
-    return writer, manager
+
+
+def restore_or_start(manager, global_batch):
+    """Rank 0: restores the latest checkpoint (--resume), or clears a previous run
+    (--overwrite), or refuses to touch it. Returns the step to continue from."""
+    try:
+        os.makedirs(FLAGS.model_dir, exist_ok=True)
+    except OSError as e:
+        raise app.UsageError(f"--model_dir={FLAGS.model_dir} cannot be created: {e.strerror}")
+    latest = manager.latest_checkpoint
+    if latest and FLAGS.resume:
+        try:
+            manager.checkpoint.restore(latest).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
+            raise app.UsageError(f"{latest} does not fit this model (another image size, "
+                                 f"class count or data set?): {str(e)[:300]}")
+        saved_batch = int(manager.checkpoint.global_batch)
+        if saved_batch != global_batch:
+            raise app.UsageError(
+                f"{latest} was trained with a global batch of {saved_batch}, this run has "
+                f"{global_batch} (ranks x --per_rank_batch): the schedule would not continue. "
+                f"Use the same, or --noresume --overwrite to start afresh")
+        return int(manager.checkpoint.optimizer.iterations)
+    if FLAGS.resume:
+        return 0  # nothing to resume: a fresh start
+    previous = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(FLAGS.model_dir, name))]
+    if previous and not FLAGS.overwrite:
+        raise app.UsageError(f"--model_dir={FLAGS.model_dir} holds a previous run "
+                             f"({', '.join(previous)}); --resume (the default) continues it, "
+                             f"--noresume --overwrite deletes it and starts afresh")
+    for name in previous:
+        path = os.path.join(FLAGS.model_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return 0
+
+
+def agree_on_start(manager, global_batch):
+    """The step every rank starts from; rank 0 decides, and its errors stop every rank."""
+    step, error = 0, None
+    if hvd.rank() == 0:
+        try:
+            step = restore_or_start(manager, global_batch)
+        except app.UsageError as e:
+            error = str(e)
+    step, error = hvd.broadcast_object((step, error), root_rank=0, name="start")
+    if error:
+        raise app.UsageError(error)
+    return step
+
+
+def save_checkpoint(manager, model, step, lr):
+    """Rank 0 writes the checkpoint of `step`. Non-finite weights are never saved, and a
+    failed write leaves the previous checkpoint the latest."""
+    if not all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in model.weights):
+        raise FloatingPointError(
+            f"weights are not finite after step {step} (learning rate {lr:g}): training "
+            f"diverged and was not checkpointed. The last good weights are in "
+            f"{manager.latest_checkpoint or 'no checkpoint'}; lower --base_lr or lengthen "
+            f"--warmup_epochs")
+    try:
+        manager.save(checkpoint_number=step)
+    except (tf.errors.OpError, OSError) as e:
+        for partial in glob.glob(os.path.join(manager.directory, f"ckpt-{step}[._]*")):
+            shutil.rmtree(partial, ignore_errors=True) if os.path.isdir(partial) else os.remove(
+                partial)
+        reason = e.message if isinstance(e, tf.errors.OpError) else str(e)
+        raise RuntimeError(
+            f"could not write the checkpoint of step {step} in {manager.directory}: {reason}. "
+            f"The previous checkpoint, {manager.latest_checkpoint or 'none'}, is intact; free "
+            f"space or fix the folder, then rerun the same command to resume") from None
+
+
+class Progress:
+    """The step reached: what hvd.elastic.TensorFlowState also holds in elastic mode."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def commit(self):
+        pass
+
+
+class ElasticState(hvd.elastic.TensorFlowState):
+    """Horovod's elastic state of TensorFlow variables. Its sync() broadcasts them only
+    in graph mode; this one broadcasts them in eager mode too."""
+
+    def sync(self):
+        hvd.broadcast_variables(self.variables, root_rank=0)
+        super().sync()
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's warning before SIGKILL) or SIGINT to any rank: every rank
+    stops at the same step boundary, after a checkpoint."""
+
+    def __init__(self):
+        self.received = 0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signum
+
+    def agreed(self):
+        """Collective: the signal any rank received, or 0."""
+        return int(hvd.allreduce(tf.constant(self.received), op=hvd.Max, name="stop_signal"))
+
+
+def open_log(model_dir):
+    """Rank 0's TensorBoard writer; records the flags of this run."""
+    with open(os.path.join(model_dir, "flags.txt"), "w") as f:
+        f.write(FLAGS.flags_into_string())  # a flag file: --flagfile=flags.txt reruns it
+    return tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
 
 
 def write_summary(model_dir, summary):
@@ -260,7 +517,7 @@ def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")  # TensorFlow's Python warnings are noise here
     # Horovod 1: one process per rank, all ranks discover each other.
-    hvd.init()
+    init_horovod()
     # Horovod 2: each rank uses only the cores it was placed on.
     intra, inter = configure_threads()
     tf.keras.utils.set_random_seed(FLAGS.seed)
@@ -269,6 +526,7 @@ def main(argv):
     image_shape, classes = tuple(manifest["image_shape"]), manifest["classes"]
     dtype = data_pipeline.DTYPES[manifest["dtype"]]
     train_count = manifest["splits"]["train"]["count"]
+    FLAGS.per_rank_batch = choose_per_rank_batch(image_shape, train_count // hvd.size())
     # Horovod 3: the global batch grows with the ranks, and the learning rate with it.
     global_batch = FLAGS.per_rank_batch * hvd.size()
     steps_per_epoch = train_count // global_batch
@@ -278,21 +536,20 @@ def main(argv):
     total_steps = max(1, round(FLAGS.epochs * steps_per_epoch))
     schedule = build_lr_schedule(global_batch, steps_per_epoch, total_steps)
 
-    train_data = make_data("train", training=True)
-    eval_data = make_data("eval", provenance=True)
-
-    model = mcnn_model.build_mcnn(image_shape, len(classes), FLAGS.data_format, dtype)
+    model = build_model(image_shape, len(classes), dtype)
     optimizer = tf.keras.optimizers.SGD(schedule, momentum=FLAGS.momentum, nesterov=True)
     optimizer.build(model.trainable_variables)
+    manager = open_checkpoints(model, optimizer, global_batch)
+    # Rank 0 restores the latest checkpoint, if any, before the broadcast below.
+    start_step = agree_on_start(manager, global_batch)
     # Horovod 4: every rank starts from rank 0's weights and optimizer state.
     hvd.broadcast_variables(model.variables, root_rank=0)
     hvd.broadcast_variables(optimizer.variables, root_rank=0)
     # Horovod 5: gradients are averaged by allreduce inside train_step.
     train_step = make_train_step(model, optimizer, len(classes))
     predict = make_predict(model, image_shape, dtype)
-
     # Horovod 6: rank 0 alone writes.
-    writer, manager = open_outputs(model, optimizer) if hvd.rank() == 0 else (None, None)
+    writer = open_log(FLAGS.model_dir) if hvd.rank() == 0 else None
 
     log(f"M-CNN: {model.count_params():,} parameters, images {image_shape} {manifest['dtype']}, "
         f"{len(classes)} classes; data {manifest['source']}")
@@ -300,58 +557,106 @@ def main(argv):
         f"global batch {global_batch}; "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps; peak LR {schedule.peak_lr:g} "
         f"({FLAGS.lr_scaling} rule); threads per rank: {intra} intra-op, {inter} inter-op; "
-        f"oneDNN {os.environ.get('TF_ENABLE_ONEDNN_OPTS')}")
+        f"oneDNN {os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; {FLAGS.precision}"
+        f"{', recompute' * FLAGS.recompute}")
+    if start_step:
+        log(f"resuming from {manager.latest_checkpoint}: step {start_step}, "
+            f"epoch {start_step / steps_per_epoch:.2f}")
+    if start_step >= total_steps:
+        log(f"{FLAGS.model_dir} has finished its {total_steps} steps; nothing to do "
+            f"(raise --epochs to train on, or --noresume --overwrite to start afresh)")
+        return
 
-    start = time.time()
-    history, time_to_target, accuracy, eval_images = [], None, None, 0
-    window, total = StepTimer(), StepTimer()
-    batches = iter(train_data)
-    for step in range(1, total_steps + 1):
-        images, labels = next(batches)
-        loss = float(train_step(images, labels))
-        for timer in (window, total):
-            if step == 1:  # tracing the graph is not training throughput
-                timer.skip()
-            else:
-                timer.add(loss)
-
-        epoch = step / steps_per_epoch
-        if window.steps and (step % FLAGS.log_every == 0 or step == total_steps):
-            mean_loss = float(hvd.allreduce(tf.constant(window.mean_loss()), name="loss"))
-            global_rate = window.steps * global_batch / window.seconds
-            lr = float(schedule(optimizer.iterations))
-            log(f"step {step}/{total_steps}  epoch {epoch:.2f}  loss {mean_loss:.4f}  "
-                f"lr {lr:.5f}  images/s {global_rate / hvd.size():.2f} per rank, "
-                f"{global_rate:.2f} global")
-            write_scalars(writer, step, loss=mean_loss, learning_rate=lr,
-                          images_per_second=global_rate)
-            window = StepTimer()
-
-        epoch_end = step % steps_per_epoch == 0
-        whole_epochs = step // steps_per_epoch
-        if (epoch_end and whole_epochs % FLAGS.eval_every == 0) or step == total_steps:
-            fields, metrics = evaluate(predict, eval_data, classes)
-            accuracy, eval_images = metrics["accuracy"], metrics["fields"]
-            history.append({"step": step, "epoch": round(epoch, 3), "accuracy": accuracy,
-                            "treatment_accuracy": metrics["treatment_accuracy"]})
-            log(f"epoch {epoch:.2f}: held-out accuracy {accuracy:.4f} on {eval_images} fields, "
-                f"{metrics['treatment_accuracy']:.4f} on {metrics['treatments']} treatments")
-            write_scalars(writer, step, eval_accuracy=accuracy,
-                          eval_treatment_accuracy=metrics["treatment_accuracy"])
-            if hvd.rank() == 0:
-                evaluation.write_report(os.path.join(FLAGS.model_dir, "evaluation"), fields,
-                                        metrics, classes, step)
-            if FLAGS.target_accuracy and accuracy >= FLAGS.target_accuracy:
-                time_to_target = time.time() - start
-                log(f"target accuracy {FLAGS.target_accuracy} reached after "
-                    f"{time_to_target:.1f} s: stopping")
+    def train(progress):
+        """Steps progress.step + 1 to total_steps, on the ranks there are now."""
+        first, global_batch = progress.step, FLAGS.per_rank_batch * hvd.size()
+        # A resumed run draws a new order of its data: the images of a broken-off epoch
+        # are not all replayed in the order they came, but the step count and schedule are.
+        train_data = named_data_errors(iter(make_data("train", training=True,
+                                                      seed=FLAGS.seed + first)),
+                                       manifest, "train")
+        eval_data = make_data("eval", provenance=True)
+        history, time_to_target, metrics = [], None, None
+        window, total = StepTimer(), StepTimer()
+        for step in range(first + 1, total_steps + 1):
+            images, labels = next(train_data)
+            loss = float(train_step(images, labels))
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss} at step {step} (learning rate "
+                    f"{float(schedule(step - 1)):g}): training diverged. The last good weights "
+                    f"are in the latest checkpoint of {manager.directory}; lower --base_lr or "
+                    f"lengthen --warmup_epochs")
             for timer in (window, total):
-                timer.skip()  # evaluation is not training throughput
-        if manager and ((epoch_end and whole_epochs % FLAGS.checkpoint_every == 0)
-                        or step == total_steps or time_to_target):
-            manager.save(checkpoint_number=step)
-        if time_to_target:
-            break
+                if step == first + 1:  # tracing the graph is not training throughput
+                    timer.skip()
+                else:
+                    timer.add(loss)
+
+            epoch = step / steps_per_epoch
+            if window.steps and (step % FLAGS.log_every == 0 or step == total_steps):
+                mean_loss = float(hvd.allreduce(tf.constant(window.mean_loss()), name="loss"))
+                global_rate = window.steps * global_batch / window.seconds
+                lr = float(schedule(optimizer.iterations))
+                log(f"step {step}/{total_steps}  epoch {epoch:.2f}  loss {mean_loss:.4f}  "
+                    f"lr {lr:.5f}  images/s {global_rate / hvd.size():.2f} per rank, "
+                    f"{global_rate:.2f} global")
+                write_scalars(writer, step, loss=mean_loss, learning_rate=lr,
+                              images_per_second=global_rate)
+                window = StepTimer()
+
+            epoch_end = step % steps_per_epoch == 0
+            whole_epochs = step // steps_per_epoch
+            if (epoch_end and whole_epochs % FLAGS.eval_every == 0) or step == total_steps:
+                fields, metrics = evaluate(predict, eval_data, manifest)
+                accuracy, eval_images = metrics["accuracy"], metrics["fields"]
+                history.append({"step": step, "epoch": round(epoch, 3), "accuracy": accuracy,
+                                "treatment_accuracy": metrics["treatment_accuracy"]})
+                log(f"epoch {epoch:.2f}: held-out accuracy {accuracy:.4f} on {eval_images} "
+                    f"fields, {metrics['treatment_accuracy']:.4f} on {metrics['treatments']} "
+                    f"treatments")
+                write_scalars(writer, step, eval_accuracy=accuracy,
+                              eval_treatment_accuracy=metrics["treatment_accuracy"])
+                if hvd.rank() == 0:
+                    evaluation.write_report(os.path.join(FLAGS.model_dir, "evaluation"),
+                                            fields, metrics, classes, step)
+                if FLAGS.target_accuracy and accuracy >= FLAGS.target_accuracy:
+                    time_to_target = time.time() - start
+                    log(f"target accuracy {FLAGS.target_accuracy} reached after "
+                        f"{time_to_target:.1f} s: stopping")
+                for timer in (window, total):
+                    timer.skip()  # evaluation is not training throughput
+
+            progress.step = step
+            signum = stop.agreed()
+            if (signum or step == total_steps or time_to_target
+                    or (epoch_end and whole_epochs % FLAGS.checkpoint_every == 0)
+                    or (FLAGS.checkpoint_steps and step % FLAGS.checkpoint_steps == 0)):
+                if hvd.rank() == 0:
+                    save_checkpoint(manager, model, step, float(schedule(step - 1)))
+                progress.commit()
+            if signum:
+                log(f"{signal.Signals(signum).name}: stopped after step {step} and wrote "
+                    f"{manager.latest_checkpoint}; rerun the same command to resume")
+                hvd.allreduce(tf.constant(0), name="checkpoint_written")  # none exits before
+                sys.exit(128 + signum)
+            if time_to_target:
+                break
+        return step, history, time_to_target, metrics, total, global_batch
+
+    stop = StopSignals()
+    start = time.time()
+    if FLAGS.elastic:
+        # When workers leave or join, the others restore the last commit (made with each
+        # checkpoint) and run train() again on the ranks there are then.
+        train = hvd.elastic.run(train)
+        progress = ElasticState(model.variables + optimizer.variables, step=start_step)
+        progress.register_reset_callbacks([lambda: log(
+            f"workers changed: going on with {hvd.size()} from step {progress.step}")])
+    else:
+        progress = Progress(start_step)
+    step, history, time_to_target, metrics, total, global_batch = train(progress)
+    accuracy, eval_images = metrics["accuracy"], metrics["fields"]
 
     train_seconds = time.time() - start
     in_sync = weights_in_sync(model)
@@ -370,6 +675,8 @@ def main(argv):
             "images_per_sec_per_rank": images_per_sec and images_per_sec / hvd.size(),
             "ranks": hvd.size(),
             "ranks_in_sync": in_sync,
+            "resumed_from_step": start_step,
+            "bad_records_skipped": manifest.get("bad_records_skipped", 0),
             "global_batch": global_batch,
             "steps": step,
             "epochs": round(step / steps_per_epoch, 3),

@@ -1,7 +1,11 @@
-"""Shared test set-up: the project's scripts on sys.path, TensorFlow configured as in training."""
+"""Shared test set-up: the project's scripts on sys.path, TensorFlow configured as in training,
+and one real 2-rank training run that several test modules read."""
+import glob
 import os
 import subprocess
 import sys
+
+import pytest
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -20,8 +24,48 @@ def run(command, timeout=900, **kwargs):
     return result
 
 
+def fails(command, timeout=900, **kwargs):
+    """Runs a command that must fail; returns it, for its messages."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert result.returncode != 0, (
+        f"{' '.join(command)} succeeded but should have failed\n"
+        f"--- stdout\n{result.stdout[-5000:]}\n--- stderr\n{result.stderr[-5000:]}")
+    return result
+
+
 def launch_two_ranks(program, args, timeout=900):
     """`./launch train` of `program` with 2 ranks of 1 core each (CI has 2 cores)."""
     return run([LAUNCH, "train", "--program", program, "--sockets", "1",
                 "--cores-per-socket", "2", "--ranks-per-socket", "2", "--", *args],
                timeout=timeout)
+
+
+# A small run: 128 x 128 synthetic fields, 3 classes, 48 training images; 2 ranks x 4
+# images, so 6 steps an epoch and 120 in all. Checkpoints every 5 steps and every 2 epochs.
+SMALL_RUN = ["--image_height=128", "--image_width=128", "--synthetic_classes=3",
+             "--synthetic_compounds_per_class=2", "--synthetic_fields_per_treatment=8",
+             "--per_rank_batch=4", "--epochs=20", "--warmup_epochs=2", "--base_lr=0.02",
+             "--base_batch=8", "--log_every=4", "--eval_every=1", "--checkpoint_every=2",
+             "--checkpoint_steps=5"]
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory):
+    """(model dir, stdout) of SMALL_RUN on 2 ranks, uninterrupted."""
+    out = tmp_path_factory.mktemp("run")
+    result = launch_two_ranks(os.path.join(ROOT, "train_mcnn.py"), [
+        f"--synthetic_cache={out / 'data'}", f"--model_dir={out / 'model'}", *SMALL_RUN])
+    return out / "model", result.stdout
+
+
+def scalar_series(event_dir, tag):
+    """{step: value} of a TensorBoard scalar; a step logged twice keeps its last value."""
+    import tensorflow as tf
+
+    values = {}
+    for path in sorted(glob.glob(os.path.join(event_dir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return dict(sorted(values.items()))

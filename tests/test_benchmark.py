@@ -3,7 +3,9 @@ import json
 import os
 import sys
 
-from conftest import ROOT, run
+import matplotlib.pyplot as plt
+
+from conftest import LAUNCH, ROOT, run
 
 
 def test_benchmark_reports_its_figures(tmp_path):
@@ -12,24 +14,26 @@ def test_benchmark_reports_its_figures(tmp_path):
          f"--synthetic_cache={tmp_path / 'data'}", "--image_height=128", "--image_width=128",
          "--synthetic_classes=2", "--synthetic_compounds_per_class=1",
          "--synthetic_fields_per_treatment=4", "--per_rank_batch=2", "--steps=2",
-         "--input_batches=2", "--repeats=1", "--parts=roofline,train,input"])
+         "--input_batches=2", "--repeats=1", "--parts=roofline,train,columns,input"])
     figures = json.loads(output.read_text())
     for name in ("conv5x5_gflops", "matmul_gflops", "images_per_sec_memory", "images_per_sec",
                  "achieved_gflops", "peak_rss_gb", "tfrecord_images_per_sec",
                  "tiff_images_per_sec"):
         assert figures[name] > 0, name
     assert 0 < figures["roofline_fraction"] and 0 < figures["pipeline_vs_memory_ratio"]
+    shares = [figures[f"scale_{k}_time_share"] for k in range(7)]
+    assert abs(sum(shares) - 1) < 1e-6 and all(figures[f"scale_{k}_gflops"] > 0 for k in range(7))
     # 3 x the forward pass of the 128 x 128 M-CNN
     assert figures["train_gflop_per_image"] > 0.5 and figures["image_shape"] == [128, 128, 3]
 
 
 def test_benchmark_sweeps_run_their_own_processes_and_ranks(tmp_path):
     output = tmp_path / "sweeps.json"
-    run([sys.executable, os.path.join(ROOT, "benchmark.py"), f"--output={output}",
+    run([LAUNCH, "bench", "--", f"--output={output}",
          f"--synthetic_cache={tmp_path / 'data'}", "--image_height=128", "--image_width=128",
          "--synthetic_classes=2", "--synthetic_compounds_per_class=1",
          "--synthetic_fields_per_treatment=8", "--per_rank_batch=2", "--steps=2", "--repeats=1",
-         "--memory_batches=1,4", "--parts=sweeps"])
+         "--memory_batches=1,4", "--parts=memory,onednn,scaling"])
     figures = json.loads(output.read_text())
     assert set(figures["peak_rss_gb_by_batch"]) == {"1", "4"}
     assert all(gb > 0.1 for gb in figures["peak_rss_gb_by_batch"].values())
@@ -38,4 +42,12 @@ def test_benchmark_sweeps_run_their_own_processes_and_ranks(tmp_path):
     cores = len(os.sched_getaffinity(0))
     assert figures[f"scaling_efficiency_{cores}ranks"] > 0
     assert figures[f"allreduce_seconds_{cores}ranks"] > 0
+    assert 0 <= figures[f"allreduce_hidden_fraction_{cores}ranks"] <= 1
     assert 4.3 < figures["gradient_mb"] < 4.5  # the 2-class 128 x 128 M-CNN: 1.15M fp32 weights
+    hours = [figures[f"projected_hours_{n}_nodes"] for n in (1, 8, 32, 128)]
+    assert hours == sorted(hours, reverse=True) and hours[-1] > 0
+    # and report.py plots them
+    run([sys.executable, os.path.join(ROOT, "report.py"), f"--benchmarks={output}",
+         f"--output_dir={tmp_path}"])
+    for plot in ("scaling.png", "memory.png"):
+        assert plt.imread(tmp_path / plot).shape[0] > 300, plot

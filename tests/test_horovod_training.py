@@ -1,37 +1,14 @@
 """Real Horovod ranks under mpirun, placed by ./launch, on small synthetic images."""
-import glob
 import json
 import os
 import subprocess
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import pytest
 import tensorflow as tf
 
-from conftest import LAUNCH, ROOT, launch_two_ranks, run
-
-
-def scalar_series(event_dir, tag):
-    values = []
-    for path in sorted(glob.glob(os.path.join(event_dir, "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values.append((event.step, float(tf.make_ndarray(value.tensor))))
-    return [v for _, v in sorted(values)]
-
-
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    result = launch_two_ranks(os.path.join(ROOT, "train_mcnn.py"), [
-        f"--synthetic_cache={out / 'data'}", f"--model_dir={out / 'model'}",
-        "--image_height=128", "--image_width=128", "--synthetic_classes=3",
-        "--synthetic_compounds_per_class=2", "--synthetic_fields_per_treatment=8",
-        "--per_rank_batch=4", "--epochs=20", "--warmup_epochs=2", "--base_lr=0.02",
-        "--base_batch=8", "--log_every=4", "--eval_every=1", "--checkpoint_every=2"])
-    return out / "model", result.stdout
+from conftest import LAUNCH, ROOT, launch_two_ranks, run, scalar_series
 
 
 def test_two_ranks_train_and_write_checkpoint_and_summary(two_rank_run):
@@ -52,7 +29,7 @@ def test_two_ranks_train_and_write_checkpoint_and_summary(two_rank_run):
 
 
 def test_loss_falls(two_rank_run):
-    losses = scalar_series(model_dir := two_rank_run[0] / "tensorboard", "loss")
+    losses = list(scalar_series(model_dir := two_rank_run[0] / "tensorboard", "loss").values())
     assert len(losses) == 30, model_dir
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
 
@@ -148,3 +125,27 @@ def test_training_straight_from_tiffs_and_tables(two_rank_run, tmp_path):
     assert "data " + str(screen / "BBBC021_v1_image.csv") in result.stdout
     manifest = json.loads((tmp_path / "model" / "data_manifest.json").read_text())
     assert manifest["channels"] == ["DAPI", "Tubulin", "Actin"] and manifest["intensity"]["plates"]
+
+
+def test_speed_and_memory_options_train_on_two_ranks(two_rank_run, tmp_path):
+    """--recompute, bf16, fp16 allreduce, a small fusion buffer and the automatic
+    batch, together, on two ranks."""
+    data = two_rank_run[0].parent / "data"
+    result = launch_two_ranks(os.path.join(ROOT, "train_mcnn.py"), [
+        f"--synthetic_cache={data}", f"--model_dir={tmp_path / 'model'}",
+        "--image_height=128", "--image_width=128", "--synthetic_classes=3",
+        "--synthetic_compounds_per_class=2", "--synthetic_fields_per_treatment=8",
+        "--per_rank_batch=auto", "--recompute", "--precision=mixed_bfloat16",
+        "--fp16_allreduce", "--fusion_threshold_mb=1", "--epochs=3", "--warmup_epochs=1"])
+    summary = json.loads((tmp_path / "model" / "summary.json").read_text())
+    # auto: at 128 x 128 memory allows any batch, so one rank's share of the 48 images
+    assert summary["global_batch"] == 48 and summary["steps"] == 3
+    assert summary["ranks_in_sync"] is True
+    assert "--per_rank_batch=auto: 24 images per rank" in result.stdout
+    assert "mixed_bfloat16, recompute" in result.stdout
+
+
+def test_report_draws_the_training_curves(two_rank_run, tmp_path):
+    run([os.path.join(ROOT, ".venv", "bin", "python"), os.path.join(ROOT, "report.py"),
+         f"--model_dir={two_rank_run[0]}", f"--output_dir={tmp_path}"])
+    assert plt.imread(tmp_path / "training.png").shape[1] > 1000

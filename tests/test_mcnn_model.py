@@ -29,9 +29,13 @@ def test_forward_pass_costs_51_gflop_at_full_size():
 
 
 def test_layer_names_say_what_they_are():
-    names = {layer.name for layer in mcnn_model.build_mcnn((128, 128, 3), 4).layers}
-    assert {"scale_0/conv_0", "scale_4/conv_2", "scale_6/conv_2", "scale_3/downsample",
-            "scale_5/pool", "merge_conv", "fc_512", "logits"} <= names
+    model = mcnn_model.build_mcnn((128, 128, 3), 4)
+    assert {"scale_0", "scale_6", "merge_conv", "fc_512", "logits"} <= {
+        layer.name for layer in model.layers}
+    columns = {layer.name: {inner.name for inner in layer.column.layers}
+               for layer in model.layers if isinstance(layer, mcnn_model.ScaleColumn)}
+    assert {"conv_0", "conv_2", "pool"} <= columns["scale_0"]
+    assert {"downsample", "conv_0", "conv_1", "conv_2"} <= columns["scale_6"]
 
 
 def test_dense_layer_follows_the_image_size():
@@ -79,3 +83,41 @@ def test_integer_pixels_are_scaled_to_the_unit_range():
     scaled = tf.keras.Model(model.input, model.get_layer("to_unit_range").output)
     out = scaled(np.full((1, 128, 128, 1), 65535, np.uint16))
     np.testing.assert_allclose(out, 1.0)
+
+
+def gradients(model, images, labels):
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.keras.losses.sparse_categorical_crossentropy(
+                labels, model(images, training=True), from_logits=True)
+        return loss, tape.gradient(loss, model.trainable_variables)
+    return step()
+
+
+def test_recompute_gives_the_same_loss_and_gradients():
+    plain = mcnn_model.build_mcnn((128, 256, 3), 3)
+    recomputed = mcnn_model.build_mcnn((128, 256, 3), 3, recompute=True)
+    recomputed.set_weights(plain.get_weights())
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 128, 256, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2])
+    loss, expected = gradients(plain, images, labels)
+    loss_recomputed, actual = gradients(recomputed, images, labels)
+    np.testing.assert_allclose(loss_recomputed, loss, rtol=1e-6)
+    for want, got, variable in zip(expected, actual, plain.trainable_variables):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(
+            tf.reduce_max(tf.abs(want))), err_msg=variable.name)
+    np.testing.assert_allclose(recomputed(images), plain(images), rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_bfloat16_computes_in_bf16_and_keeps_fp32_weights_and_logits():
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = mcnn_model.build_mcnn((128, 128, 3), 3)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("merge_conv").compute_dtype == "bfloat16"
+    assert {v.dtype for v in model.trainable_variables} == {tf.float32}
+    logits = model(np.zeros((1, 128, 128, 3), np.uint8))
+    assert logits.dtype == tf.float32 and logits.shape == (1, 3)

@@ -1,0 +1,125 @@
+"""Plots of a training run and of benchmark figures, as PNGs.
+
+    python report.py --model_dir=runs/demo --output_dir=docs
+    python report.py --benchmarks=bench_fp32.json,bench_bf16.json --output_dir=docs
+
+From a model dir's TensorBoard logs: loss, learning rate and held-out accuracy
+against the step (training.png). From benchmark.py's JSON files: images/s against
+ranks (scaling.png) and peak memory against the per-rank batch (memory.png), one
+line per file.
+"""
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+flags.DEFINE_string("model_dir", None, "A train_mcnn.py --model_dir to plot.")
+flags.DEFINE_list("benchmarks", [], "benchmark.py JSON files to plot.")
+flags.DEFINE_string("output_dir", ".", "Where the PNGs go.")
+FLAGS = flags.FLAGS
+
+
+def read_scalars(log_dir):
+    """{tag: [(step, value)]} of every scalar in a TensorBoard log folder."""
+    scalars = {}
+    for name in sorted(os.listdir(log_dir)):
+        if not name.startswith("events.out.tfevents"):
+            continue
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(log_dir, name)):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(
+                    (event.step, float(tf.make_ndarray(value.tensor))))
+    return scalars
+
+
+def plot_training(model_dir, path):
+    log_dir = os.path.join(model_dir, "tensorboard")
+    if not os.path.isdir(log_dir):
+        raise app.UsageError(f"{log_dir} not found: is {model_dir} a train_mcnn.py --model_dir?")
+    scalars = read_scalars(log_dir)
+    panels = [("loss", "training loss"), ("learning_rate", "learning rate"),
+              ("eval_accuracy", "held-out accuracy")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.6))
+    for ax, (tag, title) in zip(axes, panels):
+        steps, values = zip(*scalars.get(tag, [(0, float("nan"))]))
+        ax.plot(steps, values, marker="o" if tag == "eval_accuracy" else None)
+        if tag == "eval_accuracy" and "eval_treatment_accuracy" in scalars:
+            ax.plot(*zip(*scalars["eval_treatment_accuracy"]), marker="s", label="treatments")
+            ax.legend(["fields", "treatments"])
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+    figure.suptitle(os.path.basename(os.path.normpath(model_dir)))
+    save(figure, path)
+
+
+def label(figures):
+    return f"{figures.get('precision', 'float32')}{' recompute' * bool(figures.get('recompute'))}"
+
+
+def plot_scaling(benchmarks, path):
+    figure, ax = plt.subplots(figsize=(5, 3.8))
+    for figures in benchmarks:
+        points = sorted((int(key.split("_")[0]), value) for key, value in figures.items()
+                        if key.endswith("_ranks_images_per_sec") and key[0].isdigit())
+        if "one_rank_images_per_sec" not in figures or not points:
+            continue
+        single = figures["one_rank_images_per_sec"]
+        ranks, rates = zip(*[(1, single), *points])
+        ax.plot(ranks, rates, marker="o", label=label(figures))
+        ax.plot(ranks, [single * r for r in ranks], linestyle=":", color="grey")
+    ax.set(title="training throughput (dotted: linear)", xlabel="ranks (one machine)",
+           ylabel="full-size images/s")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(figure, path)
+
+
+def plot_memory(benchmarks, path):
+    figure, ax = plt.subplots(figsize=(5, 3.8))
+    for figures in benchmarks:
+        if "peak_rss_gb_by_batch" not in figures:
+            continue
+        batches, memory = zip(*sorted((int(b), gb)
+                                      for b, gb in figures["peak_rss_gb_by_batch"].items()))
+        ax.plot(batches, memory, marker="o",
+                label=f"{label(figures)}: {figures['memory_gb_per_image']:.2f} GB/image")
+    ax.set(title="peak memory of one rank", xlabel="per-rank batch (full-size images)",
+           ylabel="GB (RSS)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(figure, path)
+
+
+def save(figure, path):
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"wrote {path}")
+
+
+def main(argv):
+    del argv
+    tf.get_logger().setLevel("ERROR")
+    if not FLAGS.model_dir and not FLAGS.benchmarks:
+        raise app.UsageError("give --model_dir, --benchmarks or both")
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    if FLAGS.model_dir:
+        plot_training(FLAGS.model_dir, os.path.join(FLAGS.output_dir, "training.png"))
+    if FLAGS.benchmarks:
+        benchmarks = []
+        for path in FLAGS.benchmarks:
+            with open(path) as f:
+                benchmarks.append(json.load(f))
+        plot_scaling(benchmarks, os.path.join(FLAGS.output_dir, "scaling.png"))
+        plot_memory(benchmarks, os.path.join(FLAGS.output_dir, "memory.png"))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,263 @@
+"""Crashes, signals, lost ranks, full disks and bad input, each really made to happen."""
+import glob
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import psutil
+import pytest
+import tensorflow as tf
+
+import mcnn_model
+from conftest import LAUNCH, ROOT, SMALL_RUN, fails, run, scalar_series
+
+TWO_RANKS = ["--sockets", "1", "--cores-per-socket", "2", "--ranks-per-socket", "2"]
+PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+TRAIN = os.path.join(ROOT, "train_mcnn.py")
+
+
+def small_run(two_rank_run, model_dir, *flags):
+    """SMALL_RUN's train_mcnn.py flags, on the reference run's data, into model_dir."""
+    data = two_rank_run[0].parent / "data"
+    return [f"--synthetic_cache={data}", f"--model_dir={model_dir}", *SMALL_RUN, *flags]
+
+
+class Run:
+    """A 2-rank training run in the background, read line by line."""
+
+    def __init__(self, args, placement=TWO_RANKS):
+        self.process = subprocess.Popen([LAUNCH, "train", *placement, "--", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True)
+        self.lines = []
+
+    def wait_for_step(self, step, timeout=300):
+        """Reads output until rank 0 logs a step >= `step`; returns that step."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            logged = re.search(r"\bstep (\d+)/", line)
+            if logged and int(logged.group(1)) >= step:
+                return int(logged.group(1))
+        raise AssertionError(f"step {step} never logged:\n{''.join(self.lines[-40:])}")
+
+    def rank_pid(self, rank):
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                environ = child.environ()
+                if "train_mcnn.py" in " ".join(child.cmdline()) and str(rank) in (
+                        environ.get("OMPI_COMM_WORLD_RANK"), environ.get("HOROVOD_RANK")):
+                    return child.pid
+            except psutil.NoSuchProcess:
+                continue
+        raise AssertionError(f"no rank {rank} process")
+
+    def finish(self, timeout):
+        """(exit code, all output, seconds it took to exit)."""
+        start = time.time()
+        rest, _ = self.process.communicate(timeout=timeout)
+        return self.process.returncode, "".join(self.lines) + rest, time.time() - start
+
+
+def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(two_rank_run, tmp_path):
+    model_dir = tmp_path / "model"
+    args = small_run(two_rank_run, model_dir)
+    interrupted = Run(args)
+    seen = interrupted.wait_for_step(52)  # mid-epoch 9
+    os.kill(interrupted.rank_pid(0), signal.SIGKILL)
+    code, _, _ = interrupted.finish(timeout=120)
+    assert code != 0
+    checkpoint = tf.train.latest_checkpoint(model_dir / "checkpoints")
+    resumed_at = int(checkpoint.rsplit("-", 1)[1])
+    assert seen - 5 <= resumed_at  # at most one checkpoint interval (5 steps) is redone
+
+    result = run([LAUNCH, "train", *TWO_RANKS, "--", *args])
+    assert f"resuming from {checkpoint}: step {resumed_at}" in result.stdout
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["steps"] == 120 and summary["resumed_from_step"] == resumed_at
+
+    reference = two_rank_run[0] / "tensorboard"
+    rates = scalar_series(model_dir / "tensorboard", "learning_rate")
+    expected_rates = scalar_series(reference, "learning_rate")
+    common = sorted(rates.keys() & expected_rates.keys())
+    # The first step after a resume compiles the graph and is not timed or logged.
+    assert len(common) >= len(expected_rates) - 1
+    np.testing.assert_allclose([rates[s] for s in common], [expected_rates[s] for s in common],
+                               rtol=1e-6)
+    final = np.mean(list(scalar_series(model_dir / "tensorboard", "loss").values())[-3:])
+    expected = np.mean(list(scalar_series(reference, "loss").values())[-3:])
+    assert final == pytest.approx(expected, rel=0.3)
+
+
+@pytest.mark.parametrize("signum, rank", [(signal.SIGTERM, 1), (signal.SIGINT, 0)])
+def test_a_signal_to_any_rank_checkpoints_then_stops_every_rank(two_rank_run, tmp_path,
+                                                               signum, rank):
+    model_dir = tmp_path / "model"
+    interrupted = Run(small_run(two_rank_run, model_dir))
+    seen = interrupted.wait_for_step(12)
+    os.kill(interrupted.rank_pid(rank), signum)
+    code, output, seconds = interrupted.finish(timeout=120)
+    assert code != 0 and seconds < 60
+    stopped = re.search(rf"{signal.Signals(signum).name}: stopped after step (\d+) and wrote "
+                        rf"(\S+); rerun the same command to resume", output)
+    assert stopped, output[-3000:]
+    assert int(stopped.group(1)) >= seen
+    assert tf.train.latest_checkpoint(model_dir / "checkpoints") == stopped.group(2)
+    assert stopped.group(2).endswith(f"ckpt-{stopped.group(1)}")
+
+
+def test_a_lost_rank_ends_the_job_within_a_minute_naming_it(two_rank_run, tmp_path):
+    job = Run(small_run(two_rank_run, tmp_path / "model"))
+    job.wait_for_step(8)
+    os.kill(job.rank_pid(1), signal.SIGKILL)
+    code, output, seconds = job.finish(timeout=120)
+    assert code != 0 and seconds < 60
+    assert re.search(r"rank 1 .*(exited on signal 9|Killed)", output), output[-3000:]
+
+
+def test_a_diverging_run_stops_with_step_and_rate_and_keeps_its_good_checkpoint(
+        two_rank_run, tmp_path):
+    model_dir = tmp_path / "model"
+    result = fails([LAUNCH, "train", "--", *small_run(
+        two_rank_run, model_dir, "--per_rank_batch=8", "--base_lr=1e9", "--warmup_epochs=0",
+        "--checkpoint_steps=1")])
+    assert re.search(r"(loss is (nan|inf)|weights are not finite) (at|after) step \d+ "
+                     r"\(learning rate [\d.e+]+\)", result.stderr), result.stderr[-3000:]
+    latest = tf.train.latest_checkpoint(model_dir / "checkpoints")
+    if latest:  # whatever was saved holds finite weights
+        model = mcnn_model.build_mcnn((128, 128, 3), 3)
+        tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+        assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_keeps_the_previous_checkpoint(
+        two_rank_run, tmp_path):
+    model_dir = tmp_path / "model"
+    args = small_run(two_rank_run, model_dir, "--per_rank_batch=8", "--checkpoint_steps=0",
+                     "--checkpoint_every=1")
+    run([PYTHON, TRAIN, *args, "--epochs=2", "--warmup_epochs=1"], cwd=ROOT)
+    previous = tf.train.latest_checkpoint(model_dir / "checkpoints")
+    assert previous.endswith("ckpt-12")
+
+    # Every file this process writes stops at 6 MB, as on a full disk: room for MPI's
+    # own files, not for the 9 MB checkpoint.
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6 << 20, 6 << 20))
+
+    result = subprocess.run([PYTHON, TRAIN, *args, "--epochs=4", "--warmup_epochs=1"],
+                            cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files)
+    assert result.returncode != 0
+    assert re.search(rf"could not write the checkpoint of step 18 in \S+: .*File too large.* "
+                     rf"The previous checkpoint, {re.escape(previous)}, is intact",
+                     result.stderr), result.stderr[-3000:]
+    assert tf.train.latest_checkpoint(model_dir / "checkpoints") == previous
+    assert not glob.glob(str(model_dir / "checkpoints" / "ckpt-18*"))
+    model = mcnn_model.build_mcnn((128, 128, 3), 3)
+    restored = tf.train.Checkpoint(model=model).restore(previous).expect_partial()
+    restored.assert_existing_objects_matched()
+
+
+def test_a_previous_run_is_resumed_or_overwritten_only_when_asked(two_rank_run, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(two_rank_run[0], model_dir)
+    args = [PYTHON, TRAIN, *small_run(two_rank_run, model_dir, "--per_rank_batch=8")]
+    kept = sorted(os.listdir(model_dir / "checkpoints"))
+
+    refused = fails([*args, "--noresume"], cwd=ROOT)
+    assert "holds a previous run" in refused.stderr and "--noresume --overwrite" in refused.stderr
+    assert sorted(os.listdir(model_dir / "checkpoints")) == kept
+    conflicting = fails([*args, "--overwrite"], cwd=ROOT)
+    assert "give --noresume with --overwrite" in conflicting.stderr
+    other_batch = fails([*args, "--per_rank_batch=4"], cwd=ROOT)
+    assert "trained with a global batch of 8, this run has 4" in other_batch.stderr
+
+    # 1 rank x 8 images continues the 2 x 4 run: the same global batch, the same schedule.
+    finished = run(args, cwd=ROOT)
+    assert "has finished its 120 steps; nothing to do" in finished.stdout
+    assert sorted(os.listdir(model_dir / "checkpoints")) == kept
+
+    fresh = run([*args, "--noresume", "--overwrite", "--epochs=1", "--warmup_epochs=0"],
+                cwd=ROOT)
+    assert "resuming" not in fresh.stdout
+    assert sorted(os.listdir(model_dir / "checkpoints"))[-1].startswith("ckpt-6")
+    assert json.loads((model_dir / "summary.json").read_text())["steps"] == 6
+
+
+def corrupted_copy(two_rank_run, tmp_path):
+    """The reference run's data set, with its first training shard cut short."""
+    source = next((two_rank_run[0].parent / "data").glob("*_by-compound"))
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    shard = data / manifest["splits"]["train"]["files"][0]
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 1000)
+    return data, shard
+
+
+def test_a_truncated_shard_is_named_or_skipped_and_counted(two_rank_run, tmp_path):
+    data, shard = corrupted_copy(two_rank_run, tmp_path)
+    args = [PYTHON, TRAIN, f"--data_dir={data}", f"--model_dir={tmp_path / 'model'}",
+            "--per_rank_batch=8", "--epochs=2", "--warmup_epochs=0"]
+    result = fails(args, cwd=ROOT)
+    assert f"{shard}: record" in result.stderr and "corrupt or truncated" in result.stderr
+    assert "--skip_bad_records" in result.stderr
+
+    skipped = run([*args, "--skip_bad_records"], cwd=ROOT)
+    assert "--skip_bad_records: 1 bad record skipped" in skipped.stdout
+    assert str(shard) in skipped.stdout
+    summary = json.loads((tmp_path / "model" / "summary.json").read_text())
+    assert summary["bad_records_skipped"] == 1 and summary["steps"] == 2 * (48 // 8)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["SYNTHETIC", "--no_such_flag"], "Unknown command line flag 'no_such_flag'"),
+    (["SYNTHETIC", "--image_height=1000"], "must be multiples of 128"),
+    (["SYNTHETIC", "--per_rank_batch=0"], "per_rank_batch"),
+    (["SYNTHETIC", "--model_dir=FILE/model"], "cannot be created: Not a directory"),
+    (["--data_dir=/nonexistent/data"], "/nonexistent/data does not exist"),
+    (["--data_dir=DATA", "--image_height=256"], "apply to synthetic data only"),
+    (["--data_dir=DATA", "--image_table=table.csv"], "give --data_dir or --image_table, not both"),
+])
+def test_bad_flags_are_clear_errors(two_rank_run, tmp_path, flags, message):
+    cache = two_rank_run[0].parent / "data"
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    replace = {"SYNTHETIC": [f"--synthetic_cache={cache}", *SMALL_RUN[:5]],
+               "DATA": [str(next(cache.glob("*_by-compound")))], "FILE": [str(tmp_path / "FILE")]}
+    args = [f"--model_dir={tmp_path / 'model'}"]
+    for flag in flags:
+        for word, value in replace.items():
+            flag = flag.replace(word, value[0]) if len(value) == 1 else flag
+        args += replace["SYNTHETIC"] if flag == "SYNTHETIC" else [flag]
+    result = fails([PYTHON, TRAIN, *args], cwd=ROOT)
+    assert message in result.stderr, result.stderr[-3000:]
+
+
+def test_elastic_training_goes_on_without_a_lost_worker(two_rank_run, tmp_path):
+    """Two local 'hosts' (localhost and 127.0.0.1), one worker each: Horovod drops the
+    host of a lost worker, so the other must be on a host of its own."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost\n127.0.0.1\n")
+    model_dir = tmp_path / "model"
+    job = Run(small_run(two_rank_run, model_dir, "--epochs=8"), placement=[
+        "--elastic", "--min-np", "1", "--max-np", "2", "--hostfile", str(hosts), "--sockets", "1",
+        "--cores-per-socket", "1"])
+    job.wait_for_step(20)
+    os.kill(job.rank_pid(1), signal.SIGKILL)
+    code, output, _ = job.finish(timeout=600)
+    assert code == 0, output[-5000:]
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["steps"] == 48 and summary["ranks"] == 1
+    assert summary["final_accuracy"] is not None
+    # from the last commit (each checkpoint is one): at most 5 steps before the kill
+    resumed = re.search(r"workers changed: going on with 1 from step (\d+)", output)
+    assert resumed and 20 - 5 <= int(resumed.group(1)) <= 20, output[-3000:]
