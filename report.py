@@ -73,9 +73,11 @@ def plot_scaling(benchmarks, path):
         single = figures["one_rank_images_per_sec"]
         ranks, rates = zip(*[(1, single), *points])
         ax.plot(ranks, rates, marker="o", label=label(figures))
-        ax.plot(ranks, [single * r for r in ranks], linestyle=":", color="grey")
-    ax.set(title="training throughput (dotted: linear)", xlabel="ranks (one machine)",
-           ylabel="full-size images/s")
+        ax.plot(ranks, [single] * len(ranks), linestyle=":", color="grey")
+    ax.set(title="one machine's cores split among ranks\n(dotted: no loss against 1 rank)",
+           xlabel="ranks", ylabel="full-size images/s, all ranks")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     save(figure, path)
