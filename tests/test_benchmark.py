@@ -18,7 +18,7 @@ def test_benchmark_reports_its_figures(tmp_path):
     figures = json.loads(output.read_text())
     for name in ("conv5x5_gflops", "matmul_gflops", "images_per_sec_memory", "images_per_sec",
                  "achieved_gflops", "peak_rss_gb", "tfrecord_images_per_sec",
-                 "tiff_images_per_sec"):
+                 "tiff_images_per_sec", "images_per_sec_per_rank"):
         assert figures[name] > 0, name
     assert 0 < figures["roofline_fraction"] and 0 < figures["pipeline_vs_memory_ratio"]
     shares = [figures[f"scale_{k}_time_share"] for k in range(7)]
