@@ -112,6 +112,19 @@ def test_missing_manifest_or_shard_is_a_clear_error(tmp_path, small_set):
         data_pipeline.read_manifest(str(broken))
 
 
+def test_manifest_inconsistent_with_its_shards_is_a_clear_error(tmp_path):
+    broken = tmp_path / "broken"
+    data_pipeline.write_dataset(broken, {"eval": numbered_images(5)}, ["a", "b", "c"], SHAPE, 4)
+    open(broken / "eval-00001.tfrecord", "w").close()
+    with pytest.raises(ValueError, match="eval-00001.tfrecord is empty"):
+        data_pipeline.read_manifest(str(broken))
+    (broken / "manifest.json").write_text('{"format": "mcnn-tfrecord-v1", "spl')
+    with pytest.raises(ValueError, match="manifest.json is not valid JSON"):
+        data_pipeline.read_manifest(str(broken))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data_pipeline.read_manifest(str(tmp_path / "nowhere"))
+
+
 def test_a_failed_write_leaves_nothing_that_looks_whole(tmp_path):
     def failing():
         yield from numbered_images(5)
