@@ -212,6 +212,7 @@ def error_text(error):
     text = re.sub(r"b'([^']*)'|b\"([^\"]*)\"", lambda m: m.group(1) or m.group(2), text)
     return " ".join(text.split())
 
+
 def explain_data_loss(files, manifest, error):
     """A DataLossError naming the shards at fault (tf.data's own names none)."""
     _, problems = scan_shards(files, manifest)
@@ -279,34 +280,39 @@ def make_dataset(data_dir, split, batch_size, rank=0, num_ranks=1, training=Fals
     files = split_files(data_dir, manifest, split, rank, num_ranks)
     image_shape = tuple(manifest["image_shape"])
     num_classes = len(manifest["classes"])
-    kept = [(good_records or {}).get(f) for f in files]
-    if good_records is not None:
-        files = [f for f, indices in zip(files, kept) if indices]
-        kept = [indices for indices in kept if indices]
-        if not files:
-            raise ValueError(f"no good record left in this rank's shards of {split!r}")
 
-    def read_file(filename, indices):
+    def read_file(filename, good=None):
         records = tf.data.TFRecordDataset(filename, buffer_size=8 << 20)
-        if good_records is not None:
-            records = records.take(tf.reduce_max(indices) + 1).enumerate().filter(
-                lambda i, _: tf.reduce_any(tf.equal(indices, i))).map(lambda _, record: record)
+        if good is not None:  # the indices of the records to keep
+            records = records.take(tf.reduce_max(good) + 1).enumerate().filter(
+                lambda i, _: tf.reduce_any(tf.equal(good, i))).map(lambda _, record: record)
         records = records.map(lambda record: parse_record(record, filename, image_shape,
                                                           num_classes, manifest["dtype"]))
         return records if provenance else records.map(lambda image, label, _: (image, label))
 
-    ds = tf.data.Dataset.from_tensor_slices(
-        (files, tf.ragged.constant([k or [-1] for k in kept], dtype=tf.int64)))
+    if good_records is None:
+        ds = tf.data.Dataset.from_tensor_slices(files)
+    else:
+        files = [f for f in files if good_records.get(f)]
+        if not files:
+            raise ValueError(f"no good record left in this rank's shards of {split!r}")
+        ds = tf.data.Dataset.from_tensor_slices(
+            (files, tf.ragged.constant([good_records[f] for f in files], dtype=tf.int64)))
     if training:
         ds = ds.shuffle(len(files), seed=seed + rank, reshuffle_each_iteration=True).repeat()
     ds = ds.interleave(read_file, cycle_length=min(len(files), 4), block_length=1,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed + rank)
+    return augmented_batches(ds, batch_size, training)
+
+
+def augmented_batches(ds, batch_size, training):
+    """Batches of `ds`; for training, augmented and only full ones."""
+    if training:
         ds = ds.map(lambda image, *rest: (augment(image), *rest),
                     num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=training)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
 
 
 def make_tiff_dataset(fields, channels, intensity, classes, dtype, batch_size, rank=0,
@@ -346,7 +352,4 @@ def make_tiff_dataset(fields, channels, intensity, classes, dtype, batch_size, r
     ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
     if not provenance:
         ds = ds.map(lambda image, label, _: (image, label))
-    if training:
-        ds = ds.map(lambda image, *rest: (augment(image), *rest),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+    return augmented_batches(ds, batch_size, training)
