@@ -193,12 +193,15 @@ def run_part(command, env=None):
             return json.load(f)
 
 
+# What run_part and the sweeps set themselves in the processes they start.
+SET_BY_SWEEPS = frozenset({"parts", "output", "steps", "repeats", "per_rank_batch",
+                           "memory_batches", "input_batches"})
+
+
 def passed_flags():
-    """The data and model flags this run was given, for the processes it starts."""
-    names = ("data_dir", "synthetic_cache", "image_height", "image_width", "synthetic_classes",
-             "synthetic_compounds_per_class", "synthetic_fields_per_treatment", "data_format",
-             "precision", "recompute", "fp16_allreduce", "fusion_threshold_mb", "allreduce_groups")
-    return [f"--{n}={FLAGS[n].value}" for n in names if FLAGS[n].present]
+    """Every other flag this run was given (data, model, Horovod), for those processes."""
+    given = {FLAGS[name] for name in FLAGS if FLAGS[name].present}
+    return sorted(flag.serialize() for flag in given if flag.name not in SET_BY_SWEEPS)
 
 
 def memory_sweep():

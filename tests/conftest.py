@@ -1,5 +1,6 @@
 """Shared test set-up: the project's scripts on sys.path, TensorFlow configured as in training,
 and one real 2-rank training run that several test modules read."""
+import glob
 import os
 import subprocess
 import sys
@@ -59,7 +60,12 @@ def two_rank_run(tmp_path_factory):
 
 def scalar_series(event_dir, tag):
     """{step: value} of a TensorBoard scalar; a step logged twice keeps its last value."""
-    import report
+    import tensorflow as tf
 
-    values = dict(report.read_scalars(event_dir).get(tag, []))  # files in the order written
+    values = {}
+    for path in sorted(glob.glob(os.path.join(event_dir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
     return dict(sorted(values.items()))
