@@ -3,11 +3,15 @@
     ./launch bench                                         # full-size synthetic screen
     ./launch bench -- --per_rank_batch=2 --parts=train --recompute
     ./launch bench -- --image_height=256 --image_width=384 --parts=roofline,train
+    ./launch bench -- --precisions=float32,mixed_bfloat16 --parts=roofline,train,memory
 
 Takes train_mcnn.py's flags (data, image size, batch, threads), so it measures what
-training runs. Every figure is the median of --repeats timed runs after warm-up:
+training runs. Each of --precisions is measured on its own, against its own
+roofline, and bf16_speedup compares them. Every figure is the median of --repeats
+timed runs after warm-up:
 - roofline: TensorFlow's rate on a large 5x5 convolution and a large matmul with
-  the same threads; the convolution rate is the roofline the model is held to;
+  the same threads, in that precision; the convolution rate is the roofline the
+  model is held to;
 - train: training steps from tensors already in memory, and from the real input
   pipeline; achieved GFLOP/s (3x the forward pass's multiply-adds x 2) and its
   fraction of the roofline; peak memory (RSS) of the process;
@@ -28,21 +32,21 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as in train_mcnn.py
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tf_env  # (before TensorFlow)
+from absl import app, flags
+import horovod.tensorflow as hvd
+import tensorflow as tf
 
-from absl import app, flags  # noqa: E402
-import horovod.tensorflow as hvd  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import data_pipeline  # noqa: E402
-import mcnn_model  # noqa: E402
-import prepare_data  # noqa: E402
-import synthetic_data  # noqa: E402
-import train_mcnn  # noqa: E402
+import data_pipeline
+import mcnn_model
+import prepare_data
+import synthetic_data
+import train_mcnn
 
 flags.DEFINE_list("parts", ["roofline", "train", "columns", "input", "memory", "onednn",
                             "scaling"], "What to measure.")
+flags.DEFINE_list("precisions", None, "Precisions to measure (float32, mixed_bfloat16); "
+                  "default: float32, and mixed_bfloat16 too where the CPU has native bf16.")
 flags.DEFINE_list("memory_batches", ["1", "2", "4"], "Per-rank batches for the memory slope.")
 flags.DEFINE_integer("steps", 5, "Timed training steps per repeat.")
 flags.DEFINE_integer("input_batches", 20, "Timed input batches per repeat (input alone).")
@@ -185,17 +189,18 @@ def run_part(command, env=None):
         output = os.path.join(folder, "figures.json")
         result = subprocess.run(
             command + ["--parts=train", f"--output={output}", f"--steps={FLAGS.steps}",
-                       f"--repeats={FLAGS.repeats}"] + passed_flags(),
+                       f"--repeats={FLAGS.repeats}", f"--precisions={FLAGS.precision}"]
+            + passed_flags(),
             env={**os.environ, **(env or {})}, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
         with open(output) as f:
-            return json.load(f)
+            return json.load(f)[FLAGS.precision]
 
 
 # What run_part and the sweeps set themselves in the processes they start.
 SET_BY_SWEEPS = frozenset({"parts", "output", "steps", "repeats", "per_rank_batch",
-                           "memory_batches", "input_batches"})
+                           "memory_batches", "input_batches", "precision", "precisions"})
 
 
 def passed_flags():
@@ -277,18 +282,27 @@ def benchmark_process():
 SWEEPS = {"memory": memory_sweep, "onednn": onednn_sweep, "scaling": scaling_sweep}
 
 
-def main(argv):
-    del argv
-    tf.get_logger().setLevel("ERROR")
-    train_mcnn.init_horovod()
-    intra, inter = train_mcnn.configure_threads()
-    manifest, make_data = train_mcnn.open_data()
-    FLAGS.per_rank_batch = train_mcnn.choose_per_rank_batch(
-        manifest["image_shape"], manifest["splits"]["train"]["count"] // hvd.size())
-    figures = {"image_shape": manifest["image_shape"], "intra_op_threads": intra,
-               "inter_op_threads": inter, "precision": FLAGS.precision,
-               "recompute": FLAGS.recompute,
-               "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
+@flags.validator("precisions", message="--precisions takes float32 and mixed_bfloat16")
+def _known_precisions(values):
+    return set(values or ()) <= {"float32", "mixed_bfloat16"}
+
+
+def precisions():
+    """--precisions, else --precision, else float32 and, where the CPU has native bf16,
+    mixed_bfloat16. bf16 first: peak_rss_gb is the process's peak so far, and bf16's is
+    the smaller."""
+    if FLAGS.precisions:
+        chosen = set(FLAGS.precisions)
+    elif FLAGS["precision"].present:
+        chosen = {tf_env.resolve_precision(FLAGS.precision)[0]}
+    else:
+        chosen = {"float32", tf_env.resolve_precision("auto")[0]}
+    return sorted(chosen, reverse=True)
+
+
+def measure(manifest, make_data):
+    """The figures of --parts at FLAGS.precision."""
+    figures = {}
     if "roofline" in FLAGS.parts:
         figures.update(roofline())
     if "train" in FLAGS.parts:
@@ -305,15 +319,49 @@ def main(argv):
     if "scaling" in FLAGS.parts:
         figures.update({f"projected_hours_{n}_nodes": projected_hours(figures, n)
                         for n in (1, 8, 32, 128)})
+    return figures
+
+
+def main(argv):
+    del argv
+    tf.get_logger().setLevel("ERROR")
+    train_mcnn.init_horovod()
+    intra, inter = train_mcnn.configure_threads()
+    manifest, make_data = train_mcnn.open_data()
+    results = {"cpu": tf_env.cpu_description(), "tensorflow": tf.__version__,
+               "image_shape": manifest["image_shape"], "intra_op_threads": intra,
+               "inter_op_threads": inter, "recompute": FLAGS.recompute,
+               "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
+    for precision in precisions():
+        FLAGS.precision = precision
+        FLAGS.per_rank_batch = train_mcnn.choose_per_rank_batch(
+            manifest["image_shape"], manifest["splits"]["train"]["count"] // hvd.size())
+        results[precision] = {"precision": precision, "recompute": FLAGS.recompute,
+                              **measure(manifest, make_data)}
+    if {"float32", "mixed_bfloat16"} <= results.keys() and "train" in FLAGS.parts:
+        results["bf16_speedup"] = (results["mixed_bfloat16"]["images_per_sec"]
+                                   / results["float32"]["images_per_sec"])
     if hvd.rank() == 0:
-        report(figures)
+        report(results)
 
 
-def report(figures):
-    for name, value in figures.items():
-        print(f"{name:32s} {value:.3f}" if isinstance(value, float) else f"{name:32s} {value}")
+def report(results):
+    """A table of the figures, one column per precision, then the JSON file."""
+    columns = [name for name in results if isinstance(results[name], dict)]
+    rows = {figure: None for name in columns for figure in results[name]}
+
+    def cell(value):
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    for name, value in results.items():
+        if name not in columns:
+            print(f"{name:36s} {cell(value)}")
+    print(f"{'':36s} " + " ".join(f"{name:>16s}" for name in columns))
+    for figure in rows:
+        print(f"{figure:36s} " + " ".join(
+            f"{cell(results[name].get(figure, '-')):>16s}" for name in columns))
     with open(FLAGS.output, "w") as f:
-        json.dump(figures, f, indent=2)
+        json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 
 import numpy as np
+import tf_env  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
 
 MANIFEST = "manifest.json"

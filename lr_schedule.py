@@ -5,6 +5,7 @@ Goyal et al. (2017): with k times the batch, take k times the learning rate
 """
 import math
 
+import tf_env  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
 
 SCALING_RULES = ("linear", "sqrt", "none")

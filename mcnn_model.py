@@ -9,7 +9,14 @@ x 3 with 13 classes it has 42,577,261 parameters, 98.5% of them in `fc_512`.
 import json
 import os
 
+import tf_env  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
+import tf_keras
+
+if tf.keras.Model is not tf_keras.Model:
+    raise ImportError("tf.keras is not Keras 2 (tf_keras): TensorFlow was imported before "
+                      "tf_env set TF_USE_LEGACY_KERAS=1. Horovod does not average Keras 3's "
+                      "gradients; import tf_env first")
 
 NUM_SCALES = 7
 FILTERS_PER_SCALE = (16, 16, 16, 32, 32, 32, 64)
@@ -36,6 +43,39 @@ def check_image_shape(image_shape):
         raise ValueError(f"image_shape needs at least one channel, got {image_shape}")
 
 
+@tf.keras.utils.register_keras_serializable("mcnn")
+class MaxPool2DWithFp32Gradient(tf.keras.layers.MaxPool2D):
+    """Keras's MaxPool2D, but its gradient is computed in float32 under bfloat16.
+
+    On CPUs with AVX-512, TensorFlow 2.15 to 2.18 run bf16 pooling in oneDNN, whose JIT
+    max-pooling backward is wrong for small data types and large windows (fixed in
+    oneDNN 3.7, uxlfoundation/oneDNN#2386): with the M-CNN's 64x64 windows the
+    convolutions' gradients came out with a cosine of 0.01-0.5 to fp32's, and bf16
+    training learned far less. The forward pass stays in bf16 (a max is exact in any
+    dtype); the backward pass runs fp32's MaxPoolGrad on the same values, cast up,
+    and casts the result back."""
+
+    def call(self, inputs):
+        if inputs.dtype == tf.float32:
+            return super().call(inputs)
+        return self.pool_with_fp32_gradient(inputs)
+
+    @tf.custom_gradient
+    def pool_with_fp32_gradient(self, inputs):
+        outputs = super().call(inputs)
+
+        def fp32_gradient(upstream):
+            nhwc = self.data_format == "channels_last"
+            window = [1, *self.pool_size, 1] if nhwc else [1, 1, *self.pool_size]
+            strides = [1, *self.strides, 1] if nhwc else [1, 1, *self.strides]
+            gradient = tf.raw_ops.MaxPoolGrad(
+                orig_input=tf.cast(inputs, tf.float32), orig_output=tf.cast(outputs, tf.float32),
+                grad=tf.cast(upstream, tf.float32), ksize=window, strides=strides,
+                padding=self.padding.upper(), data_format="NHWC" if nhwc else "NCHW")
+            return tf.cast(gradient, inputs.dtype)
+        return outputs, fp32_gradient
+
+
 def scale_column(input_shape, scale, data_format):
     """Column `scale` as a model of its own: pool by 2**scale, three 5x5
     convolutions, pool to 1/64."""
@@ -45,13 +85,13 @@ def scale_column(input_shape, scale, data_format):
                             dtype=tf.keras.mixed_precision.global_policy().compute_dtype)
     x = images
     if pre_pool > 1:
-        x = tf.keras.layers.MaxPool2D(pre_pool, data_format=data_format, name="downsample")(x)
+        x = MaxPool2DWithFp32Gradient(pre_pool, data_format=data_format, name="downsample")(x)
     for i in range(CONVS_PER_SCALE):
         x = tf.keras.layers.Conv2D(
             FILTERS_PER_SCALE[scale], KERNEL_SIZE, padding="same", activation="relu",
             data_format=data_format, name=f"conv_{i}")(x)
     if post_pool > 1:
-        x = tf.keras.layers.MaxPool2D(post_pool, padding="same", data_format=data_format,
+        x = MaxPool2DWithFp32Gradient(post_pool, padding="same", data_format=data_format,
                                       name="pool")(x)
     return tf.keras.Model(images, x, name=f"scale_{scale}")
 
@@ -108,15 +148,25 @@ class ScaleColumn(tf.keras.layers.Layer):
 
 
 def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, data_format="channels_last",
-               input_dtype="uint8", recompute=False):
+               input_dtype="uint8", recompute=False, precision="float32"):
     """Returns the uncompiled M-CNN; it outputs logits.
 
     The model takes images as stored, (batch, H, W, C) of `input_dtype`, and scales
     integer pixels to [0, 1] itself, so the input pipeline can stay in uint8.
     With data_format="channels_first" the layers run in NCHW after a transpose.
     recompute=True trades a third more compute for memory (see ScaleColumn).
-    Under a mixed-precision policy the logits stay float32.
+    precision is a Keras policy: under "mixed_bfloat16" the layers compute in bf16,
+    and the weights and logits stay float32, so checkpoints fit either precision.
     """
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(precision)
+    try:
+        return mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
+
+
+def mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute):
     check_image_shape(image_shape)
     if data_format not in ("channels_last", "channels_first"):
         raise ValueError(f"data_format must be channels_last or channels_first, got {data_format}")
@@ -134,7 +184,7 @@ def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, data_format="channel
     x = tf.keras.layers.Concatenate(axis=channel_axis, name="merge")(columns)
     x = tf.keras.layers.Conv2D(MERGE_FILTERS, 1, activation="relu", data_format=data_format,
                                name="merge_conv")(x)
-    x = tf.keras.layers.MaxPool2D(2, data_format=data_format, name="merge_pool")(x)
+    x = MaxPool2DWithFp32Gradient(2, data_format=data_format, name="merge_pool")(x)
     x = tf.keras.layers.Flatten(data_format=data_format, name="flatten")(x)
     # No activation between the two dense layers, as in the authors' code.
     x = tf.keras.layers.Dense(HIDDEN_UNITS, name="fc_512")(x)
@@ -150,22 +200,25 @@ def export(model, model_dir, data_manifest):
         json.dump(data_manifest, f, indent=2)
 
 
-def load_trained(model_dir):
-    """(model, data manifest) of a training run: its SavedModel, else its latest checkpoint."""
+def load_trained(model_dir, precision="float32"):
+    """(model, data manifest) of a training run, computing in `precision` whatever the
+    precision it was trained in: the weights of its SavedModel, else of its latest
+    checkpoint."""
     manifest_path = os.path.join(model_dir, DATA_MANIFEST)
     if not os.path.isfile(manifest_path):
         raise FileNotFoundError(f"{manifest_path} not found: is {model_dir} the --model_dir of "
                                 f"a finished train_mcnn.py run?")
     with open(manifest_path) as f:
         manifest = json.load(f)
+    model = build_mcnn(tuple(manifest["image_shape"]), len(manifest["classes"]),
+                       input_dtype=manifest["dtype"], precision=precision)
     exported = os.path.join(model_dir, SAVED_MODEL)
     if os.path.isdir(exported):
-        return tf.keras.models.load_model(exported, compile=False), manifest
+        model.set_weights(tf.keras.models.load_model(exported, compile=False).get_weights())
+        return model, manifest
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINTS))
     if latest is None:
         raise FileNotFoundError(f"{model_dir} holds neither {SAVED_MODEL}/ nor a checkpoint")
-    model = build_mcnn(tuple(manifest["image_shape"]), len(manifest["classes"]),
-                       input_dtype=manifest["dtype"])
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     return model, manifest
 

@@ -12,18 +12,16 @@ several ranks (./launch train --program predict.py -- ...), each predicts its sh
 """
 import os
 
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as in train_mcnn.py
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+import tf_env  # (before TensorFlow)
+from absl import app, flags
+import horovod.tensorflow as hvd
+import numpy as np
+import pandas as pd
+import tensorflow as tf
 
-from absl import app, flags  # noqa: E402
-import horovod.tensorflow as hvd  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import data_pipeline  # noqa: E402
-import mcnn_model  # noqa: E402
-import prepare_data  # noqa: E402
+import data_pipeline
+import mcnn_model
+import prepare_data
 
 prepare_data.define_table_flags(flags)
 flags.DEFINE_string("data_dir", None, "A data set of shards to predict instead of tables.")
@@ -31,6 +29,9 @@ flags.DEFINE_string("split", "eval", "With --data_dir: the split to predict.")
 flags.DEFINE_string("output", None, "CSV to write, one row per field.")
 flags.DEFINE_integer("batch_size", 4, "Fields per forward pass per rank.")
 flags.DEFINE_string("model_dir", None, "The --model_dir of a train_mcnn.py run.")
+flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16"],
+                  "Compute precision, whatever the model was trained in; auto: "
+                  "mixed_bfloat16 where the CPU has native bf16.")
 FLAGS = flags.FLAGS
 PROVENANCE = ["plate", "well", "compound", "concentration"]
 
@@ -94,7 +95,8 @@ def main(argv):
     if bool(FLAGS.data_dir) == bool(FLAGS.image_table):
         raise app.UsageError("give either --data_dir or --image_table (with --image_root)")
     hvd.init()
-    model, manifest = mcnn_model.load_trained(FLAGS.model_dir)
+    precision, _ = tf_env.resolve_precision(FLAGS.precision)
+    model, manifest = mcnn_model.load_trained(FLAGS.model_dir, precision)
     classes = manifest["classes"]
     batches = shard_batches(manifest) if FLAGS.data_dir else table_batches(manifest)
     everyone = hvd.allgather_object(predict_fields(model, batches, classes), name="predictions")

@@ -6,15 +6,14 @@
 From a model dir's TensorBoard logs: loss, learning rate and held-out accuracy
 against the step (training.png). From benchmark.py's JSON files: images/s against
 ranks (scaling.png) and peak memory against the per-rank batch (memory.png), one
-line per file.
+line per file and precision.
 """
 import json
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags  # noqa: E402
-import matplotlib  # noqa: E402
+import tf_env  # noqa: F401  (before TensorFlow)
+from absl import app, flags
+import matplotlib
 
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
@@ -117,8 +116,8 @@ def main(argv):
     if FLAGS.benchmarks:
         benchmarks = []
         for path in FLAGS.benchmarks:
-            with open(path) as f:
-                benchmarks.append(json.load(f))
+            with open(path) as f:  # one set of figures per precision measured
+                benchmarks += [v for v in json.load(f).values() if isinstance(v, dict)]
         plot_scaling(benchmarks, os.path.join(FLAGS.output_dir, "scaling.png"))
         plot_memory(benchmarks, os.path.join(FLAGS.output_dir, "memory.png"))
 

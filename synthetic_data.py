@@ -157,6 +157,14 @@ def plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, 
     return rows
 
 
+def split_counts(num_classes, compounds_per_class, fields_per_treatment):
+    """About how many (train, eval) fields the screen's split by compound makes (one
+    compound in max(compounds_per_class, 2) held out), before the screen exists."""
+    fields = num_classes * compounds_per_class * len(CONCENTRATIONS) * fields_per_treatment
+    held_out = round(fields / max(compounds_per_class, 2))
+    return fields - held_out, held_out
+
+
 def treated_phenotype(moa, strength, quirk):
     """The control's phenotype moved `strength` of the way to `moa`'s, with a compound's quirk."""
     control, target = PHENOTYPES[CONTROL], PHENOTYPES[moa]

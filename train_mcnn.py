@@ -16,23 +16,20 @@ import signal
 import sys
 import time
 
-# oneDNN makes training several times faster; TensorFlow turns it on by itself only
-# on CPUs with AVX-512 VNNI and newer, so AVX2 nodes need it set. Must precede the import.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+import tf_env  # (before TensorFlow)
+from absl import app, flags, logging
+import horovod.tensorflow as hvd
+import pandas as pd
+import psutil
+import tensorflow as tf
 
-from absl import app, flags, logging  # noqa: E402
-import horovod.tensorflow as hvd  # noqa: E402
-import pandas as pd  # noqa: E402
-import psutil  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import data_pipeline  # noqa: E402
-import evaluation  # noqa: E402
-import lr_schedule  # noqa: E402
-import mcnn_model  # noqa: E402
-import prepare_data  # noqa: E402
-import synthetic_data  # noqa: E402
+import data_pipeline
+import evaluation
+import lr_schedule
+import mcnn_model
+import prepare_data
+import synthetic_data
+import time_budget
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -97,8 +94,9 @@ flags.DEFINE_integer("intra_op_threads", 0, "Threads per op; 0: the launcher's "
                      "TF_NUM_INTRAOP_THREADS, else the cores this rank is bound to.")
 flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: the launcher's "
                      "TF_NUM_INTEROP_THREADS, else TensorFlow's default.")
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16"],
-                  "mixed_bfloat16: bf16 compute, fp32 weights (for CPUs with native bf16).")
+flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16"],
+                  "mixed_bfloat16: bf16 compute, fp32 weights and checkpoints; auto: "
+                  "mixed_bfloat16 where the CPU has native bf16 (AMX or AVX512-BF16).")
 flags.DEFINE_bool("recompute", False, "Recompute each scale column's activations in the "
                   "backward pass: about a third more compute, much less memory per image.")
 flags.DEFINE_bool("fp16_allreduce", False, "Send gradients as fp16 in the allreduce.")
@@ -122,6 +120,9 @@ flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in --mode
 flags.DEFINE_bool("overwrite", False, "With --noresume: delete a previous run in --model_dir "
                   "and start afresh.")
 flags.DEFINE_float("target_accuracy", 0.0, "Stop once held-out accuracy reaches this (0: never).")
+flags.DEFINE_float("time_budget_minutes", 0, "Train for about this long: the epochs, and for "
+                   "the synthetic screen the image size, follow from the speed of a few steps "
+                   "measured first (0: --epochs as given).")
 
 FLAGS = flags.FLAGS
 
@@ -169,7 +170,8 @@ MEMORY_SAFETY = 0.9  # of the memory the rank may use
 
 def memory_gb(image_shape, batch):
     """Estimated peak memory of a training rank with this per-rank batch."""
-    per_image = MEMORY_PER_FULL_SIZE_IMAGE_GB[FLAGS.precision, FLAGS.recompute]
+    precision, _ = tf_env.resolve_precision(FLAGS.precision)
+    per_image = MEMORY_PER_FULL_SIZE_IMAGE_GB[precision, FLAGS.recompute]
     pixels = image_shape[0] * image_shape[1] * image_shape[2]
     return MEMORY_FIXED_GB + batch * per_image * pixels / FULL_SIZE_PIXELS
 
@@ -285,16 +287,67 @@ def build_lr_schedule(global_batch, steps_per_epoch, total_steps):
         [round(float(e) * steps_per_epoch) for e in FLAGS.decay_epochs])
 
 
+def measured_rate(image_shape, num_classes, input_dtype=tf.uint8):
+    """Global training images/s at `image_shape`, from a throwaway model's steps."""
+    model = build_model(image_shape, num_classes, input_dtype)
+    return time_budget.images_per_second(model, make_train_step, FLAGS.per_rank_batch,
+                                         num_classes)
+
+
+def fit_synthetic_size_to_budget():
+    """--time_budget_minutes, before the synthetic screen is made: the largest image size
+    at which time_budget.MIN_EPOCHS fit. Returns the rate measured at that size."""
+    if FLAGS.per_rank_batch == "auto":
+        raise app.UsageError("--time_budget_minutes needs a number for --per_rank_batch")
+    size = (FLAGS.image_height, FLAGS.image_width)
+    train, held_out = synthetic_data.split_counts(
+        FLAGS.synthetic_classes, FLAGS.synthetic_compounds_per_class,
+        FLAGS.synthetic_fields_per_treatment)
+    rate = measured_rate((*size, 3), FLAGS.synthetic_classes)
+    fitted, _ = time_budget.image_size_that_fits(size, rate, 60 * FLAGS.time_budget_minutes,
+                                                 train, held_out, FLAGS.eval_every)
+    if fitted == size:
+        return rate
+    log(f"--time_budget_minutes={FLAGS.time_budget_minutes:g}: {rate:.2f} images/s at "
+        f"{size[0]} x {size[1]} ({FLAGS.precision}) leave fewer than "
+        f"{time_budget.MIN_EPOCHS} epochs; the synthetic screen is made at "
+        f"{fitted[0]} x {fitted[1]} instead")
+    FLAGS.image_height, FLAGS.image_width = fitted
+    return measured_rate((*fitted, 3), FLAGS.synthetic_classes)
+
+
+def fit_epochs_to_budget(rate, manifest, global_batch):
+    """--time_budget_minutes: --epochs becomes as many as fit at `rate`."""
+    counts = {split: manifest["splits"][split]["count"] for split in ("train", "eval")}
+    epochs = time_budget.epochs_that_fit(rate, 60 * FLAGS.time_budget_minutes,
+                                         counts["train"], counts["eval"], FLAGS.eval_every)
+    if epochs <= FLAGS.warmup_epochs:
+        raise app.UsageError(
+            f"--time_budget_minutes={FLAGS.time_budget_minutes:g} leaves {epochs} epochs at the "
+            f"{rate:.2f} images/s measured here, no more than --warmup_epochs; give more time")
+    minutes = epochs * counts["train"] / rate / 60
+    log(f"--time_budget_minutes={FLAGS.time_budget_minutes:g}: {rate:.2f} images/s measured "
+        f"at {manifest['image_shape'][0]} x {manifest['image_shape'][1]}, global batch "
+        f"{global_batch}: {epochs} epochs of {counts['train']} images (about {minutes:.1f} "
+        f"minutes of steps)")
+    FLAGS.epochs = epochs
+
+
 def init_horovod():
     if FLAGS.fusion_threshold_mb is not None:
         os.environ["HOROVOD_FUSION_THRESHOLD"] = str(FLAGS.fusion_threshold_mb * 2 ** 20)
     hvd.init()
 
 
+def resolve_precision():
+    """--precision=auto becomes the policy this CPU runs best; returns why."""
+    FLAGS.precision, why = tf_env.resolve_precision(FLAGS.precision)
+    return why
+
+
 def build_model(image_shape, num_classes, input_dtype):
-    tf.keras.mixed_precision.set_global_policy(FLAGS.precision)
     return mcnn_model.build_mcnn(image_shape, num_classes, FLAGS.data_format, input_dtype,
-                                 FLAGS.recompute)
+                                 FLAGS.recompute, FLAGS.precision)
 
 
 def compute_gradients(model, images, labels, num_classes, average=True):
@@ -521,8 +574,12 @@ def main(argv):
     init_horovod()
     # Horovod 2: each rank uses only the cores it was placed on.
     intra, inter = configure_threads()
+    precision_why = resolve_precision()
     tf.keras.utils.set_random_seed(FLAGS.seed)
 
+    budget_rate = None
+    if FLAGS.time_budget_minutes and not (FLAGS.data_dir or FLAGS.image_table):
+        budget_rate = fit_synthetic_size_to_budget()
     manifest, make_data = open_data()
     image_shape, classes = tuple(manifest["image_shape"]), manifest["classes"]
     dtype = data_pipeline.DTYPES[manifest["dtype"]]
@@ -534,6 +591,9 @@ def main(argv):
     if steps_per_epoch == 0:
         raise app.UsageError(f"{train_count} training images make no full global "
                              f"batch of {global_batch} ({hvd.size()} ranks x --per_rank_batch)")
+    if FLAGS.time_budget_minutes:
+        fit_epochs_to_budget(budget_rate or measured_rate(image_shape, len(classes), dtype),
+                             manifest, global_batch)
     total_steps = max(1, round(FLAGS.epochs * steps_per_epoch))
     schedule = build_lr_schedule(global_batch, steps_per_epoch, total_steps)
 
@@ -558,8 +618,8 @@ def main(argv):
         f"global batch {global_batch}; "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps; peak LR {schedule.peak_lr:g} "
         f"({FLAGS.lr_scaling} rule); threads per rank: {intra} intra-op, {inter} inter-op; "
-        f"oneDNN {os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; {FLAGS.precision}"
-        f"{', recompute' * FLAGS.recompute}")
+        f"oneDNN {os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; {FLAGS.precision} "
+        f"({precision_why}){', recompute' * FLAGS.recompute}")
     if start_step:
         log(f"resuming from {manager.latest_checkpoint}: step {start_step}, "
             f"epoch {start_step / steps_per_epoch:.2f}")

@@ -7,11 +7,10 @@ import sys
 
 import pytest
 
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tf_env  # noqa: F401,E402  (before TensorFlow, as in every script)
 LAUNCH = os.path.join(ROOT, "launch")
 
 

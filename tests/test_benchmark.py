@@ -4,18 +4,32 @@ import os
 import sys
 
 import matplotlib.pyplot as plt
+import pytest
 
+import tf_env
 from conftest import LAUNCH, ROOT, run
 
 
-def test_benchmark_reports_its_figures(tmp_path):
+def test_benchmark_reports_its_figures_per_precision(tmp_path):
     output = tmp_path / "bench.json"
-    run([sys.executable, os.path.join(ROOT, "benchmark.py"), f"--output={output}",
-         f"--synthetic_cache={tmp_path / 'data'}", "--image_height=128", "--image_width=128",
-         "--synthetic_classes=2", "--synthetic_compounds_per_class=1",
-         "--synthetic_fields_per_treatment=4", "--per_rank_batch=2", "--steps=2",
-         "--input_batches=2", "--repeats=1", "--parts=roofline,train,columns,input"])
-    figures = json.loads(output.read_text())
+    result = run([sys.executable, os.path.join(ROOT, "benchmark.py"), f"--output={output}",
+                  f"--synthetic_cache={tmp_path / 'data'}", "--image_height=128",
+                  "--image_width=128", "--synthetic_classes=2", "--synthetic_compounds_per_class=1",
+                  "--synthetic_fields_per_treatment=4", "--per_rank_batch=2", "--steps=2",
+                  "--input_batches=2", "--repeats=1", "--parts=roofline,train,columns,input",
+                  "--precisions=float32,mixed_bfloat16"])
+    results = json.loads(output.read_text())
+    assert results["cpu"] == tf_env.cpu_description() and results["cpu"] in result.stdout
+    assert results["image_shape"] == [128, 128, 3]
+    assert results["bf16_speedup"] == pytest.approx(
+        results["mixed_bfloat16"]["images_per_sec"] / results["float32"]["images_per_sec"])
+    assert "bf16_speedup" in result.stdout and "roofline_fraction" in result.stdout
+    for precision in ("float32", "mixed_bfloat16"):
+        check_figures(results[precision])
+        assert results[precision]["precision"] == precision
+
+
+def check_figures(figures):
     for name in ("conv5x5_gflops", "matmul_gflops", "images_per_sec_memory", "images_per_sec",
                  "achieved_gflops", "peak_rss_gb", "tfrecord_images_per_sec",
                  "tiff_images_per_sec", "images_per_sec_per_rank"):
@@ -24,7 +38,7 @@ def test_benchmark_reports_its_figures(tmp_path):
     shares = [figures[f"scale_{k}_time_share"] for k in range(7)]
     assert abs(sum(shares) - 1) < 1e-6 and all(figures[f"scale_{k}_gflops"] > 0 for k in range(7))
     # 3 x the forward pass of the 128 x 128 M-CNN
-    assert figures["train_gflop_per_image"] > 0.5 and figures["image_shape"] == [128, 128, 3]
+    assert figures["train_gflop_per_image"] > 0.5
 
 
 def test_benchmark_sweeps_run_their_own_processes_and_ranks(tmp_path):
@@ -33,8 +47,8 @@ def test_benchmark_sweeps_run_their_own_processes_and_ranks(tmp_path):
          f"--synthetic_cache={tmp_path / 'data'}", "--image_height=128", "--image_width=128",
          "--synthetic_classes=2", "--synthetic_compounds_per_class=1",
          "--synthetic_fields_per_treatment=8", "--per_rank_batch=2", "--steps=2", "--repeats=1",
-         "--memory_batches=1,4", "--parts=memory,onednn,scaling"])
-    figures = json.loads(output.read_text())
+         "--memory_batches=1,4", "--parts=memory,onednn,scaling", "--precisions=float32"])
+    figures = json.loads(output.read_text())["float32"]
     assert set(figures["peak_rss_gb_by_batch"]) == {"1", "4"}
     assert all(gb > 0.1 for gb in figures["peak_rss_gb_by_batch"].values())
     assert isinstance(figures["memory_gb_per_image"], float)  # its size is a figure, not a test

@@ -142,7 +142,7 @@ def test_speed_and_memory_options_train_on_two_ranks(two_rank_run, tmp_path):
     assert summary["global_batch"] == 48 and summary["steps"] == 3
     assert summary["ranks_in_sync"] is True
     assert "--per_rank_batch=auto: 24 images per rank" in result.stdout
-    assert "mixed_bfloat16, recompute" in result.stdout
+    assert "mixed_bfloat16 (as given), recompute" in result.stdout
 
 
 def test_report_draws_the_training_curves(two_rank_run, tmp_path):
