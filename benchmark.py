@@ -39,9 +39,10 @@ import tensorflow as tf
 
 import data_pipeline
 import mcnn_model
-import prepare_data
+import plates
 import synthetic_data
 import train_mcnn
+import training_data
 
 flags.DEFINE_list("parts", ["roofline", "train", "columns", "input", "memory", "onednn",
                             "scaling"], "What to measure.")
@@ -88,7 +89,7 @@ def train_throughput(manifest, make_data):
                                    data_pipeline.DTYPES[manifest["dtype"]])
     optimizer = tf.keras.optimizers.SGD(0.001, momentum=FLAGS.momentum, nesterov=True)
     train_step = train_mcnn.make_train_step(model, optimizer, len(classes))
-    pipeline = iter(make_data("train", training=True))
+    pipeline = iter(make_data("train", training_batches()))
     in_memory = next(pipeline)
 
     def steps(batches, step=train_step):
@@ -169,18 +170,23 @@ def input_throughput(manifest, make_data):
         return FLAGS.input_batches * FLAGS.per_rank_batch / median_seconds(
             lambda: [next(batches) for _ in range(FLAGS.input_batches)], FLAGS.repeats)
 
-    figures = {"tfrecord_images_per_sec": rate(iter(make_data("train", training=True)))}
+    figures = {"tfrecord_images_per_sec": rate(iter(make_data("train", training_batches())))}
     screen = manifest["source"].replace("_by-compound", "_screen")
     if not FLAGS.data_dir and os.path.isdir(screen):
-        fields, classes, _, intensity = prepare_data.prepare_fields(
+        fields, classes, _, intensity = plates.prepare_fields(
             **synthetic_data.conversion_options(screen, FLAGS.synthetic_compounds_per_class,
                                                 FLAGS.seed))
+        tiffs = {"channels": list(plates.BBBC021_CHANNELS), "intensity": intensity,
+                 "classes": classes, "dtype": "uint8"}
         figures["tiff_images_per_sec"] = rate(iter(data_pipeline.make_tiff_dataset(
-            fields[fields["split"] == "train"], list(prepare_data.BBBC021_CHANNELS), intensity,
-            classes, "uint8", FLAGS.per_rank_batch, training=True)))
+            fields[fields["split"] == "train"], tiffs, training_batches())))
         figures["tiff_vs_tfrecord_ratio"] = (figures["tiff_images_per_sec"]
                                              / figures["tfrecord_images_per_sec"])
     return figures
+
+
+def training_batches():
+    return training_data.feed(FLAGS.per_rank_batch, training=True, seed=FLAGS.seed)
 
 
 def run_part(command, env=None):
@@ -327,7 +333,7 @@ def main(argv):
     tf.get_logger().setLevel("ERROR")
     train_mcnn.init_horovod()
     intra, inter = train_mcnn.configure_threads()
-    manifest, make_data = train_mcnn.open_data()
+    manifest, make_data = training_data.open_data(FLAGS.seed)
     results = {"cpu": tf_env.cpu_description(), "tensorflow": tf.__version__,
                "image_shape": manifest["image_shape"], "intra_op_threads": intra,
                "inter_op_threads": inter, "recompute": FLAGS.recompute,

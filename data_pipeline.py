@@ -9,6 +9,7 @@ Each rank reads its own subset of a split's shards (rank r of n takes shards
 r, r+n, ...), so shards must be at least as many as ranks.
 """
 import contextlib
+import dataclasses
 import fcntl
 import itertools
 import json
@@ -20,6 +21,8 @@ import tempfile
 import numpy as np
 import tf_env  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
+
+import plates
 
 MANIFEST = "manifest.json"
 FORMAT = "mcnn-tfrecord-v1"
@@ -33,6 +36,20 @@ FEATURES = {
     **{name: tf.io.FixedLenFeature([], tf.string, default_value="") for name in TEXT_FIELDS},
 }
 DTYPES = {"uint8": tf.uint8, "uint16": tf.uint16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Feed:
+    """How one rank reads a split: its share of the shards, the batch, and for training
+    the order (shuffled, augmented, repeated). With provenance, batches also carry
+    each field's compound, concentration, plate and well."""
+    batch_size: int
+    rank: int = 0
+    num_ranks: int = 1
+    training: bool = False
+    provenance: bool = False
+    seed: int = 0
+    shuffle_buffer: int = 64
 
 
 # ---------------------------------------------------------------- writing
@@ -141,7 +158,8 @@ def exclusive_lock(path):
 # ---------------------------------------------------------------- reading
 
 def read_manifest(data_dir):
-    """Loads and checks manifest.json; errors name the folder and what is wrong."""
+    """Loads and checks manifest.json, adding the folder as "source"; errors name the
+    folder and what is wrong."""
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data set folder {data_dir} does not exist")
@@ -165,14 +183,15 @@ def read_manifest(data_dir):
                                         f"but {shard} does not exist")
             if os.path.getsize(shard) == 0:
                 raise ValueError(f"{shard} is empty, but {path} lists it in split {split!r}")
-    return manifest
+    return {**manifest, "source": data_dir}
 
 
-def split_files(data_dir, manifest, split, rank=0, num_ranks=1):
-    """This rank's shard files of `split`."""
+def split_files(manifest, split, rank=0, num_ranks=1):
+    """This rank's shard files of `split` of the data set `manifest` describes."""
     if split not in manifest["splits"]:
-        raise ValueError(f"{data_dir} has no split {split!r}; it has {list(manifest['splits'])}")
-    files = [os.path.join(data_dir, f) for f in manifest["splits"][split]["files"]]
+        raise ValueError(f"{manifest['source']} has no split {split!r}; it has "
+                         f"{list(manifest['splits'])}")
+    files = [os.path.join(manifest["source"], f) for f in manifest["splits"][split]["files"]]
     return rank_files(files, rank, num_ranks)
 
 
@@ -267,18 +286,17 @@ def augment(image):
     return image
 
 
-def make_dataset(data_dir, split, batch_size, rank=0, num_ranks=1, training=False,
-                 shuffle_buffer=64, seed=0, manifest=None, provenance=False, good_records=None):
-    """(images, labels) batches of this rank's part of `split`; with `provenance`,
-    (images, labels, {compound, concentration, plate, well}). With `good_records`
-    (from scan_shards), only those records of each file are read.
+def make_dataset(manifest, split, feed, good_records=None):
+    """(images, labels) batches of this rank's part of `split` of the data set
+    `manifest` (read_manifest) describes; with feed.provenance, (images, labels,
+    {compound, concentration, plate, well}). With `good_records` (from scan_shards),
+    only those records of each file are read.
 
     Images stay in the stored integer dtype (the model scales them to [0, 1]).
     Training repeats forever with shuffling and augmentation and drops the last
     partial batch; evaluation reads each of this rank's images once, in order.
     """
-    manifest = manifest or read_manifest(data_dir)
-    files = split_files(data_dir, manifest, split, rank, num_ranks)
+    files = split_files(manifest, split, feed.rank, feed.num_ranks)
     image_shape = tuple(manifest["image_shape"])
     num_classes = len(manifest["classes"])
 
@@ -289,7 +307,7 @@ def make_dataset(data_dir, split, batch_size, rank=0, num_ranks=1, training=Fals
                 lambda i, _: tf.reduce_any(tf.equal(good, i))).map(lambda _, record: record)
         records = records.map(lambda record: parse_record(record, filename, image_shape,
                                                           num_classes, manifest["dtype"]))
-        return records if provenance else records.map(lambda image, label, _: (image, label))
+        return records
 
     if good_records is None:
         ds = tf.data.Dataset.from_tensor_slices(files)
@@ -299,42 +317,45 @@ def make_dataset(data_dir, split, batch_size, rank=0, num_ranks=1, training=Fals
             raise ValueError(f"no good record left in this rank's shards of {split!r}")
         ds = tf.data.Dataset.from_tensor_slices(
             (files, tf.ragged.constant([good_records[f] for f in files], dtype=tf.int64)))
-    if training:
-        ds = ds.shuffle(len(files), seed=seed + rank, reshuffle_each_iteration=True).repeat()
+    if feed.training:
+        ds = ds.shuffle(len(files), seed=feed.seed + feed.rank,
+                        reshuffle_each_iteration=True).repeat()
     ds = ds.interleave(read_file, cycle_length=min(len(files), 4), block_length=1,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
-    if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed + rank)
-    return augmented_batches(ds, batch_size, training)
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=not feed.training)
+    if feed.training:
+        ds = ds.shuffle(feed.shuffle_buffer, seed=feed.seed + feed.rank)
+    return augmented_batches(ds, feed)
 
 
-def augmented_batches(ds, batch_size, training):
-    """Batches of `ds`; for training, augmented and only full ones."""
-    if training:
+def augmented_batches(ds, feed):
+    """Batches of (image, label, provenance) records; for training, augmented and only
+    full ones; without provenance, (image, label) only."""
+    if not feed.provenance:
+        ds = ds.map(lambda image, label, _: (image, label))
+    if feed.training:
         ds = ds.map(lambda image, *rest: (augment(image), *rest),
                     num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(feed.batch_size, drop_remainder=feed.training).prefetch(tf.data.AUTOTUNE)
 
 
-def make_tiff_dataset(fields, channels, intensity, classes, dtype, batch_size, rank=0,
-                      num_ranks=1, training=False, seed=0, provenance=False):
-    """Like make_dataset, but straight from plates: `fields` (prepare_data.prepare_fields
-    rows) are read from their TIFFs and scaled inside tf.data. No conversion step, at
-    the cost of decoding TIFFs every epoch."""
-    import prepare_data
-
-    mine = fields.iloc[rank::num_ranks]
+def make_tiff_dataset(fields, manifest, feed):
+    """Like make_dataset, but straight from plates: `fields` (plates.prepare_fields rows)
+    are read from their TIFFs and scaled inside tf.data with the manifest's channels,
+    intensity ranges, classes and dtype. No conversion step, at the cost of decoding
+    TIFFs every epoch."""
+    mine = fields.iloc[feed.rank::feed.num_ranks]
     if mine.empty:
-        raise ValueError(f"{len(fields)} fields for {num_ranks} ranks: rank {rank} has none")
-    class_index = {name: i for i, name in enumerate(classes)}
-    np_dtype = np.dtype(dtype)
+        raise ValueError(f"{len(fields)} fields for {feed.num_ranks} ranks: rank {feed.rank} "
+                         f"has none")
+    channels, dtype = manifest["channels"], manifest["dtype"]
+    class_index = {name: i for i, name in enumerate(manifest["classes"])}
     first = mine.iloc[0]
-    shape = prepare_data.read_field([first[f"path_{c}"] for c in channels], first["row"]).shape
+    shape = plates.read_field([first[f"path_{c}"] for c in channels], first["row"]).shape
 
     def load(paths, plate, row):
-        image = prepare_data.read_field([p.decode() for p in paths], int(row))
-        return prepare_data.scale_to(image, prepare_data.ranges_for(plate.decode(), intensity),
-                                     np_dtype)
+        image = plates.read_field([p.decode() for p in paths], int(row))
+        return plates.scale_to(image, plates.ranges_for(plate.decode(), manifest["intensity"]),
+                               np.dtype(dtype))
 
     def read(columns):
         image = tf.numpy_function(load, [columns["paths"], columns["plate"], columns["row"]],
@@ -348,9 +369,8 @@ def make_tiff_dataset(fields, channels, intensity, classes, dtype, batch_size, r
         "label": np.array([class_index[m] for m in mine["moa"]], np.int32),
         **{k: mine[k].to_numpy(str) for k in TEXT_FIELDS},
     })
-    if training:
-        ds = ds.shuffle(len(mine), seed=seed + rank, reshuffle_each_iteration=True).repeat()
-    ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
-    if not provenance:
-        ds = ds.map(lambda image, label, _: (image, label))
-    return augmented_batches(ds, batch_size, training)
+    if feed.training:
+        ds = ds.shuffle(len(mine), seed=feed.seed + feed.rank,
+                        reshuffle_each_iteration=True).repeat()
+    ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not feed.training)
+    return augmented_batches(ds, feed)

@@ -6,8 +6,13 @@ vote of its fields (ties go to the class listed first), as in the MoA literature
 import json
 import os
 
+import tf_env  # noqa: F401  (before TensorFlow)
+import horovod.tensorflow as hvd
 import numpy as np
 import pandas as pd
+import tensorflow as tf
+
+import training_data
 
 TREATMENT = ["compound", "concentration"]
 
@@ -79,3 +84,24 @@ def format_per_class(metrics):
     return (f"field accuracy {metrics['accuracy']:.4f} ({metrics['fields']} fields), "
             f"treatment accuracy {metrics['treatment_accuracy']:.4f} "
             f"({metrics['treatments']} treatments)\n{table}")
+
+
+def make_predict(model, image_shape, dtype):
+    @tf.function(input_signature=[tf.TensorSpec((None, *image_shape), dtype)])
+    def predict(images):
+        return tf.argmax(model(images, training=False), axis=-1, output_type=tf.int32)
+    return predict
+
+
+def evaluate(predict, dataset, manifest):
+    """Metrics of the whole held-out split: each rank predicts its own shards, and
+    Horovod gathers every field's result on all ranks."""
+    mine = []
+    for images, labels, provenance in training_data.named_data_errors(iter(dataset), manifest,
+                                                                       "eval"):
+        columns = {"label": labels.numpy(), "prediction": predict(images).numpy(),
+                   **{k: [v.decode() for v in provenance[k].numpy()] for k in provenance}}
+        mine.append(pd.DataFrame(columns))
+    everyone = hvd.allgather_object(pd.concat(mine) if mine else None, name="eval_fields")
+    fields = pd.concat([part for part in everyone if part is not None], ignore_index=True)
+    return fields, summarize(fields, manifest["classes"])

@@ -21,9 +21,9 @@ import tensorflow as tf
 
 import data_pipeline
 import mcnn_model
-import prepare_data
+import plates
 
-prepare_data.define_table_flags(flags)
+plates.define_table_flags(flags)
 flags.DEFINE_string("data_dir", None, "A data set of shards to predict instead of tables.")
 flags.DEFINE_string("split", "eval", "With --data_dir: the split to predict.")
 flags.DEFINE_string("output", None, "CSV to write, one row per field.")
@@ -42,27 +42,28 @@ def table_batches(manifest):
     if channels != manifest.get("channels", channels) or len(channels) != manifest["image_shape"][2]:
         raise app.UsageError(f"--channels={','.join(channels)}, but the model was trained on "
                              f"{manifest.get('channels', manifest['image_shape'][2])}")
-    fields = prepare_data.read_fields(FLAGS.image_table, FLAGS.image_root, channels,
-                                      prepare_data.table_columns(FLAGS))
+    fields = plates.read_fields(FLAGS.image_table, FLAGS.image_root, channels,
+                                plates.table_columns(FLAGS))
     mine = fields.iloc[hvd.rank()::hvd.size()]
     dtype = np.dtype(manifest["dtype"])
     for start in range(0, len(mine), FLAGS.batch_size):
         rows = mine.iloc[start:start + FLAGS.batch_size]
         images = []
         for _, row in rows.iterrows():
-            image = prepare_data.read_field([row[f"path_{c}"] for c in channels], row["row"])
+            image = plates.read_field([row[f"path_{c}"] for c in channels], row["row"])
             if list(image.shape) != manifest["image_shape"]:
                 raise app.UsageError(f"image table row {row['row']}: fields are {image.shape}, "
                                      f"the model takes {manifest['image_shape']}")
-            images.append(prepare_data.scale_to(
-                image, prepare_data.ranges_for(row["plate"], manifest["intensity"]), dtype))
+            images.append(plates.scale_to(
+                image, plates.ranges_for(row["plate"], manifest["intensity"]), dtype))
         yield np.stack(images), rows[PROVENANCE].reset_index(drop=True)
 
 
 def shard_batches(manifest):
-    dataset = data_pipeline.make_dataset(FLAGS.data_dir, FLAGS.split, FLAGS.batch_size,
-                                         hvd.rank(), hvd.size(), provenance=True)
-    trained, given = manifest["image_shape"], data_pipeline.read_manifest(FLAGS.data_dir)
+    given = data_pipeline.read_manifest(FLAGS.data_dir)
+    dataset = data_pipeline.make_dataset(given, FLAGS.split, data_pipeline.Feed(
+        FLAGS.batch_size, hvd.rank(), hvd.size(), provenance=True))
+    trained = manifest["image_shape"]
     if given["image_shape"] != trained:
         raise app.UsageError(f"{FLAGS.data_dir} holds {given['image_shape']} images, "
                              f"the model takes {trained}")

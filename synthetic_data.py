@@ -20,6 +20,7 @@ import multiprocessing
 import os
 
 import numpy as np
+import pandas as pd
 import tifffile
 
 CHANNELS = ("DNA", "tubulin", "actin")
@@ -190,8 +191,6 @@ def write_screen(output_dir, height, width, num_classes=len(CLASSES), compounds_
                  fields_per_treatment=4, plates=3, seed=0, workers=None):
     """Writes a screen in the BBBC021 layout: one folder per plate of single-channel
     16-bit TIFFs, plus BBBC021_v1_image.csv and BBBC021_v1_moa.csv. Atomically."""
-    import pandas as pd
-
     fields = plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, seed)
     staging = f"{output_dir}.partial-{os.getpid()}"
     for plate in sorted({f["plate"] for f in fields}):
@@ -215,37 +214,6 @@ def write_screen(output_dir, height, width, num_classes=len(CLASSES), compounds_
                  columns=["compound", "concentration", "moa"]).to_csv(
         os.path.join(staging, MOA_TABLE), index=False)
     os.rename(staging, output_dir)
-
-
-def ensure_synthetic_dataset(cache_dir, height, width, num_classes=len(CLASSES),
-                             compounds_per_class=3, fields_per_treatment=4, seed=0,
-                             images_per_shard=8):
-    """Path of the synthetic data set: the screen in BBBC021 layout, converted by
-    prepare_data.py with a split by compound (the control split by field).
-
-    Both are cached; safe when many ranks call it at once: one generates under a
-    file lock, the others wait for the lock and then find the finished result.
-    """
-    import data_pipeline
-    import mcnn_model
-    import prepare_data
-
-    mcnn_model.check_image_shape((height, width, len(CHANNELS)))
-    name = (f"synthetic-v{VERSION}_{height}x{width}_{num_classes}cls_{compounds_per_class}cpd_"
-            f"{fields_per_treatment}fields_seed{seed}")
-    screen = os.path.join(cache_dir, name + "_screen")
-    data = os.path.join(cache_dir, name + "_by-compound")
-    with data_pipeline.exclusive_lock(os.path.join(cache_dir, name + ".lock")):
-        if not os.path.isdir(screen):
-            print(f"Generating the synthetic screen in {screen}", flush=True)
-            write_screen(screen, height, width, num_classes, compounds_per_class,
-                         fields_per_treatment, seed=seed)
-        if not os.path.isdir(data):
-            print(f"Converting it with prepare_data.py to {data}", flush=True)
-            prepare_data.convert(output_dir=data, images_per_shard=images_per_shard,
-                                 progress=lambda _: None,
-                                 **conversion_options(screen, compounds_per_class, seed))
-    return data
 
 
 def conversion_options(screen, compounds_per_class, seed=0):

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import data_pipeline
-import synthetic_data
+import training_data
 
 SHAPE = (128, 160, 3)
 
@@ -17,6 +17,11 @@ def numbered_images(count, label_of=lambda i: i % 3):
         image = np.zeros(SHAPE, np.uint8)
         image[..., 0], image[..., 1], image[0, 0, 2] = i % 256, i // 256, 255
         yield image, label_of(i), {"well": f"W{i}"}
+
+
+def batches(data_dir, split, batch_size, rank=0, num_ranks=1, **feed):
+    return data_pipeline.make_dataset(data_pipeline.read_manifest(data_dir), split,
+                                      data_pipeline.Feed(batch_size, rank, num_ranks, **feed))
 
 
 def image_ids(dataset):
@@ -45,7 +50,7 @@ def test_manifest_describes_the_shards(small_set):
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 3])
 def test_evaluation_sharding_is_disjoint_and_complete(small_set, num_ranks):
-    per_rank = [image_ids(data_pipeline.make_dataset(small_set, "eval", 5, rank, num_ranks))
+    per_rank = [image_ids(batches(small_set, "eval", 5, rank, num_ranks))
                 for rank in range(num_ranks)]
     every = [i for ids in per_rank for i in ids]
     assert sorted(every) == list(range(21))  # each held-out image exactly once
@@ -55,7 +60,7 @@ def test_evaluation_sharding_is_disjoint_and_complete(small_set, num_ranks):
 def test_training_shards_are_disjoint_across_ranks(small_set, num_ranks):
     seen = []
     for rank in range(num_ranks):
-        ds = data_pipeline.make_dataset(small_set, "train", 2, rank, num_ranks, training=True,
+        ds = batches(small_set, "train", 2, rank, num_ranks, training=True,
                                         shuffle_buffer=1)
         seen.append(set(image_ids(ds.take(45))))  # repeats forever: three passes
     assert set().union(*seen) == set(range(30))
@@ -65,7 +70,7 @@ def test_training_shards_are_disjoint_across_ranks(small_set, num_ranks):
 
 
 def test_training_batches_are_full_uint8_and_augmented(small_set):
-    ds = data_pipeline.make_dataset(small_set, "train", 4, training=True, seed=1)
+    ds = batches(small_set, "train", 4, training=True, seed=1)
     corners = set()
     for images, labels in ds.take(30):
         assert images.shape == (4, *SHAPE) and images.dtype == tf.uint8
@@ -78,7 +83,7 @@ def test_training_batches_are_full_uint8_and_augmented(small_set):
 
 def test_fewer_shards_than_ranks_is_a_clear_error(small_set):
     with pytest.raises(ValueError, match="6 shard files for 7 ranks"):
-        data_pipeline.make_dataset(small_set, "eval", 2, rank=0, num_ranks=7)
+        batches(small_set, "eval", 2, rank=0, num_ranks=7)
 
 
 def test_record_of_the_wrong_shape_names_its_file(tmp_path, small_set):
@@ -89,7 +94,7 @@ def test_record_of_the_wrong_shape_names_its_file(tmp_path, small_set):
         writer.write(data_pipeline.encode_example(np.zeros((64, 64, 3), np.uint8), 1))
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"(?s)eval-00000\.tfrecord.*\[64 64 3\].*\[128, 160, 3\]"):
-        list(data_pipeline.make_dataset(str(tmp_path / "bad"), "eval", 2))
+        list(batches(str(tmp_path / "bad"), "eval", 2))
 
 
 def test_label_outside_the_classes_names_its_file(tmp_path):
@@ -99,7 +104,7 @@ def test_label_outside_the_classes_names_its_file(tmp_path):
         writer.write(data_pipeline.encode_example(np.zeros(SHAPE, np.uint8), 7))
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"(?s)eval-00000\.tfrecord.*label.*7.*3 classes"):
-        list(data_pipeline.make_dataset(str(tmp_path / "bad"), "eval", 2))
+        list(batches(str(tmp_path / "bad"), "eval", 2))
 
 
 def test_missing_manifest_or_shard_is_a_clear_error(tmp_path, small_set):
@@ -134,39 +139,3 @@ def test_a_failed_write_leaves_nothing_that_looks_whole(tmp_path):
         data_pipeline.write_dataset(tmp_path / "out", {"train": failing()}, ["a", "b", "c"],
                                     SHAPE, 2)
     assert os.listdir(tmp_path) == []
-
-
-def test_synthetic_screen_is_deterministic_by_seed(tmp_path):
-    def screen_bytes(seed, name):
-        synthetic_data.write_screen(str(tmp_path / name), 128, 128, num_classes=3,
-                                    compounds_per_class=2, fields_per_treatment=1, seed=seed,
-                                    workers=2)
-        return {str(p.relative_to(tmp_path / name)): p.read_bytes()
-                for p in sorted((tmp_path / name).rglob("*")) if p.is_file()}
-
-    first, again, other = screen_bytes(0, "a"), screen_bytes(0, "b"), screen_bytes(1, "c")
-    assert first == again
-    assert len([p for p in first if p.endswith(".tif")]) == 3 * 3 * 2 * 2  # 3 channels
-    assert first.keys() == other.keys() and first != other
-
-
-def test_synthetic_classes_differ_in_their_phenotype():
-    """Nuclear (DNA) area per field separates DMSO from DNA damage on average."""
-    def dna_fraction(moa):
-        rng = np.random.default_rng(0)
-        return np.mean([(synthetic_data.render_field(256, 320, synthetic_data.PHENOTYPES[moa],
-                                                     rng)[..., 0] > 0.4).mean()
-                        for _ in range(10)])
-
-    assert dna_fraction("DNA damage") > 1.3 * dna_fraction("DMSO")
-
-
-def test_concurrent_callers_generate_the_synthetic_set_once(tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(3) as pool:
-        paths = list(pool.map(lambda _: synthetic_data.ensure_synthetic_dataset(
-            str(tmp_path), 128, 128, 2, 1, 1, images_per_shard=1), range(3)))
-    assert len(set(paths)) == 1
-    made = sorted(p for p in os.listdir(tmp_path) if not p.endswith(".lock"))
-    assert made == sorted([os.path.basename(paths[0]),
-                           os.path.basename(paths[0]).replace("_by-compound", "_screen")])

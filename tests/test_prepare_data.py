@@ -9,6 +9,7 @@ import pytest
 import tifffile
 
 import data_pipeline
+import plates
 import prepare_data
 import synthetic_data
 
@@ -34,7 +35,8 @@ def copy_screen(screen, tmp_path):
 
 
 def records(data_dir, split):
-    ds = data_pipeline.make_dataset(str(data_dir), split, 64, provenance=True)
+    ds = data_pipeline.make_dataset(data_pipeline.read_manifest(str(data_dir)), split,
+                                    data_pipeline.Feed(64, provenance=True))
     return [(image.numpy(), int(label), {k: v.numpy().decode() for k, v in prov.items()})
             for images, labels, provenance in ds
             for image, label, prov in zip(images, labels, [
@@ -72,7 +74,7 @@ def test_pixels_round_trip_within_the_scaling(screen, tmp_path):
                          for name in (r.Image_FileName_DAPI, r.Image_FileName_Tubulin,
                                       r.Image_FileName_Actin)], -1) for r in candidates]
         assert raw[0].dtype == np.uint16
-        expected = [prepare_data.scale_to(r, manifest["intensity"]["plates"][prov["plate"]],
+        expected = [plates.scale_to(r, manifest["intensity"]["plates"][prov["plate"]],
                                           np.uint8) for r in raw]
         assert any(np.array_equal(image, e) for e in expected)
         checked += 1
@@ -117,7 +119,7 @@ def test_missing_tiff_names_row_and_file_and_leaves_no_data_set(screen, tmp_path
     table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
     victim = copy / "images" / table.loc[20, "Image_PathName_Actin"] / table.loc[20, "Image_FileName_Actin"]
     victim.unlink()
-    with pytest.raises(prepare_data.InputError, match=rf"row 22: {victim} does not exist"):
+    with pytest.raises(plates.InputError, match=rf"row 22: {victim} does not exist"):
         convert(copy, tmp_path / "data", include_control=True)
     assert not (tmp_path / "data").exists()
 
@@ -151,12 +153,12 @@ def test_unreadable_tiff_and_mismatched_channel_are_named(screen, tmp_path):
     table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
     broken = copy / "images" / table.loc[0, "Image_PathName_DAPI"] / table.loc[0, "Image_FileName_DAPI"]
     broken.write_bytes(b"not a tiff at all")
-    with pytest.raises(prepare_data.InputError, match=rf"row 2: cannot read {broken}"):
+    with pytest.raises(plates.InputError, match=rf"row 2: cannot read {broken}"):
         convert(copy, tmp_path / "a", include_control=True)
     shutil.copy(screen / broken.relative_to(copy), broken)
     small = copy / "images" / table.loc[3, "Image_PathName_Tubulin"] / table.loc[3, "Image_FileName_Tubulin"]
     tifffile.imwrite(small, np.zeros((64, 128), np.uint16))
-    with pytest.raises(prepare_data.InputError, match=rf"row 5: {small} is 64 x 128, but .* is 128 x 128"):
+    with pytest.raises(plates.InputError, match=rf"row 5: {small} is 64 x 128, but .* is 128 x 128"):
         convert(copy, tmp_path / "b", include_control=True)
 
 
@@ -164,7 +166,7 @@ def test_missing_columns_are_named(screen, tmp_path):
     copy = copy_screen(screen, tmp_path)
     table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
     table.drop(columns=["Image_FileName_Actin"]).to_csv(copy / synthetic_data.IMAGE_TABLE, index=False)
-    with pytest.raises(prepare_data.InputError, match=r"missing column\(s\) \['Image_FileName_Actin'\]"):
+    with pytest.raises(plates.InputError, match=r"missing column\(s\) \['Image_FileName_Actin'\]"):
         convert(copy, tmp_path / "data")
 
 
@@ -176,7 +178,7 @@ def test_treatments_without_moa_are_listed_then_skipped_or_refused(screen, tmp_p
     err = capsys.readouterr().err
     assert "Skipping 4 fields: 2 treatment(s)" in err and "dna-damage-1 @ 1.0 (2 fields)" in err
     assert sum(manifest["splits"][s]["count"] for s in ("train", "eval")) == 12
-    with pytest.raises(prepare_data.InputError, match=r"2 treatment\(s\) .*dna-damage-1 @ 1.0"):
+    with pytest.raises(plates.InputError, match=r"2 treatment\(s\) .*dna-damage-1 @ 1.0"):
         convert(copy, tmp_path / "strict", missing_moa="error")
 
 
@@ -184,14 +186,14 @@ def test_empty_result_is_an_error(screen, tmp_path):
     copy = copy_screen(screen, tmp_path)
     pd.DataFrame({"compound": ["x"], "concentration": ["1"], "moa": ["m"]}).to_csv(
         copy / synthetic_data.MOA_TABLE, index=False)
-    with pytest.raises(prepare_data.InputError, match="no labelled fields"):
+    with pytest.raises(plates.InputError, match="no labelled fields"):
         convert(copy, tmp_path / "data")
     assert not (tmp_path / "data").exists()
 
 
 def test_an_existing_data_set_is_not_overwritten(screen, tmp_path):
     convert(screen, tmp_path / "data")
-    with pytest.raises(prepare_data.InputError, match="already holds a data set"):
+    with pytest.raises(plates.InputError, match="already holds a data set"):
         convert(screen, tmp_path / "data")
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["format"]
 
@@ -202,16 +204,18 @@ def test_reading_tiffs_directly_gives_the_pixels_of_the_shards(screen, tmp_path)
                    image_root=str(screen / synthetic_data.IMAGES), include_control=True)
     prepare_data.convert(output_dir=str(tmp_path / "data"), images_per_shard=4, workers=2,
                          progress=lambda _: None, **options)
-    fields, classes, _, intensity = prepare_data.prepare_fields(**options)
-    direct = data_pipeline.make_tiff_dataset(
-        fields[fields["split"] == "eval"], list(prepare_data.BBBC021_CHANNELS), intensity,
-        classes, "uint8", batch_size=3, provenance=True)
+    fields, classes, _, intensity = plates.prepare_fields(**options)
+    tiffs = {"channels": list(plates.BBBC021_CHANNELS), "intensity": intensity,
+             "classes": classes, "dtype": "uint8"}
+    direct = data_pipeline.make_tiff_dataset(fields[fields["split"] == "eval"], tiffs,
+                                             data_pipeline.Feed(3, provenance=True))
 
     def by_field(batches):
         return {(p["plate"][i].numpy(), p["well"][i].numpy(), p["compound"][i].numpy(),
                  images[i].numpy().tobytes()): int(labels[i])
                 for images, labels, p in batches for i in range(len(labels))}
 
-    from_shards = by_field(data_pipeline.make_dataset(str(tmp_path / "data"), "eval", 3,
-                                                      provenance=True))
+    from_shards = by_field(data_pipeline.make_dataset(
+        data_pipeline.read_manifest(str(tmp_path / "data")), "eval",
+        data_pipeline.Feed(3, provenance=True)))
     assert by_field(direct) == from_shards and len(from_shards) > 0

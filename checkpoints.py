@@ -1,0 +1,163 @@
+"""What keeps a training run alive across crashes, pre-emption and restarts.
+
+Rank 0 writes checkpoints (model, optimizer with its step count, and the global
+batch they assume) through tf.train.CheckpointManager, restores the latest on a
+rerun, or clears a previous run when told to; every rank then starts from its
+state by broadcast. SIGTERM or SIGINT to any rank stops all of them at the same
+step, after a checkpoint. In Horovod's elastic mode the state to roll back to is
+committed with every checkpoint.
+"""
+import glob
+import os
+import shutil
+import signal
+
+import tf_env  # noqa: F401  (before TensorFlow)
+from absl import app, flags
+import horovod.tensorflow as hvd
+import tensorflow as tf
+
+import mcnn_model
+
+flags.DEFINE_integer("checkpoint_every", 1, "Checkpoint every this many epochs.")
+flags.DEFINE_integer("checkpoint_steps", 0, "Also checkpoint every this many steps (0: at "
+                     "epoch ends only). At most this many steps are redone after a crash.")
+flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
+flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in --model_dir, if any.")
+flags.DEFINE_bool("overwrite", False, "With --noresume: delete a previous run in --model_dir "
+                  "and start afresh.")
+FLAGS = flags.FLAGS
+
+# What a run leaves in its model dir besides flags.txt; --overwrite deletes them.
+RUN_OUTPUTS = (mcnn_model.CHECKPOINTS, mcnn_model.SAVED_MODEL, mcnn_model.DATA_MANIFEST,
+               "tensorboard", "evaluation", "summary.json")
+
+
+@flags.multi_flags_validator(["resume", "overwrite"],
+                             message="--overwrite deletes a previous run and --resume continues "
+                                     "it: give --noresume with --overwrite")
+def _overwrite_only_without_resume(values):
+    return not (values["resume"] and values["overwrite"])
+
+
+def open_checkpoints(model_dir, model, optimizer, global_batch):
+    """A manager of the model dir's checkpoints: model, optimizer (with its step count,
+    so the schedule and the data position follow) and the global batch they assume."""
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                     global_batch=tf.Variable(global_batch, dtype=tf.int64))
+    return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, mcnn_model.CHECKPOINTS),
+                                      max_to_keep=FLAGS.keep_checkpoints)
+
+
+def checkpoint_due(step, steps_per_epoch):
+    """Whether --checkpoint_every or --checkpoint_steps asks for a checkpoint after `step`."""
+    epoch_end = step % steps_per_epoch == 0
+    return bool((epoch_end and (step // steps_per_epoch) % FLAGS.checkpoint_every == 0)
+                or (FLAGS.checkpoint_steps and step % FLAGS.checkpoint_steps == 0))
+
+
+def restore_or_start(manager, model_dir, global_batch):
+    """Rank 0: restores the latest checkpoint (--resume), or clears a previous run
+    (--overwrite), or refuses to touch it. Returns the step to continue from."""
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+    except OSError as e:
+        raise app.UsageError(f"--model_dir={model_dir} cannot be created: {e.strerror}")
+    latest = manager.latest_checkpoint
+    if latest and FLAGS.resume:
+        try:
+            manager.checkpoint.restore(latest).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
+            raise app.UsageError(f"{latest} does not fit this model (another image size, "
+                                 f"class count or data set?): {str(e)[:300]}")
+        saved_batch = int(manager.checkpoint.global_batch)
+        if saved_batch != global_batch:
+            raise app.UsageError(
+                f"{latest} was trained with a global batch of {saved_batch}, this run has "
+                f"{global_batch} (ranks x --per_rank_batch): the schedule would not continue. "
+                f"Use the same, or --noresume --overwrite to start afresh")
+        return int(manager.checkpoint.optimizer.iterations)
+    if FLAGS.resume:
+        return 0  # nothing to resume: a fresh start
+    previous = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(model_dir, name))]
+    if previous and not FLAGS.overwrite:
+        raise app.UsageError(f"--model_dir={model_dir} holds a previous run "
+                             f"({', '.join(previous)}); --resume (the default) continues it, "
+                             f"--noresume --overwrite deletes it and starts afresh")
+    for name in previous:
+        path = os.path.join(model_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return 0
+
+
+def agree_on_start(manager, model_dir, global_batch):
+    """The step every rank starts from; rank 0 decides, and its errors stop every rank.
+    The caller then broadcasts rank 0's (restored) variables."""
+    step, error = 0, None
+    if hvd.rank() == 0:
+        try:
+            step = restore_or_start(manager, model_dir, global_batch)
+        except app.UsageError as e:
+            error = str(e)
+    step, error = hvd.broadcast_object((step, error), root_rank=0, name="start")
+    if error:
+        raise app.UsageError(error)
+    return step
+
+
+def save_checkpoint(manager, model, step, lr):
+    """Rank 0 writes the checkpoint of `step`. Non-finite weights are never saved, and a
+    failed write leaves the previous checkpoint the latest."""
+    if not all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in model.weights):
+        raise FloatingPointError(
+            f"weights are not finite after step {step} (learning rate {lr:g}): training "
+            f"diverged and was not checkpointed. The last good weights are in "
+            f"{manager.latest_checkpoint or 'no checkpoint'}; lower --base_lr or lengthen "
+            f"--warmup_epochs")
+    try:
+        manager.save(checkpoint_number=step)
+    except (tf.errors.OpError, OSError) as e:
+        for partial in glob.glob(os.path.join(manager.directory, f"ckpt-{step}[._]*")):
+            shutil.rmtree(partial, ignore_errors=True) if os.path.isdir(partial) else os.remove(
+                partial)
+        reason = e.message if isinstance(e, tf.errors.OpError) else str(e)
+        raise RuntimeError(
+            f"could not write the checkpoint of step {step} in {manager.directory}: {reason}. "
+            f"The previous checkpoint, {manager.latest_checkpoint or 'none'}, is intact; free "
+            f"space or fix the folder, then rerun the same command to resume") from None
+
+
+class Progress:
+    """The step reached: what hvd.elastic.TensorFlowState also holds in elastic mode."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def commit(self):
+        pass
+
+
+class ElasticState(hvd.elastic.TensorFlowState):
+    """Horovod's elastic state of TensorFlow variables. Its sync() broadcasts them only
+    in graph mode; this one broadcasts them in eager mode too."""
+
+    def sync(self):
+        hvd.broadcast_variables(self.variables, root_rank=0)
+        super().sync()
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's warning before SIGKILL) or SIGINT to any rank: every rank
+    stops at the same step boundary, after a checkpoint."""
+
+    def __init__(self):
+        self.received = 0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signum
+
+    def agreed(self):
+        """Collective: the signal any rank received, or 0."""
+        return int(hvd.allreduce(tf.constant(self.received), op=hvd.Max, name="stop_signal"))

@@ -1,0 +1,158 @@
+"""The data a training run reads, and its flags: the embedded synthetic screen, a
+converted data set (--data_dir), or plates straight from their TIFFs (--image_table
+and the other table flags of prepare_data.py). Each rank reads its own share.
+"""
+import os
+
+import tf_env  # noqa: F401  (before TensorFlow)
+from absl import app, flags
+import horovod.tensorflow as hvd
+import tensorflow as tf
+
+import data_pipeline
+import mcnn_model
+import plates
+import prepare_data
+import synthetic_data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+flags.DEFINE_string("data_dir", None, "Data set folder (manifest.json + TFRecord shards). "
+                    "Unset: the embedded synthetic screen.")
+flags.DEFINE_string("synthetic_cache", os.path.join(HERE, "data"),
+                    "Where the synthetic data set is generated and cached.")
+flags.DEFINE_integer("image_height", 1024, "Synthetic image height (multiple of 128).")
+flags.DEFINE_integer("image_width", 1280, "Synthetic image width (multiple of 128).")
+flags.DEFINE_integer("synthetic_classes", len(synthetic_data.CLASSES),
+                     "MoA classes in the synthetic screen, the DMSO control included.")
+flags.DEFINE_integer("synthetic_compounds_per_class", 3,
+                     "Compounds per MoA in the synthetic screen; one per MoA is held out.")
+flags.DEFINE_integer("synthetic_fields_per_treatment", 4,
+                     "Fields per compound and concentration in the synthetic screen.")
+flags.DEFINE_integer("shuffle_buffer", 64, "Images in each rank's shuffle buffer.")
+flags.DEFINE_bool("skip_bad_records", False, "Check every record first and train on the good "
+                  "ones, reporting the corrupt, truncated or mislabelled ones, instead of "
+                  "stopping at the first.")
+# Or straight from plates (TIFFs + tables), with no conversion step: see prepare_data.py.
+plates.define_conversion_flags(flags)
+FLAGS = flags.FLAGS
+SYNTHETIC_ONLY = ("image_height", "image_width", "synthetic_classes",
+                  "synthetic_compounds_per_class", "synthetic_fields_per_treatment")
+
+
+@flags.multi_flags_validator(["image_height", "image_width"],
+                             message="--image_height and --image_width must be multiples of "
+                                     f"{mcnn_model.SIZE_MULTIPLE} (the M-CNN pools by 128)")
+def _image_size_fits_the_model(sizes):
+    return all(size > 0 and size % mcnn_model.SIZE_MULTIPLE == 0 for size in sizes.values())
+
+
+def synthetic():
+    """Whether this run trains on the synthetic screen."""
+    return not (FLAGS.data_dir or FLAGS.image_table)
+
+
+def synthetic_split_counts():
+    """About how many (train, eval) fields the synthetic screen of these flags holds."""
+    return synthetic_data.split_counts(FLAGS.synthetic_classes,
+                                       FLAGS.synthetic_compounds_per_class,
+                                       FLAGS.synthetic_fields_per_treatment)
+
+
+def feed(batch_size, training=False, provenance=False, seed=0):
+    """This rank's share of a split, in batches of `batch_size`."""
+    return data_pipeline.Feed(batch_size, hvd.rank(), hvd.size(), training, provenance, seed,
+                              FLAGS.shuffle_buffer)
+
+
+def open_data(seed):
+    """(manifest, batches(split, feed)) for the synthetic screen, a data set or plates."""
+    if FLAGS.data_dir and FLAGS.image_table:
+        raise app.UsageError("give --data_dir or --image_table, not both")
+    if FLAGS.image_table:
+        return open_plates(seed)
+    if FLAGS.data_dir:
+        given = [name for name in SYNTHETIC_ONLY if FLAGS[name].present]
+        if given:
+            raise app.UsageError(f"--{', --'.join(given)} apply to synthetic data only; "
+                                 f"with --data_dir the manifest gives the image shape and classes")
+        data_dir = FLAGS.data_dir
+    else:
+        data_dir = synthetic_dataset(
+            FLAGS.synthetic_cache, FLAGS.image_height, FLAGS.image_width,
+            FLAGS.synthetic_classes, FLAGS.synthetic_compounds_per_class,
+            FLAGS.synthetic_fields_per_treatment, seed=seed)
+    manifest = data_pipeline.read_manifest(data_dir)
+    good = good_records(manifest) if FLAGS.skip_bad_records else None
+    return manifest, lambda split, feed: data_pipeline.make_dataset(manifest, split, feed, good)
+
+
+def open_plates(seed):
+    """Training straight from TIFFs: the fields, split and scaled as prepare_data.py would."""
+    fields, classes, image_shape, intensity = plates.prepare_fields(
+        **plates.conversion_options(FLAGS), seed=seed)
+    manifest = {"classes": classes, "image_shape": list(image_shape), "dtype": "uint8",
+                "channels": FLAGS.channels, "intensity": intensity,
+                "split": {"by": FLAGS.split, "eval_fraction": FLAGS.eval_fraction},
+                "splits": {side: {"count": int((fields["split"] == side).sum())}
+                           for side in ("train", "eval")},
+                "source": os.path.abspath(FLAGS.image_table)}
+    return manifest, lambda split, feed: data_pipeline.make_tiff_dataset(
+        fields[fields["split"] == split], manifest, feed)
+
+
+def synthetic_dataset(cache_dir, height, width, num_classes=len(synthetic_data.CLASSES),
+                      compounds_per_class=3, fields_per_treatment=4, seed=0, images_per_shard=8):
+    """Path of the synthetic data set: the screen in BBBC021 layout, converted by
+    prepare_data.py with a split by compound (the control split by field).
+
+    Both are cached; safe when many ranks call it at once: one generates under a
+    file lock, the others wait for the lock and then find the finished result.
+    """
+    mcnn_model.check_image_shape((height, width, len(synthetic_data.CHANNELS)))
+    name = (f"synthetic-v{synthetic_data.VERSION}_{height}x{width}_{num_classes}cls_"
+            f"{compounds_per_class}cpd_{fields_per_treatment}fields_seed{seed}")
+    screen = os.path.join(cache_dir, name + "_screen")
+    data = os.path.join(cache_dir, name + "_by-compound")
+    with data_pipeline.exclusive_lock(os.path.join(cache_dir, name + ".lock")):
+        if not os.path.isdir(screen):
+            print(f"Generating the synthetic screen in {screen}", flush=True)
+            synthetic_data.write_screen(screen, height, width, num_classes,
+                                        compounds_per_class, fields_per_treatment, seed=seed)
+        if not os.path.isdir(data):
+            print(f"Converting it with prepare_data.py to {data}", flush=True)
+            prepare_data.convert(
+                output_dir=data, images_per_shard=images_per_shard, progress=lambda _: None,
+                **synthetic_data.conversion_options(screen, compounds_per_class, seed))
+    return data
+
+
+def good_records(manifest):
+    """--skip_bad_records: every rank checks its own shards; rank 0 reports them all."""
+    good, problems = {}, []
+    for split in manifest["splits"]:
+        files = data_pipeline.split_files(manifest, split, hvd.rank(), hvd.size())
+        split_good, split_problems = data_pipeline.scan_shards(files, manifest)
+        good.update(split_good)
+        problems += split_problems
+    everyone = [p for rank in hvd.allgather_object(problems, name="bad_records") for p in rank]
+    manifest["bad_records_skipped"] = len(everyone)
+    if hvd.rank() == 0:
+        print(f"--skip_bad_records: {len(everyone)} bad record{'s' * (len(everyone) != 1)} "
+              f"skipped" + "".join(f"\n  {p}" for p in everyone), flush=True)
+    return good
+
+
+def named_data_errors(batches, manifest, split):
+    """The batches of `batches`; tf.data's DataLossError, which names no file, becomes
+    one naming this rank's corrupt shards."""
+    while True:
+        try:
+            yield next(batches)
+        except StopIteration:
+            return
+        except tf.errors.DataLossError as e:
+            if FLAGS.image_table:
+                raise
+            files = data_pipeline.split_files(manifest, split, hvd.rank(), hvd.size())
+            raise data_pipeline.explain_data_loss(files, manifest, e) from None
