@@ -128,6 +128,23 @@ def measured_rate(image_shape, num_classes, input_dtype=tf.uint8):
     return sizing.images_per_second(model, make_train_step, FLAGS.per_rank_batch, num_classes)
 
 
+def keep_previous_choices():
+    """A rerun that resumes keeps the image size and epochs its first run chose for its
+    time budget (they are in its flags.txt): measured again, they could differ, and the
+    checkpoint would not fit. Returns whether there were any."""
+    path = os.path.join(FLAGS.model_dir, "flags.txt")
+    if not (FLAGS.resume and os.path.isfile(path)):
+        return False
+    with open(path) as f:
+        chosen = dict(line.strip()[2:].split("=", 1) for line in f
+                      if line.startswith(("--image_height=", "--image_width=", "--epochs=")))
+    for name, value in chosen.items():
+        setattr(FLAGS, name, FLAGS[name].parser.parse(value))  # not marked as given
+    log(f"--time_budget_minutes: resuming {FLAGS.model_dir} with the choices of its first run "
+        f"({', '.join(f'--{k}={v}' for k, v in sorted(chosen.items()))})")
+    return True
+
+
 def build_lr_schedule(global_batch, steps_per_epoch, total_steps):
     peak = lr_schedule.scaled_learning_rate(FLAGS.base_lr, global_batch, FLAGS.base_batch,
                                             FLAGS.lr_scaling)
@@ -263,7 +280,7 @@ def log_progress(run, step, window, global_batch):
         f"{mean_loss:.4f}  lr {lr:.5f}  images/s {global_rate / hvd.size():.2f} per rank, "
         f"{global_rate:.2f} global")
     run_log.write_scalars(run.writer, step, loss=mean_loss, learning_rate=lr,
-                  images_per_second=global_rate)
+                          images_per_second=global_rate)
 
 
 def evaluate_and_report(run, step, eval_data, outcome):
@@ -275,7 +292,7 @@ def evaluate_and_report(run, step, eval_data, outcome):
     log(f"epoch {epoch:.2f}: held-out accuracy {accuracy:.4f} on {metrics['fields']} fields, "
         f"{metrics['treatment_accuracy']:.4f} on {metrics['treatments']} treatments")
     run_log.write_scalars(run.writer, step, eval_accuracy=accuracy,
-                  eval_treatment_accuracy=metrics["treatment_accuracy"])
+                          eval_treatment_accuracy=metrics["treatment_accuracy"])
     if hvd.rank() == 0:
         evaluation.write_report(os.path.join(FLAGS.model_dir, "evaluation"), fields, metrics,
                                 run.manifest["classes"], step)
@@ -378,13 +395,16 @@ def main(argv):
     precision_why = resolve_precision()
     tf.keras.utils.set_random_seed(FLAGS.seed)
     budget_rate = None
+    if FLAGS.time_budget_minutes and keep_previous_choices():
+        FLAGS.time_budget_minutes = 0
     if FLAGS.time_budget_minutes and training_data.synthetic():
         (FLAGS.image_height, FLAGS.image_width), budget_rate = sizing.fit_synthetic_size(
             (FLAGS.image_height, FLAGS.image_width), training_data.synthetic_split_counts(),
             lambda size: measured_rate((*size, 3), FLAGS.synthetic_classes), FLAGS.eval_every)
     manifest, make_data = training_data.open_data(FLAGS.seed)
     image_shape, classes = tuple(manifest["image_shape"]), manifest["classes"]
-    dtype, train_count = data_pipeline.DTYPES[manifest["dtype"]], manifest["splits"]["train"]["count"]
+    dtype = data_pipeline.DTYPES[manifest["dtype"]]
+    train_count = manifest["splits"]["train"]["count"]
     FLAGS.per_rank_batch = choose_per_rank_batch(image_shape, train_count // hvd.size())
     # Horovod 3: the global batch grows with the ranks, and the learning rate with it.
     global_batch = FLAGS.per_rank_batch * hvd.size()
@@ -411,9 +431,9 @@ def main(argv):
     train_step = make_train_step(model, optimizer, len(classes))
     # Horovod 6: rank 0 alone writes.
     writer = run_log.open_log(FLAGS.model_dir) if hvd.rank() == 0 else None
-    run = Run(model, schedule, train_step, evaluation.make_predict(model, image_shape, dtype), make_data,
-              manifest, manager, writer, steps_per_epoch, total_steps,
-              checkpoints.StopSignals(), time.time())
+    predict = evaluation.make_predict(model, image_shape, dtype)
+    run = Run(model, schedule, train_step, predict, make_data, manifest, manager, writer,
+              steps_per_epoch, total_steps, checkpoints.StopSignals(), time.time())
     log_start(run, intra, inter, precision_why, start_step)
     if start_step >= total_steps:
         log(f"{FLAGS.model_dir} has finished its {total_steps} steps; nothing to do "

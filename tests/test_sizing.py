@@ -74,12 +74,13 @@ def test_the_size_shrinks_until_enough_epochs_fit():
 
 
 def test_a_run_follows_the_size_and_epochs_it_chose_and_says_why(tmp_path):
-    result = launch_two_ranks(os.path.join(ROOT, "train_mcnn.py"), [
+    command = [os.path.join(ROOT, "train_mcnn.py"), [
         f"--synthetic_cache={tmp_path / 'data'}", f"--model_dir={tmp_path / 'model'}",
         "--image_height=256", "--image_width=256", "--synthetic_classes=3",
         "--synthetic_compounds_per_class=2", "--synthetic_fields_per_treatment=4",
         "--per_rank_batch=4", "--warmup_epochs=1", "--time_budget_minutes=0.2",
-        "--log_every=100"])
+        "--log_every=100"]]
+    result = launch_two_ranks(*command)
     chosen = re.search(r"images/s measured at (\d+) x (\d+), global batch 8: (\d+) epochs",
                        result.stdout)
     assert chosen, result.stdout
@@ -90,3 +91,9 @@ def test_a_run_follows_the_size_and_epochs_it_chose_and_says_why(tmp_path):
     # it only shrinks, and says so when it does
     assert (height, width) in ((256, 256), (128, 128))
     assert ("the synthetic screen is made at 128 x 128" in result.stdout) == (height == 128)
+    # Run again, it keeps those choices (measured again they could differ) and is done.
+    again = launch_two_ranks(*command).stdout
+    kept = re.search(r"with the choices of its first run \(--epochs=([\d.]+), "
+                     r"--image_height=(\d+), --image_width=(\d+)\)", again)
+    assert kept and [float(v) for v in kept.groups()] == [epochs, height, width], again
+    assert "has finished its" in again and "images/s measured" not in again
