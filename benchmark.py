@@ -256,7 +256,7 @@ def scaling_sweep():
     }
 
 
-# The time-to-train projection's cluster and job: the authors' (README): two-socket
+# The time-to-train projection's cluster and job: the authors' (docs/performance.md): two-socket
 # nodes of 2 x 20 cores, 4 ranks of 10 cores each, 100 Gb/s links; BBBC021's ~9,900
 # training fields for 52 epochs at 8 images per rank.
 NODE_CORES, RANKS_PER_NODE, LINK_GBPS = 40, 4, 100

@@ -69,7 +69,8 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
     columns = {**plates.DEFAULT_COLUMNS, **(columns or {})}
     channels = list(channels)
     if os.path.exists(os.path.join(output_dir, data_pipeline.MANIFEST)):
-        raise plates.InputError(f"{output_dir} already holds a data set; choose another --output_dir")
+        raise plates.InputError(f"{output_dir} already holds a data set; choose another "
+                                f"--output_dir")
     fields, classes, image_shape, intensity = plates.prepare_fields(
         image_table, moa_table, image_root, channels, columns, split, eval_fraction,
         include_control, control, missing_moa, scaling, percentiles, range_sample_fields, seed)

@@ -10,6 +10,7 @@ model trains a few steps on random images; from that rate the run keeps the
 largest image size (of the synthetic screen) at which MIN_EPOCHS fit the budget,
 and then trains as many epochs as fit.
 """
+import os
 import time
 
 import tf_env  # noqa: F401  (before TensorFlow)
@@ -26,6 +27,23 @@ flags.DEFINE_float("time_budget_minutes", 0, "Train for about this long: the epo
                    "the synthetic screen the image size, follow from the speed of a few steps "
                    "measured first (0: --epochs as given).")
 FLAGS = flags.FLAGS
+
+
+class BatchParser(flags.ArgumentParser):
+    """train_mcnn.py's --per_rank_batch: a positive integer, or 'auto' (the largest
+    batch that fits memory: choose_per_rank_batch)."""
+    syntactic_help = "a positive integer or 'auto'"
+
+    def parse(self, argument):
+        if argument == "auto":
+            return argument
+        value = int(argument)
+        if value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+    def flag_type(self):
+        return "int or 'auto'"
 
 # Peak memory of a training rank at 1024 x 1280 x 3 (docs/performance.md).
 MEMORY_FIXED_GB = 2.6
@@ -153,3 +171,20 @@ def fit_epochs(rate, manifest, global_batch, eval_every, warmup_epochs):
         f"{global_batch}: {epochs} epochs of {counts['train']} images (about "
         f"{epochs * counts['train'] / rate / 60:.1f} minutes of steps)")
     return epochs
+
+
+def keep_previous_choices(model_dir):
+    """--time_budget_minutes, resuming the run in `model_dir`: it keeps the image size and
+    epochs its first run chose (they are in its flags.txt); measured again, they could
+    differ, and its checkpoint would not fit. Returns whether there were any."""
+    path = os.path.join(model_dir, "flags.txt")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        chosen = dict(line.strip()[2:].split("=", 1) for line in f
+                      if line.startswith(("--image_height=", "--image_width=", "--epochs=")))
+    for name, value in chosen.items():
+        setattr(FLAGS, name, FLAGS[name].parser.parse(value))  # not marked as given
+    log(f"--time_budget_minutes: resuming {model_dir} with the choices of its first run "
+        f"({', '.join(f'--{k}={v}' for k, v in sorted(chosen.items()))})")
+    return True

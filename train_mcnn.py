@@ -30,25 +30,9 @@ import sizing
 import training_data
 
 
-class BatchParser(flags.ArgumentParser):
-    """--per_rank_batch: a positive integer, or 'auto'."""
-    syntactic_help = "a positive integer or 'auto'"
-
-    def parse(self, argument):
-        if argument == "auto":
-            return argument
-        value = int(argument)
-        if value < 1:
-            raise ValueError(f"must be at least 1, got {value}")
-        return value
-
-    def flag_type(self):
-        return "int or 'auto'"
-
-
 # Optimisation (the authors' recipe by default)
-flags.DEFINE(BatchParser(), "per_rank_batch", 8, "Images per rank per step, or 'auto': the "
-             "most that fit this rank's share of the node's memory.",
+flags.DEFINE(sizing.BatchParser(), "per_rank_batch", 8, "Images per rank per step, or "
+             "'auto': the most that fit this rank's share of the node's memory.",
              serializer=flags.ArgumentSerializer())
 flags.DEFINE_float("epochs", 52, "Training epochs (may be fractional).")
 flags.DEFINE_float("base_lr", 0.001, "Learning rate at --base_batch images; also the "
@@ -126,23 +110,6 @@ def measured_rate(image_shape, num_classes, input_dtype=tf.uint8):
     """Global training images/s at `image_shape`, from a throwaway model's steps."""
     model = build_model(image_shape, num_classes, input_dtype)
     return sizing.images_per_second(model, make_train_step, FLAGS.per_rank_batch, num_classes)
-
-
-def keep_previous_choices():
-    """A rerun that resumes keeps the image size and epochs its first run chose for its
-    time budget (they are in its flags.txt): measured again, they could differ, and the
-    checkpoint would not fit. Returns whether there were any."""
-    path = os.path.join(FLAGS.model_dir, "flags.txt")
-    if not (FLAGS.resume and os.path.isfile(path)):
-        return False
-    with open(path) as f:
-        chosen = dict(line.strip()[2:].split("=", 1) for line in f
-                      if line.startswith(("--image_height=", "--image_width=", "--epochs=")))
-    for name, value in chosen.items():
-        setattr(FLAGS, name, FLAGS[name].parser.parse(value))  # not marked as given
-    log(f"--time_budget_minutes: resuming {FLAGS.model_dir} with the choices of its first run "
-        f"({', '.join(f'--{k}={v}' for k, v in sorted(chosen.items()))})")
-    return True
 
 
 def build_lr_schedule(global_batch, steps_per_epoch, total_steps):
@@ -395,7 +362,8 @@ def main(argv):
     precision_why = resolve_precision()
     tf.keras.utils.set_random_seed(FLAGS.seed)
     budget_rate = None
-    if FLAGS.time_budget_minutes and keep_previous_choices():
+    if FLAGS.time_budget_minutes and FLAGS.resume and sizing.keep_previous_choices(
+            FLAGS.model_dir):
         FLAGS.time_budget_minutes = 0
     if FLAGS.time_budget_minutes and training_data.synthetic():
         (FLAGS.image_height, FLAGS.image_width), budget_rate = sizing.fit_synthetic_size(

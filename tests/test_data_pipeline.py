@@ -5,7 +5,6 @@ import pytest
 import tensorflow as tf
 
 import data_pipeline
-import training_data
 
 SHAPE = (128, 160, 3)
 

@@ -1,0 +1,59 @@
+"""plates.py: tables joined to their MoA, the split, and the intensity scaling."""
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+import plates
+
+COLUMNS = {**plates.DEFAULT_COLUMNS, "filename": "File_{}", "pathname": "Path_{}"}
+
+
+def write_tables(tmp_path, treatments, moas):
+    """An image table with one DNA-only field per (compound, concentration, plate), an
+    MoA table, and 2 x 2 TIFFs."""
+    rows = []
+    for i, (compound, concentration, plate) in enumerate(treatments):
+        (tmp_path / plate).mkdir(exist_ok=True)
+        tifffile.imwrite(tmp_path / plate / f"f{i}.tif", np.full((2, 2), i, np.uint16))
+        rows.append({"File_DNA": f"f{i}.tif", "Path_DNA": plate,
+                     COLUMNS["compound"]: compound, COLUMNS["concentration"]: concentration,
+                     COLUMNS["plate"]: plate, COLUMNS["well"]: f"B{i:02d}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "images.csv", index=False)
+    pd.DataFrame(moas, columns=["compound", "concentration", "moa"]).to_csv(
+        tmp_path / "moa.csv", index=False)
+    return str(tmp_path / "images.csv"), str(tmp_path / "moa.csv")
+
+
+def test_fields_join_their_moa_on_the_concentration_as_a_number(tmp_path):
+    images, moas = write_tables(tmp_path, [("taxol", "0.10", "P1"), ("taxol", "1", "P1")],
+                                [("taxol", "0.1", "Microtubule stabilizers"),
+                                 ("taxol", "1.000", "Microtubule stabilizers")])
+    fields = plates.read_fields(images, str(tmp_path), ["DNA"], COLUMNS, moas)
+    assert fields["moa"].tolist() == ["Microtubule stabilizers"] * 2
+    assert fields["row"].tolist() == [2, 3]  # line numbers in the table, for messages
+    assert plates.read_field([fields["path_DNA"][1]], 3)[..., 0].tolist() == [[1, 1], [1, 1]]
+    with pytest.raises(plates.InputError, match="row 7: .*nowhere.tif does not exist"):
+        plates.read_field([str(tmp_path / "nowhere.tif")], 7)
+
+
+def test_the_split_by_compound_keeps_each_compound_on_one_side():
+    fields = pd.DataFrame({"moa": ["A"] * 8 + ["DMSO"] * 4,
+                           "compound": [f"a{i % 4}" for i in range(8)] + ["DMSO"] * 4,
+                           "plate": ["P1", "P2"] * 6})
+    split = plates.assign_split(fields, "compound", 0.25, seed=0)
+    for compound, sides in split.groupby(fields["compound"]):
+        assert compound == "DMSO" or sides.nunique() == 1, compound
+    assert (split[fields["moa"] == "A"] == "eval").sum() == 2  # one compound of four
+    assert (split[fields["moa"] == "DMSO"] == "eval").sum() == 1  # one compound: by field
+    by_plate = plates.assign_split(fields, "plate", 0.5, seed=0)
+    assert by_plate.groupby(fields["plate"]).nunique().max() == 1
+
+
+def test_scaling_maps_the_range_to_the_dtype_and_unseen_plates_take_the_overall_range():
+    image = np.array([[[100], [550], [1000], [5000]]], np.uint16)
+    scaled = plates.scale_to(image, [[100, 1000]], np.uint8)
+    assert scaled[0, :, 0].tolist() == [0, 128, 255, 255]
+    intensity = {"all": [[0, 1]], "plates": {"P1": [[5, 6]]}}
+    assert plates.ranges_for("P1", intensity) == [[5, 6]]
+    assert plates.ranges_for("P9", intensity) == [[0, 1]]
