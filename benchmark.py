@@ -290,7 +290,7 @@ SWEEPS = {"memory": memory_sweep, "onednn": onednn_sweep, "scaling": scaling_swe
 
 @flags.validator("precisions", message="--precisions takes float32 and mixed_bfloat16")
 def _known_precisions(values):
-    return set(values or ()) <= {"float32", "mixed_bfloat16"}
+    return set(values or ()) <= set(tf_env.PRECISIONS) - {"auto"}
 
 
 def precisions():

@@ -29,7 +29,7 @@ flags.DEFINE_string("split", "eval", "With --data_dir: the split to predict.")
 flags.DEFINE_string("output", None, "CSV to write, one row per field.")
 flags.DEFINE_integer("batch_size", 4, "Fields per forward pass per rank.")
 flags.DEFINE_string("model_dir", None, "The --model_dir of a train_mcnn.py run.")
-flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16"],
+flags.DEFINE_enum("precision", "auto", tf_env.PRECISIONS,
                   "Compute precision, whatever the model was trained in; auto: "
                   "mixed_bfloat16 where the CPU has native bf16.")
 FLAGS = flags.FLAGS

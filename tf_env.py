@@ -14,6 +14,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
+# --precision: a Keras mixed-precision policy, or auto (resolve_precision).
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 # CPU flags (/proc/cpuinfo) of native bf16 arithmetic: Intel's AMX (Xeon 4th generation
 # and later), AVX512-BF16 (Intel Cooper Lake and later, AMD Zen 4 and later).
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")

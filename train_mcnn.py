@@ -55,7 +55,7 @@ flags.DEFINE_integer("intra_op_threads", 0, "Threads per op; 0: the launcher's "
                      "TF_NUM_INTRAOP_THREADS, else the cores this rank is bound to.")
 flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: the launcher's "
                      "TF_NUM_INTEROP_THREADS, else TensorFlow's default.")
-flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_bfloat16"],
+flags.DEFINE_enum("precision", "auto", tf_env.PRECISIONS,
                   "mixed_bfloat16: bf16 compute, fp32 weights and checkpoints; auto: "
                   "mixed_bfloat16 where the CPU has native bf16 (AMX or AVX512-BF16).")
 flags.DEFINE_bool("recompute", False, "Recompute each scale column's activations in the "
@@ -96,8 +96,12 @@ def configure_threads():
 
 
 def resolve_precision():
-    """--precision=auto becomes the policy this CPU runs best; returns why."""
-    FLAGS.precision, why = tf_env.resolve_precision(FLAGS.precision)
+    """--precision=auto becomes the policy every rank's CPU runs best: bf16 only where
+    all have native bf16, so that ranks of mixed nodes compute alike. Returns why."""
+    asked = FLAGS.precision
+    FLAGS.precision, why = tf_env.resolve_precision(asked)
+    if asked == "auto" and len(set(hvd.allgather_object(FLAGS.precision, name="precision"))) > 1:
+        FLAGS.precision, why = "float32", "auto: not every rank's CPU has native bf16"
     return why
 
 
