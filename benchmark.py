@@ -256,8 +256,8 @@ def scaling_sweep():
     }
 
 
-# The time-to-train projection's cluster and job: the authors' (docs/performance.md): two-socket
-# nodes of 2 x 20 cores, 4 ranks of 10 cores each, 100 Gb/s links; BBBC021's ~9,900
+# The time-to-train projection's cluster and job, the authors' (docs/performance.md):
+# two-socket nodes of 2 x 20 cores, 4 ranks of 10 cores each, 100 Gb/s links; BBBC021's ~9,900
 # training fields for 52 epochs at 8 images per rank.
 NODE_CORES, RANKS_PER_NODE, LINK_GBPS = 40, 4, 100
 TRAIN_IMAGES, EPOCHS, PER_RANK_BATCH = 9900, 52, 8
@@ -338,8 +338,9 @@ def main(argv):
                "image_shape": manifest["image_shape"], "intra_op_threads": intra,
                "inter_op_threads": inter, "recompute": FLAGS.recompute,
                "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
+    requested_batch = FLAGS.per_rank_batch  # 'auto' fits each precision's memory anew
     for precision in precisions():
-        FLAGS.precision = precision
+        FLAGS.precision, FLAGS.per_rank_batch = precision, requested_batch
         FLAGS.per_rank_batch = train_mcnn.choose_per_rank_batch(
             manifest["image_shape"], manifest["splits"]["train"]["count"] // hvd.size())
         results[precision] = {"precision": precision, "recompute": FLAGS.recompute,

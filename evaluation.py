@@ -12,8 +12,6 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-import training_data
-
 TREATMENT = ["compound", "concentration"]
 
 
@@ -93,15 +91,14 @@ def make_predict(model, image_shape, dtype):
     return predict
 
 
-def evaluate(predict, dataset, manifest):
-    """Metrics of the whole held-out split: each rank predicts its own shards, and
-    Horovod gathers every field's result on all ranks."""
+def evaluate(predict, batches, classes):
+    """Metrics of the whole held-out split: each rank predicts its own `batches` (images,
+    labels, provenance), and Horovod gathers every field's result on all ranks."""
     mine = []
-    for images, labels, provenance in training_data.named_data_errors(iter(dataset), manifest,
-                                                                       "eval"):
+    for images, labels, provenance in batches:
         columns = {"label": labels.numpy(), "prediction": predict(images).numpy(),
                    **{k: [v.decode() for v in provenance[k].numpy()] for k in provenance}}
         mine.append(pd.DataFrame(columns))
     everyone = hvd.allgather_object(pd.concat(mine) if mine else None, name="eval_fields")
     fields = pd.concat([part for part in everyone if part is not None], ignore_index=True)
-    return fields, summarize(fields, manifest["classes"])
+    return fields, summarize(fields, classes)

@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 import tifffile
 
+import plates
+
 CHANNELS = ("DNA", "tubulin", "actin")
 VERSION = 2
 REFERENCE_AREA = 1024 * 1280  # phenotype sizes below are in pixels of a full field
@@ -48,6 +50,7 @@ PHENOTYPES = {
 CLASSES = tuple(PHENOTYPES)
 CONTROL = "DMSO"
 CONCENTRATIONS = ("1.0", "3.0")
+PLATES = 3  # plates a screen's fields are spread over, by default
 BBBC021_NAMES = ("DAPI", "Tubulin", "Actin")  # CHANNELS as the BBBC021 tables name them
 IMAGE_TABLE, MOA_TABLE, IMAGES = "BBBC021_v1_image.csv", "BBBC021_v1_moa.csv", "images"
 
@@ -158,12 +161,14 @@ def plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, 
     return rows
 
 
-def split_counts(num_classes, compounds_per_class, fields_per_treatment):
-    """About how many (train, eval) fields the screen's split by compound makes (one
-    compound in max(compounds_per_class, 2) held out), before the screen exists."""
-    fields = num_classes * compounds_per_class * len(CONCENTRATIONS) * fields_per_treatment
-    held_out = round(fields / max(compounds_per_class, 2))
-    return fields - held_out, held_out
+def split_counts(num_classes, compounds_per_class, fields_per_treatment, seed=0):
+    """(train, eval) fields of the screen as conversion_options splits it, known before
+    the screen exists: the split needs only the plan."""
+    options = conversion_options("", compounds_per_class, seed)
+    fields = pd.DataFrame(plan_screen(num_classes, compounds_per_class, fields_per_treatment,
+                                      PLATES, seed))
+    split = plates.assign_split(fields, options["split"], options["eval_fraction"], seed)
+    return int((split == "train").sum()), int((split == "eval").sum())
 
 
 def treated_phenotype(moa, strength, quirk):
@@ -188,7 +193,7 @@ def write_field(root, height, width, field, seed, index):
 
 
 def write_screen(output_dir, height, width, num_classes=len(CLASSES), compounds_per_class=3,
-                 fields_per_treatment=4, plates=3, seed=0, workers=None):
+                 fields_per_treatment=4, plates=PLATES, seed=0, workers=None):
     """Writes a screen in the BBBC021 layout: one folder per plate of single-channel
     16-bit TIFFs, plus BBBC021_v1_image.csv and BBBC021_v1_moa.csv. Atomically."""
     fields = plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, seed)

@@ -255,7 +255,8 @@ def log_progress(run, step, window, global_batch):
 
 
 def evaluate_and_report(run, step, eval_data, outcome):
-    fields, metrics = evaluation.evaluate(run.predict, eval_data, run.manifest)
+    batches = training_data.named_data_errors(iter(eval_data), run.manifest, "eval")
+    fields, metrics = evaluation.evaluate(run.predict, batches, run.manifest["classes"])
     epoch, accuracy = step / run.steps_per_epoch, metrics["accuracy"]
     outcome.metrics = metrics
     outcome.history.append({"step": step, "epoch": round(epoch, 3), "accuracy": accuracy,
@@ -371,7 +372,7 @@ def main(argv):
         FLAGS.time_budget_minutes = 0
     if FLAGS.time_budget_minutes and training_data.synthetic():
         (FLAGS.image_height, FLAGS.image_width), budget_rate = sizing.fit_synthetic_size(
-            (FLAGS.image_height, FLAGS.image_width), training_data.synthetic_split_counts(),
+            (FLAGS.image_height, FLAGS.image_width), training_data.synthetic_split_counts(FLAGS.seed),
             lambda size: measured_rate((*size, 3), FLAGS.synthetic_classes), FLAGS.eval_every)
     manifest, make_data = training_data.open_data(FLAGS.seed)
     image_shape, classes = tuple(manifest["image_shape"]), manifest["classes"]

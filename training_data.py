@@ -52,11 +52,11 @@ def synthetic():
     return not (FLAGS.data_dir or FLAGS.image_table)
 
 
-def synthetic_split_counts():
-    """About how many (train, eval) fields the synthetic screen of these flags holds."""
+def synthetic_split_counts(seed):
+    """(train, eval) fields of the synthetic screen of these flags, before it is made."""
     return synthetic_data.split_counts(FLAGS.synthetic_classes,
                                        FLAGS.synthetic_compounds_per_class,
-                                       FLAGS.synthetic_fields_per_treatment)
+                                       FLAGS.synthetic_fields_per_treatment, seed)
 
 
 def feed(batch_size, training=False, provenance=False, seed=0):
