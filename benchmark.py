@@ -173,11 +173,10 @@ def input_throughput(manifest, make_data):
     figures = {"tfrecord_images_per_sec": rate(iter(make_data("train", training_batches())))}
     screen = manifest["source"].replace("_by-compound", "_screen")
     if not FLAGS.data_dir and os.path.isdir(screen):
-        fields, classes, _, intensity = plates.prepare_fields(
+        fields, description = plates.prepare_fields(
             **synthetic_data.conversion_options(screen, FLAGS.synthetic_compounds_per_class,
                                                 FLAGS.seed))
-        tiffs = {"channels": list(plates.BBBC021_CHANNELS), "intensity": intensity,
-                 "classes": classes, "dtype": "uint8"}
+        tiffs = {**description, "dtype": "uint8"}
         figures["tiff_images_per_sec"] = rate(iter(data_pipeline.make_tiff_dataset(
             fields[fields["split"] == "train"], tiffs, training_batches())))
         figures["tiff_vs_tfrecord_ratio"] = (figures["tiff_images_per_sec"]

@@ -8,6 +8,7 @@ step, after a checkpoint. In Horovod's elastic mode the state to roll back to is
 committed with every checkpoint.
 """
 import glob
+import json
 import os
 import shutil
 import signal
@@ -56,29 +57,68 @@ def checkpoint_due(step, steps_per_epoch):
                 or (FLAGS.checkpoint_steps and step % FLAGS.checkpoint_steps == 0))
 
 
-def restore_or_start(manager, model_dir, global_batch):
+def restore_or_start(manager, model_dir, global_batch, data_manifest):
     """Rank 0: restores the latest checkpoint (--resume), or clears a previous run
-    (--overwrite), or refuses to touch it. Returns the step to continue from."""
+    (--overwrite), or refuses to touch it; then records the data the run trains on.
+    Returns the step to continue from."""
     try:
         os.makedirs(model_dir, exist_ok=True)
     except OSError as e:
         raise app.UsageError(f"--model_dir={model_dir} cannot be created: {e.strerror}")
     latest = manager.latest_checkpoint
+    step = 0
     if latest and FLAGS.resume:
-        try:
-            manager.checkpoint.restore(latest).assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as e:
-            raise app.UsageError(f"{latest} does not fit this model (another image size, "
-                                 f"class count or data set?): {str(e)[:300]}")
-        saved_batch = int(manager.checkpoint.global_batch)
-        if saved_batch != global_batch:
-            raise app.UsageError(
-                f"{latest} was trained with a global batch of {saved_batch}, this run has "
-                f"{global_batch} (ranks x --per_rank_batch): the schedule would not continue. "
-                f"Use the same, or --noresume --overwrite to start afresh")
-        return int(manager.checkpoint.optimizer.iterations)
-    if FLAGS.resume:
-        return 0  # nothing to resume: a fresh start
+        check_same_data(model_dir, data_manifest)
+        step = restore(manager, latest, global_batch)
+    elif not FLAGS.resume:
+        clear_previous_run(model_dir)
+    mcnn_model.record_data(model_dir, data_manifest)
+    return step
+
+
+def data_the_weights_fit(data_manifest):
+    """What a run's weights are tied to: field size, channels, binning and classes."""
+    return {"image_shape": data_manifest["image_shape"], "channels": data_manifest.get("channels"),
+            "bin": data_manifest.get("bin", 1), "classes": data_manifest["classes"]}
+
+
+def check_same_data(model_dir, data_manifest):
+    """Refuses to resume a run recorded (record_data) with data of another field size,
+    channels, binning or classes: its weights would not fit, or would fit and mean
+    something else."""
+    path = os.path.join(model_dir, mcnn_model.DATA_MANIFEST)
+    if not os.path.isfile(path):
+        return  # a run from before the record; restoring checks the shapes
+    with open(path) as f:
+        there = data_the_weights_fit(json.load(f))
+    here = data_the_weights_fit(data_manifest)
+    differences = [f"{key} {there[key]} there, {here[key]} here"
+                   for key in here if there[key] != here[key]]
+    if differences:
+        raise app.UsageError(
+            f"--model_dir={model_dir} holds a run trained on other data than this run's "
+            f"({data_manifest['source']}): {'; '.join(differences)}. Give another --model_dir, "
+            f"or --noresume --overwrite to start afresh in this one")
+
+
+def restore(manager, latest, global_batch):
+    """Restores `latest` into the manager's objects; returns its step."""
+    try:
+        manager.checkpoint.restore(latest).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        raise app.UsageError(f"{latest} does not fit this model (another image size, "
+                             f"class count or data set?): {str(e)[:300]}")
+    saved_batch = int(manager.checkpoint.global_batch)
+    if saved_batch != global_batch:
+        raise app.UsageError(
+            f"{latest} was trained with a global batch of {saved_batch}, this run has "
+            f"{global_batch} (ranks x --per_rank_batch): the schedule would not continue. "
+            f"Use the same, or --noresume --overwrite to start afresh")
+    return int(manager.checkpoint.optimizer.iterations)
+
+
+def clear_previous_run(model_dir):
+    """--noresume: deletes a previous run's outputs with --overwrite, else refuses."""
     previous = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(model_dir, name))]
     if previous and not FLAGS.overwrite:
         raise app.UsageError(f"--model_dir={model_dir} holds a previous run "
@@ -87,16 +127,15 @@ def restore_or_start(manager, model_dir, global_batch):
     for name in previous:
         path = os.path.join(model_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    return 0
 
 
-def agree_on_start(manager, model_dir, global_batch):
+def agree_on_start(manager, model_dir, global_batch, data_manifest):
     """The step every rank starts from; rank 0 decides, and its errors stop every rank.
     The caller then broadcasts rank 0's (restored) variables."""
     step, error = 0, None
     if hvd.rank() == 0:
         try:
-            step = restore_or_start(manager, model_dir, global_batch)
+            step = restore_or_start(manager, model_dir, global_batch, data_manifest)
         except app.UsageError as e:
             error = str(e)
     step, error = hvd.broadcast_object((step, error), root_rank=0, name="start")

@@ -162,27 +162,36 @@ def read_manifest(data_dir):
     folder and what is wrong."""
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"data set folder {data_dir} does not exist")
+        raise plates.InputError(f"data set folder {data_dir} does not exist")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {data_dir} is not an M-CNN data set "
-                                f"(convert your images first, or omit the data flag for synthetic data)")
+        raise plates.InputError(f"{path} not found: {data_dir} is not an M-CNN data set "
+                                f"(convert your images first, or omit the data flag for "
+                                f"synthetic data)")
     try:
         with open(path) as f:
             manifest = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): was the conversion interrupted?")
+        raise plates.InputError(f"{path} is not valid JSON ({e}): was the conversion "
+                                f"interrupted?")
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise plates.InputError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("dtype") not in DTYPES:
-        raise ValueError(f"{path}: dtype {manifest.get('dtype')!r} is not one of {list(DTYPES)}")
+        raise plates.InputError(f"{path}: dtype {manifest.get('dtype')!r} is not one of "
+                                f"{list(DTYPES)}")
+    shape = manifest.get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(side, int) and side > 0 for side in shape)):
+        raise plates.InputError(f"{path}: image_shape {shape} is not [height, width, channels] "
+                                f"of at least 1 each; convert the plates again")
     for split, info in manifest["splits"].items():
         for name in info["files"]:
             shard = os.path.join(data_dir, name)
             if not os.path.isfile(shard):
-                raise FileNotFoundError(f"{path} lists {name} in split {split!r}, "
+                raise plates.InputError(f"{path} lists {name} in split {split!r}, "
                                         f"but {shard} does not exist")
             if os.path.getsize(shard) == 0:
-                raise ValueError(f"{shard} is empty, but {path} lists it in split {split!r}")
+                raise plates.InputError(f"{shard} is empty, but {path} lists it in split "
+                                        f"{split!r}")
     return {**manifest, "source": data_dir}
 
 
@@ -340,20 +349,19 @@ def augmented_batches(ds, feed):
 
 def make_tiff_dataset(fields, manifest, feed):
     """Like make_dataset, but straight from plates: `fields` (plates.prepare_fields rows)
-    are read from their TIFFs and scaled inside tf.data with the manifest's channels,
-    intensity ranges, classes and dtype. No conversion step, at the cost of decoding
+    are read from their TIFFs, binned and scaled inside tf.data with the manifest's
+    channels, bin, intensity ranges, classes and dtype. No conversion step, at the cost of decoding
     TIFFs every epoch."""
     mine = fields.iloc[feed.rank::feed.num_ranks]
     if mine.empty:
         raise ValueError(f"{len(fields)} fields for {feed.num_ranks} ranks: rank {feed.rank} "
                          f"has none")
-    channels, dtype = manifest["channels"], manifest["dtype"]
+    channels, dtype, shape = manifest["channels"], manifest["dtype"], manifest["image_shape"]
     class_index = {name: i for i, name in enumerate(manifest["classes"])}
-    first = mine.iloc[0]
-    shape = plates.read_field([first[f"path_{c}"] for c in channels], first["row"]).shape
 
     def load(paths, plate, row):
-        image = plates.read_field([p.decode() for p in paths], int(row))
+        image = plates.read_field([p.decode() for p in paths], int(row),
+                                  manifest.get("bin", 1), shape)
         return plates.scale_to(image, plates.ranges_for(plate.decode(), manifest["intensity"]),
                                np.dtype(dtype))
 

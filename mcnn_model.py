@@ -5,6 +5,12 @@ by 2**k, applies three 5x5 convolutions, then max-pools by 64 / 2**k so that
 every column ends at H/64 x W/64. The columns are concatenated, mixed by a 1x1
 convolution, pooled once more and classified by two dense layers. At 1024 x 1280
 x 3 with 13 classes it has 42,577,261 parameters, 98.5% of them in `fc_512`.
+
+The pooling needs sides that are multiples of 128; fields of other sizes (2160 x
+2160, 1392 x 1040, ...) are zero-padded to the next multiple by the model's first
+layer, around the field's centre, so prediction on new fields of the same size
+needs nothing extra. After the data's intensity scaling, zero is each channel's
+low percentile: the padding is dark background, no invented signal.
 """
 import json
 import os
@@ -31,16 +37,33 @@ HIDDEN_UNITS = 512
 
 
 def check_image_shape(image_shape):
-    """Raises ValueError unless image_shape is (H, W, C) with H, W divisible by 128."""
-    if len(image_shape) != 3:
-        raise ValueError(f"image_shape must be (height, width, channels), got {image_shape}")
-    height, width, channels = image_shape
-    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or height <= 0 or width <= 0:
-        raise ValueError(
-            f"M-CNN image height and width must be positive multiples of {SIZE_MULTIPLE} "
-            f"(64x pooling in the columns, then 2x after the merge); got {height} x {width}")
-    if channels <= 0:
-        raise ValueError(f"image_shape needs at least one channel, got {image_shape}")
+    """Raises ValueError unless image_shape is (height, width, channels), all positive."""
+    if len(image_shape) != 3 or min(image_shape) <= 0:
+        raise ValueError(f"image_shape must be (height, width, channels), each at least 1; "
+                         f"got {tuple(image_shape)}")
+
+
+def padded_size(height, width):
+    """The size the model computes at: each side rounded up to a multiple of 128."""
+    return tuple(-(-side // SIZE_MULTIPLE) * SIZE_MULTIPLE for side in (height, width))
+
+
+def padding(height, width):
+    """((top, bottom), (left, right)) zero rows and columns that centre a field in its
+    padded size (the extra one, if odd, at the bottom or right)."""
+    return tuple((extra // 2, extra - extra // 2)
+                 for extra in (p - s for p, s in zip(padded_size(height, width), (height, width))))
+
+
+def describe_padding(height, width):
+    """'' for sides that need no padding, else what the model does to them, in words."""
+    padded = padded_size(height, width)
+    if padded == (height, width):
+        return ""
+    padding_share = 1 - height * width / (padded[0] * padded[1])
+    return (f"{height} x {width} fields are zero-padded to {padded[0]} x {padded[1]} in the "
+            f"model (the M-CNN pools by {SIZE_MULTIPLE}; zero is each channel's low "
+            f"percentile); {padding_share:.0%} of the pixels it computes on are padding")
 
 
 @tf.keras.utils.register_keras_serializable("mcnn")
@@ -176,6 +199,8 @@ def mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute):
     x = images
     if tf.as_dtype(input_dtype).is_integer:
         x = tf.keras.layers.Rescaling(1.0 / tf.as_dtype(input_dtype).max, name="to_unit_range")(x)
+    if padded_size(*image_shape[:2]) != tuple(image_shape[:2]):
+        x = tf.keras.layers.ZeroPadding2D(padding(*image_shape[:2]), name="pad_to_128")(x)
     if data_format == "channels_first":
         x = tf.keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
 
@@ -192,12 +217,22 @@ def mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute):
     return tf.keras.Model(images, logits, name="mcnn")
 
 
-def export(model, model_dir, data_manifest):
-    """Saves `model` as a SavedModel with the manifest of its training data (classes,
-    channels, intensity ranges), which prediction needs."""
+def record_data(model_dir, data_manifest):
+    """Writes the manifest of a run's training data (classes, channels, field size,
+    binning, intensity ranges), which prediction and a resumed run need, with the
+    padding the model applies; atomically."""
+    height, width = data_manifest["image_shape"][:2]
+    record = {**data_manifest, "padded_to": list(padded_size(height, width)),
+              "padding": [list(sides) for sides in padding(height, width)]}
+    path = os.path.join(model_dir, DATA_MANIFEST)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def export(model, model_dir):
+    """Saves `model` as a SavedModel beside its data manifest (record_data)."""
     model.save(os.path.join(model_dir, SAVED_MODEL))
-    with open(os.path.join(model_dir, DATA_MANIFEST), "w") as f:
-        json.dump(data_manifest, f, indent=2)
 
 
 def load_trained(model_dir, precision="float32"):

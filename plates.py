@@ -9,6 +9,7 @@ from TIFFs (data_pipeline.py) and prediction (predict.py) all read plates here.
 import os
 import sys
 
+from absl import app
 import numpy as np
 import pandas as pd
 import tifffile
@@ -20,6 +21,19 @@ SPLITS = ("compound", "plate", "random")
 
 class InputError(ValueError):
     """Bad input: the message names the table, row or file at fault."""
+
+
+def run_main(main):
+    """absl's app.run(main), but bad input (an InputError) or flags (app.UsageError)
+    end the program with their message alone, which names what is at fault: a
+    traceback, or absl's list of every flag, would only hide it."""
+    def main_reporting_bad_input(argv):
+        try:
+            return main(argv)
+        except (InputError, app.UsageError) as error:
+            print(f"{os.path.basename(sys.argv[0])}: {error}", file=sys.stderr, flush=True)
+            sys.exit(1)
+    app.run(main_reporting_bad_input)
 
 
 def require_columns(table, columns, path):
@@ -124,8 +138,15 @@ def held_out_count(n, fraction):
     return min(max(round(n * fraction), 1), n - 1) if n > 1 else 0
 
 
-def read_field(paths, row):
-    """The channels of one field stacked as (H, W, C), exactly as stored."""
+def field_paths(row, channels):
+    """The TIFF of each channel of a field (a row of read_fields)."""
+    return [row[f"path_{channel}"] for channel in channels]
+
+
+def read_field(paths, row, binning=1, shape=None):
+    """The channels of one field stacked as (H, W, C): exactly as stored, or for
+    binning > 1 the mean of each binning x binning block (bin_field). With `shape`,
+    a field of another (binned) height and width is refused."""
     planes = []
     for path in paths:
         try:
@@ -134,36 +155,56 @@ def read_field(paths, row):
             raise InputError(f"image table row {row}: {path} does not exist") from None
         except Exception as error:  # tifffile raises many types for damaged files
             raise InputError(f"image table row {row}: cannot read {path}: {error}") from None
-        if plane.ndim != 2:
-            raise InputError(f"image table row {row}: {path} is not a single greyscale plane "
-                             f"(shape {plane.shape})")
+        if plane.ndim != 2 or min(plane.shape) == 0:
+            raise InputError(f"image table row {row}: {path} is not a greyscale plane of at "
+                             f"least one pixel (shape {plane.shape})")
         if planes and plane.shape != planes[0].shape:
             raise InputError(f"image table row {row}: {path} is {plane.shape[0]} x "
                              f"{plane.shape[1]}, but {paths[0]} is {planes[0].shape[0]} x "
                              f"{planes[0].shape[1]}")
         planes.append(plane)
-    return np.stack(planes, axis=-1)
+    field = bin_field(np.stack(planes, axis=-1), binning)
+    if shape is not None and field.shape[:2] != tuple(shape[:2]):
+        binned = f" (binned {binning} x {binning})" if binning > 1 else ""
+        raise InputError(f"image table row {row}: {paths[0]} makes a {field.shape[0]} x "
+                         f"{field.shape[1]} field{binned}, not {shape[0]} x {shape[1]} as the "
+                         f"others: a data set, and the fields a model predicts, are of one "
+                         f"size; convert (or predict) each size separately")
+    return field
 
 
-def channel_percentiles(fields, channels, percentiles, sample_fields, seed):
+def bin_field(image, binning):
+    """The mean of each binning x binning block of `image` (H, W, C), in float64, so
+    exact for 8- and 16-bit pixels; the last rows and columns, if they fill no
+    whole block, are dropped (as ImageJ's Bin does). binning=1: `image` as it is."""
+    if binning == 1:
+        return image
+    height, width = (side // binning for side in image.shape[:2])
+    blocks = image[:height * binning, :width * binning].reshape(
+        height, binning, width, binning, image.shape[2])
+    return blocks.mean(axis=(1, 3), dtype=np.float64)
+
+
+def channel_percentiles(fields, channels, percentiles, sample_fields, seed, binning=1):
     """[[low, high] per channel] over up to `sample_fields` fields (pixels subsampled 4x4)."""
     rng = np.random.default_rng(seed)
     chosen = fields.iloc[sorted(rng.permutation(len(fields))[:sample_fields])]
     pixels = np.concatenate([
-        read_field([r[f"path_{c}"] for c in channels], r["row"])[::4, ::4].reshape(-1, len(channels))
-        for _, r in chosen.iterrows()])
+        read_field(field_paths(r, channels), r["row"], binning)[::4, ::4].reshape(
+            -1, len(channels)) for _, r in chosen.iterrows()])
     lows = np.percentile(pixels, percentiles[0], axis=0)
     highs = np.percentile(pixels, percentiles[1], axis=0)
     return [[float(lo), float(max(hi, lo + 1))] for lo, hi in zip(lows, highs)]
 
 
-def intensity_ranges(fields, channels, percentiles, scaling, sample_fields, seed):
+def intensity_ranges(fields, channels, percentiles, scaling, sample_fields, seed, binning=1):
     """{"all": ranges, "plates": {plate: ranges}} (plates only with per_plate scaling)."""
     ranges = {"scaling": scaling, "percentiles": list(percentiles),
-              "all": channel_percentiles(fields, channels, percentiles, sample_fields * 4, seed)}
+              "all": channel_percentiles(fields, channels, percentiles, sample_fields * 4, seed,
+                                         binning)}
     if scaling == "per_plate":
         ranges["plates"] = {plate: channel_percentiles(members, channels, percentiles,
-                                                       sample_fields, seed)
+                                                       sample_fields, seed, binning)
                             for plate, members in fields.groupby("plate", sort=True)}
     return ranges
 
@@ -183,8 +224,14 @@ def ranges_for(plate, intensity):
 def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS, columns=None,
                    split="compound", eval_fraction=0.2, include_control=False, control="DMSO",
                    missing_moa="skip", scaling="per_plate", percentiles=(0.1, 99.9),
-                   range_sample_fields=8, seed=0):
-    """(fields with their split, classes, (height, width, channels), intensity ranges)."""
+                   range_sample_fields=8, binning=1, seed=0):
+    """(fields with their split, the data's description for its manifest: classes,
+    channels, image_shape as trained on, field_shape as stored, bin, intensity)."""
+    if not channels:
+        raise InputError("no channels: --channels names the image table's channels, "
+                         "at least one (for BBBC021: DAPI,Tubulin,Actin)")
+    if binning < 1:
+        raise InputError(f"--bin={binning}: the bin is at least 1 (1: no binning)")
     fields = read_fields(image_table, image_root, list(channels),
                          {**DEFAULT_COLUMNS, **(columns or {})}, moa_table, control,
                          include_control, missing_moa)
@@ -194,11 +241,28 @@ def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS
             raise InputError(f"--split={split} left no {side} fields "
                              f"({len(fields)} fields, --eval_fraction={eval_fraction})")
     first = fields.iloc[0]
-    height, width = read_field([first[f"path_{c}"] for c in channels], first["row"]).shape[:2]
-    intensity = intensity_ranges(fields, list(channels), percentiles, scaling,
-                                 range_sample_fields, seed)
-    classes = sorted(fields["moa"].unique())
-    return fields, classes, (int(height), int(width), len(channels)), intensity
+    height, width, _ = read_field(field_paths(first, channels), first["row"]).shape
+    if min(height, width) < binning:
+        raise InputError(f"{image_table} row {first['row']}: {height} x {width} fields are "
+                         f"smaller than one bin of --bin={binning}")
+    return fields, {
+        "classes": sorted(fields["moa"].unique()), "channels": list(channels),
+        "image_shape": [height // binning, width // binning, len(channels)],
+        "field_shape": [int(height), int(width)], "bin": binning,
+        "intensity": intensity_ranges(fields, list(channels), percentiles, scaling,
+                                      range_sample_fields, seed, binning)}
+
+
+def describe_binning(data):
+    """'' without binning, else what was done to the fields of `data` (a manifest), in words."""
+    if data.get("bin", 1) == 1:
+        return ""
+    (height, width), (binned_height, binned_width) = data["field_shape"], data["image_shape"][:2]
+    left_over = [f"{n} {side}{'s' * (n > 1)}" for n, side in (
+        (height % data["bin"], "row"), (width % data["bin"], "column")) if n]
+    return (f"{height} x {width} fields are binned {data['bin']} x {data['bin']} to "
+            f"{binned_height} x {binned_width} (the mean of each block"
+            + (f"; dropped as left over: {', '.join(left_over)})" if left_over else ")"))
 
 
 DEFAULT_COLUMNS = {
@@ -243,6 +307,8 @@ def define_conversion_flags(flags):
                       "Intensity ranges per plate and channel, or per channel overall.")
     flags.DEFINE_list("percentiles", ["0.1", "99.9"], "Low and high percentile of the range.")
     flags.DEFINE_integer("range_sample_fields", 8, "Fields per plate read to find the ranges.")
+    flags.DEFINE_integer("bin", 1, "Average each N x N block of pixels (2: 2160 x 2160 fields "
+                         "train as 1080 x 1080, at about a quarter of the compute).", lower_bound=1)
 
 
 def conversion_options(FLAGS):
@@ -253,4 +319,4 @@ def conversion_options(FLAGS):
                 eval_fraction=FLAGS.eval_fraction, include_control=FLAGS.include_dmso,
                 control=FLAGS.control_moa, missing_moa=FLAGS.missing_moa,
                 scaling=FLAGS.scaling, percentiles=[float(p) for p in FLAGS.percentiles],
-                range_sample_fields=FLAGS.range_sample_fields)
+                range_sample_fields=FLAGS.range_sample_fields, binning=FLAGS.bin)

@@ -7,7 +7,8 @@
 Writes one row per field (plate, well, compound, concentration, predicted MoA, the
 probability of each class) to --output, and one row per treatment (majority vote
 of its fields, mean probabilities) beside it as *_treatments.csv. TIFFs are scaled
-with the intensity ranges recorded when the training data was made. Launched with
+with the intensity ranges recorded when the training data was made, and binned as
+it was (the model pads fields itself). Launched with
 several ranks (./launch train --program predict.py -- ...), each predicts its share.
 """
 import os
@@ -48,14 +49,11 @@ def table_batches(manifest):
     dtype = np.dtype(manifest["dtype"])
     for start in range(0, len(mine), FLAGS.batch_size):
         rows = mine.iloc[start:start + FLAGS.batch_size]
-        images = []
-        for _, row in rows.iterrows():
-            image = plates.read_field([row[f"path_{c}"] for c in channels], row["row"])
-            if list(image.shape) != manifest["image_shape"]:
-                raise app.UsageError(f"image table row {row['row']}: fields are {image.shape}, "
-                                     f"the model takes {manifest['image_shape']}")
-            images.append(plates.scale_to(
-                image, plates.ranges_for(row["plate"], manifest["intensity"]), dtype))
+        images = [plates.scale_to(
+            plates.read_field(plates.field_paths(row, channels), row["row"],
+                              manifest.get("bin", 1), manifest["image_shape"]),
+            plates.ranges_for(row["plate"], manifest["intensity"]), dtype)
+            for _, row in rows.iterrows()]
         yield np.stack(images), rows[PROVENANCE].reset_index(drop=True)
 
 
@@ -99,6 +97,11 @@ def main(argv):
     precision, _ = tf_env.resolve_precision(FLAGS.precision)
     model, manifest = mcnn_model.load_trained(FLAGS.model_dir, precision)
     classes = manifest["classes"]
+    if hvd.rank() == 0:
+        for note in (plates.describe_binning(manifest),
+                     mcnn_model.describe_padding(*manifest["image_shape"][:2])):
+            if note:
+                print(note)
     batches = shard_batches(manifest) if FLAGS.data_dir else table_batches(manifest)
     everyone = hvd.allgather_object(predict_fields(model, batches, classes), name="predictions")
     if hvd.rank() != 0:
@@ -112,4 +115,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["model_dir", "output"])
-    app.run(main)
+    plates.run_main(main)

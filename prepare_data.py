@@ -43,12 +43,15 @@ def shard_plan(fields, images_per_shard):
     return plan
 
 
-def write_shard(path, rows, channels, intensity, dtype, class_index):
-    """Reads, scales and writes one shard's fields (atomically: tmp, then rename)."""
+def write_shard(path, rows, data, dtype, class_index):
+    """Reads, bins, scales and writes one shard's fields (atomically: tmp, then rename);
+    `data` is the description of plates.prepare_fields."""
     def examples():
         for row in rows:
-            image = plates.read_field([row[f"path_{c}"] for c in channels], row["row"])
-            scaled = plates.scale_to(image, plates.ranges_for(row["plate"], intensity), dtype)
+            image = plates.read_field(plates.field_paths(row, data["channels"]), row["row"],
+                                      data["bin"], data["image_shape"])
+            scaled = plates.scale_to(image, plates.ranges_for(row["plate"], data["intensity"]),
+                                     dtype)
             yield scaled, class_index[row["moa"]], {
                 k: row[k] for k in ("compound", "concentration", "plate", "well")}
 
@@ -63,23 +66,25 @@ def fingerprint(**inputs):
 def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC021_CHANNELS,
             columns=None, split="compound", eval_fraction=0.2, include_control=False,
             control="DMSO", missing_moa="skip", dtype="uint8", scaling="per_plate",
-            percentiles=(0.1, 99.9), range_sample_fields=8, images_per_shard=16, seed=0,
-            workers=None, progress=print):
+            percentiles=(0.1, 99.9), range_sample_fields=8, binning=1, images_per_shard=16,
+            seed=0, workers=None, progress=print):
     """Converts plates to a data set in `output_dir`; returns its manifest."""
     columns = {**plates.DEFAULT_COLUMNS, **(columns or {})}
     channels = list(channels)
     if os.path.exists(os.path.join(output_dir, data_pipeline.MANIFEST)):
         raise plates.InputError(f"{output_dir} already holds a data set; choose another "
                                 f"--output_dir")
-    fields, classes, image_shape, intensity = plates.prepare_fields(
+    fields, data = plates.prepare_fields(
         image_table, moa_table, image_root, channels, columns, split, eval_fraction,
-        include_control, control, missing_moa, scaling, percentiles, range_sample_fields, seed)
+        include_control, control, missing_moa, scaling, percentiles, range_sample_fields,
+        binning, seed)
+    classes = data["classes"]
     sources = {"image_table": file_sha256(image_table), "moa_table": file_sha256(moa_table)}
     staging = f"{os.path.abspath(output_dir)}.partial-" + fingerprint(
         sources=sources, image_root=os.path.abspath(image_root), channels=channels,
         columns=columns, split=split, eval_fraction=eval_fraction, control=control,
-        include_control=include_control, dtype=dtype, intensity=intensity,
-        images_per_shard=images_per_shard, seed=seed)
+        include_control=include_control, dtype=dtype, intensity=data["intensity"],
+        binning=binning, images_per_shard=images_per_shard, seed=seed)
     os.makedirs(staging, exist_ok=True)
 
     plan = shard_plan(fields, images_per_shard)
@@ -90,13 +95,11 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
     if len(todo) < len(plan):
         progress(f"Resuming in {staging}: {len(plan) - len(todo)} of {len(plan)} shards done")
     class_index = {name: i for i, name in enumerate(classes)}
-    write_shards(todo, fields, staging, channels, intensity, dtype, class_index,
+    write_shards(todo, fields, staging, data, dtype, class_index,
                  workers or len(os.sched_getaffinity(0)), progress)
 
     manifest = {
-        "format": data_pipeline.FORMAT, "classes": classes,
-        "image_shape": list(image_shape), "dtype": dtype,
-        "channels": channels, "intensity": intensity,
+        "format": data_pipeline.FORMAT, **data, "dtype": dtype,
         "split": {"by": split, "eval_fraction": eval_fraction, "seed": seed},
         "splits": {side: {
             "files": [n for n, _ in plan if n.startswith(side)],
@@ -114,16 +117,15 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
     return manifest
 
 
-def write_shards(todo, fields, staging, channels, intensity, dtype, class_index, workers,
-                 progress):
+def write_shards(todo, fields, staging, data, dtype, class_index, workers, progress):
     start, done = time.time(), 0
     total = sum(len(indices) for _, indices in todo)
     # spawn, not fork: the caller may be an MPI rank with TensorFlow running.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = [pool.submit(write_shard, os.path.join(staging, name),
-                               [fields.loc[i].to_dict() for i in indices], channels,
-                               intensity, dtype, class_index) for name, indices in todo]
+                               [fields.loc[i].to_dict() for i in indices], data, dtype,
+                               class_index) for name, indices in todo]
         for future in concurrent.futures.as_completed(futures):
             done += future.result()
             rate = done / (time.time() - start)
@@ -138,10 +140,12 @@ def main(_):
     print(f"{FLAGS.output_dir}: {counts['train']} train and {counts['eval']} eval fields of "
           f"{manifest['image_shape']} {manifest['dtype']}, {len(manifest['classes'])} classes, "
           f"split by {FLAGS.split}")
+    if plates.describe_binning(manifest):
+        print(plates.describe_binning(manifest))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
     plates.define_conversion_flags(flags)
     flags.DEFINE_string("output_dir", None, "Data set folder to create.")
@@ -151,4 +155,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("workers", 0, "Processes reading and writing (0: every core).")
     flags.mark_flags_as_required(["image_table", "moa_table", "image_root", "output_dir"])
     FLAGS = flags.FLAGS
-    app.run(main)
+    plates.run_main(main)

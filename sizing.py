@@ -10,6 +10,7 @@ model trains a few steps on random images; from that rate the run keeps the
 largest image size (of the synthetic screen) at which MIN_EPOCHS fit the budget,
 and then trains as many epochs as fit.
 """
+import math
 import os
 import time
 
@@ -57,8 +58,9 @@ MEMORY_SAFETY = 0.9  # of the memory the rank may use
 
 
 def memory_gb(image_shape, batch, precision, recompute):
-    """Estimated peak memory of a training rank with this per-rank batch."""
-    pixels = image_shape[0] * image_shape[1] * image_shape[2]
+    """Estimated peak memory of a training rank with this per-rank batch (the model
+    computes at the padded size)."""
+    pixels = math.prod(mcnn_model.padded_size(*image_shape[:2])) * image_shape[2]
     per_image = MEMORY_PER_FULL_SIZE_IMAGE_GB[precision, recompute]
     return MEMORY_FIXED_GB + batch * per_image * pixels / FULL_SIZE_PIXELS
 

@@ -24,6 +24,7 @@ import data_pipeline
 import evaluation
 import lr_schedule
 import mcnn_model
+import plates
 import run_log
 from run_log import log
 import sizing
@@ -313,6 +314,9 @@ def write_summary(run, outcome, start_step, seconds, in_sync):
         "steps": outcome.step,
         "epochs": round(outcome.step / run.steps_per_epoch, 3),
         "data": run.manifest["source"],
+        "image_shape": run.manifest["image_shape"],
+        "bin": run.manifest.get("bin", 1),
+        "padded_to": list(mcnn_model.padded_size(*run.manifest["image_shape"][:2])),
         "classes": run.manifest["classes"],
         "final_treatment_accuracy": metrics["treatment_accuracy"],
         "split": run.manifest.get("split", {}).get("by"),
@@ -328,7 +332,7 @@ def finish(run, outcome, start_step):
     seconds = time.time() - run.started
     in_sync = weights_in_sync(run.model)
     if hvd.rank() == 0:
-        mcnn_model.export(run.model, FLAGS.model_dir, run.manifest)
+        mcnn_model.export(run.model, FLAGS.model_dir)
         log(f"Held-out results at the end (split: "
             f"{run.manifest.get('split', {}).get('by', 'as given')}): "
             f"{evaluation.format_per_class(outcome.metrics)}")
@@ -345,6 +349,10 @@ def log_start(run, intra, inter, precision_why, start_step):
     manifest, model = run.manifest, run.model
     log(f"M-CNN: {model.count_params():,} parameters, images {tuple(manifest['image_shape'])} "
         f"{manifest['dtype']}, {len(manifest['classes'])} classes; data {manifest['source']}")
+    for note in (plates.describe_binning(manifest),
+                 mcnn_model.describe_padding(*manifest["image_shape"][:2])):
+        if note:
+            log(note)
     log(f"{hvd.size()} rank{'s' * (hvd.size() > 1)} x {FLAGS.per_rank_batch} images = global "
         f"batch {FLAGS.per_rank_batch * hvd.size()}; {run.steps_per_epoch} steps/epoch, "
         f"{run.total_steps} steps; peak LR {run.schedule.peak_lr:g} ({FLAGS.lr_scaling} rule); "
@@ -396,7 +404,7 @@ def main(argv):
     optimizer.build(model.trainable_variables)
     manager = checkpoints.open_checkpoints(FLAGS.model_dir, model, optimizer, global_batch)
     # Rank 0 restores the latest checkpoint, if any, before the broadcast below.
-    start_step = checkpoints.agree_on_start(manager, FLAGS.model_dir, global_batch)
+    start_step = checkpoints.agree_on_start(manager, FLAGS.model_dir, global_batch, manifest)
     # Horovod 4: every rank starts from rank 0's weights and optimizer state.
     hvd.broadcast_variables(model.variables, root_rank=0)
     hvd.broadcast_variables(optimizer.variables, root_rank=0)
@@ -418,4 +426,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    plates.run_main(main)

@@ -21,8 +21,8 @@ flags.DEFINE_string("data_dir", None, "Data set folder (manifest.json + TFRecord
                     "Unset: the embedded synthetic screen.")
 flags.DEFINE_string("synthetic_cache", os.path.join(HERE, "data"),
                     "Where the synthetic data set is generated and cached.")
-flags.DEFINE_integer("image_height", 1024, "Synthetic image height (multiple of 128).")
-flags.DEFINE_integer("image_width", 1280, "Synthetic image width (multiple of 128).")
+flags.DEFINE_integer("image_height", 1024, "Synthetic image height.", lower_bound=1)
+flags.DEFINE_integer("image_width", 1280, "Synthetic image width.", lower_bound=1)
 flags.DEFINE_integer("synthetic_classes", len(synthetic_data.CLASSES),
                      "MoA classes in the synthetic screen, the DMSO control included.")
 flags.DEFINE_integer("synthetic_compounds_per_class", 3,
@@ -38,13 +38,6 @@ plates.define_conversion_flags(flags)
 FLAGS = flags.FLAGS
 SYNTHETIC_ONLY = ("image_height", "image_width", "synthetic_classes",
                   "synthetic_compounds_per_class", "synthetic_fields_per_treatment")
-
-
-@flags.multi_flags_validator(["image_height", "image_width"],
-                             message="--image_height and --image_width must be multiples of "
-                                     f"{mcnn_model.SIZE_MULTIPLE} (the M-CNN pools by 128)")
-def _image_size_fits_the_model(sizes):
-    return all(size > 0 and size % mcnn_model.SIZE_MULTIPLE == 0 for size in sizes.values())
 
 
 def synthetic():
@@ -69,6 +62,9 @@ def open_data(seed):
     """(manifest, batches(split, feed)) for the synthetic screen, a data set or plates."""
     if FLAGS.data_dir and FLAGS.image_table:
         raise app.UsageError("give --data_dir or --image_table, not both")
+    if FLAGS["bin"].present and not FLAGS.image_table:
+        raise app.UsageError("--bin applies to plates read with --image_table; a data set "
+                             "was binned when it was converted (its manifest says how)")
     if FLAGS.image_table:
         return open_plates(seed)
     if FLAGS.data_dir:
@@ -89,10 +85,8 @@ def open_data(seed):
 
 def open_plates(seed):
     """Training straight from TIFFs: the fields, split and scaled as prepare_data.py would."""
-    fields, classes, image_shape, intensity = plates.prepare_fields(
-        **plates.conversion_options(FLAGS), seed=seed)
-    manifest = {"classes": classes, "image_shape": list(image_shape), "dtype": "uint8",
-                "channels": FLAGS.channels, "intensity": intensity,
+    fields, description = plates.prepare_fields(**plates.conversion_options(FLAGS), seed=seed)
+    manifest = {**description, "dtype": "uint8",
                 "split": {"by": FLAGS.split, "eval_fraction": FLAGS.eval_fraction},
                 "splits": {side: {"count": int((fields["split"] == side).sum())}
                            for side in ("train", "eval")},

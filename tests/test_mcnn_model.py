@@ -46,9 +46,27 @@ def test_dense_layer_follows_the_image_size():
     assert logits.shape == (2, 5)
 
 
-@pytest.mark.parametrize("shape", [(1000, 1280, 3), (1024, 1300, 3), (64, 128, 3)])
-def test_sizes_not_divisible_by_128_are_refused(shape):
-    with pytest.raises(ValueError, match="multiples of 128"):
+def test_fields_of_any_size_are_zero_padded_around_their_centre_to_multiples_of_128():
+    assert mcnn_model.padded_size(200, 300) == (256, 384)
+    assert mcnn_model.padding(200, 300) == ((28, 28), (42, 42))
+    assert mcnn_model.padding(1040, 1392) == ((56, 56), (8, 8))
+    assert mcnn_model.padding(1080, 1080) == ((36, 36), (36, 36))  # to 1152 x 1152
+    assert mcnn_model.padding(129, 128) == ((63, 64), (0, 0))
+    assert mcnn_model.describe_padding(1024, 1280) == ""
+    model = mcnn_model.build_mcnn((200, 300, 5), 3)
+    assert model.get_layer("fc_512").input.shape[-1] == (256 // 128) * (384 // 128) * 1024
+    padded = tf.keras.Model(model.input, model.get_layer("pad_to_128").output)
+    images = np.random.default_rng(0).integers(1, 256, (2, 200, 300, 5), dtype=np.uint8)
+    out = padded(images).numpy()
+    assert out.shape == (2, 256, 384, 5)
+    np.testing.assert_allclose(out[:, 28:228, 42:342], images / 255, rtol=1e-6)
+    assert np.count_nonzero(out) == images.size  # the padding is zeros, the field intact
+    assert model(images).shape == (2, 3)
+
+
+@pytest.mark.parametrize("shape", [(0, 128, 3), (128, 128, 0), (128, 128)])
+def test_shapes_without_pixels_or_channels_are_refused(shape):
+    with pytest.raises(ValueError, match="each at least 1"):
         mcnn_model.build_mcnn(shape)
 
 
@@ -105,7 +123,8 @@ def test_recompute_gives_the_same_loss_and_gradients():
     labels = np.array([0, 1, 2])
     loss, expected = gradients(plain, images, labels)
     loss_recomputed, actual = gradients(recomputed, images, labels)
-    np.testing.assert_allclose(loss_recomputed, loss, rtol=1e-6)
+    # One image at a time and three at once may take different oneDNN kernels: fp32 rounding.
+    np.testing.assert_allclose(loss_recomputed, loss, rtol=1e-5)
     for want, got, variable in zip(expected, actual, plain.trainable_variables):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(
             tf.reduce_max(tf.abs(want))), err_msg=variable.name)
@@ -198,7 +217,8 @@ def test_a_model_trained_in_one_precision_predicts_in_the_other(tmp_path, traine
     images = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3), np.uint8)
     expected = model(images).numpy()
 
-    mcnn_model.export(model, str(tmp_path), manifest)
+    mcnn_model.record_data(str(tmp_path), manifest)
+    mcnn_model.export(model, str(tmp_path))
     loaded, _ = mcnn_model.load_trained(str(tmp_path), predicting)
     assert loaded.get_layer("merge_conv").compute_dtype == (
         "bfloat16" if predicting == "mixed_bfloat16" else "float32")

@@ -198,15 +198,17 @@ def test_an_existing_data_set_is_not_overwritten(screen, tmp_path):
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["format"]
 
 
-def test_reading_tiffs_directly_gives_the_pixels_of_the_shards(screen, tmp_path):
+@pytest.mark.parametrize("binning", [1, 2])
+def test_reading_tiffs_directly_gives_the_pixels_of_the_shards(screen, tmp_path, binning):
     options = dict(image_table=str(screen / synthetic_data.IMAGE_TABLE),
                    moa_table=str(screen / synthetic_data.MOA_TABLE),
-                   image_root=str(screen / synthetic_data.IMAGES), include_control=True)
-    prepare_data.convert(output_dir=str(tmp_path / "data"), images_per_shard=4, workers=2,
-                         progress=lambda _: None, **options)
-    fields, classes, _, intensity = plates.prepare_fields(**options)
-    tiffs = {"channels": list(plates.BBBC021_CHANNELS), "intensity": intensity,
-             "classes": classes, "dtype": "uint8"}
+                   image_root=str(screen / synthetic_data.IMAGES), include_control=True,
+                   binning=binning)
+    manifest = prepare_data.convert(output_dir=str(tmp_path / "data"), images_per_shard=4,
+                                    workers=2, progress=lambda _: None, **options)
+    assert manifest["image_shape"] == [128 // binning, 128 // binning, 3]
+    fields, data = plates.prepare_fields(**options)
+    tiffs = {**data, "dtype": "uint8"}
     direct = data_pipeline.make_tiff_dataset(fields[fields["split"] == "eval"], tiffs,
                                              data_pipeline.Feed(3, provenance=True))
 

@@ -221,12 +221,13 @@ def test_a_truncated_shard_is_named_or_skipped_and_counted(two_rank_run, tmp_pat
 
 @pytest.mark.parametrize("flags, message", [
     (["SYNTHETIC", "--no_such_flag"], "Unknown command line flag 'no_such_flag'"),
-    (["SYNTHETIC", "--image_height=1000"], "must be multiples of 128"),
+    (["SYNTHETIC", "--image_height=0"], "--image_height=0: 0 is not a positive integer"),
     (["SYNTHETIC", "--per_rank_batch=0"], "per_rank_batch"),
     (["SYNTHETIC", "--model_dir=FILE/model"], "cannot be created: Not a directory"),
     (["--data_dir=/nonexistent/data"], "/nonexistent/data does not exist"),
     (["--data_dir=DATA", "--image_height=256"], "apply to synthetic data only"),
     (["--data_dir=DATA", "--image_table=table.csv"], "give --data_dir or --image_table, not both"),
+    (["--data_dir=DATA", "--bin=2"], "--bin applies to plates read with --image_table"),
 ])
 def test_bad_flags_are_clear_errors(two_rank_run, tmp_path, flags, message):
     cache = two_rank_run[0].parent / "data"
