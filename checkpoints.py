@@ -12,13 +12,17 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import tf_env  # noqa: F401  (before TensorFlow)
 from absl import app, flags
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
+import data_pipeline
 import mcnn_model
+import plates
+from run_log import log
 
 flags.DEFINE_integer("checkpoint_every", 1, "Checkpoint every this many epochs.")
 flags.DEFINE_integer("checkpoint_steps", 0, "Also checkpoint every this many steps (0: at "
@@ -41,11 +45,16 @@ def _overwrite_only_without_resume(values):
     return not (values["resume"] and values["overwrite"])
 
 
-def open_checkpoints(model_dir, model, optimizer, global_batch):
-    """A manager of the model dir's checkpoints: model, optimizer (with its step count,
-    so the schedule and the data position follow) and the global batch they assume."""
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                     global_batch=tf.Variable(global_batch, dtype=tf.int64))
+def make_checkpoint(model, optimizer, global_batch):
+    """What a checkpoint holds: model, optimizer (with its step count, so the schedule
+    and the data position follow) and the global batch they assume."""
+    return tf.train.Checkpoint(model=model, optimizer=optimizer,
+                               global_batch=tf.Variable(global_batch, dtype=tf.int64))
+
+
+def open_checkpoints(checkpoint, model_dir):
+    """The manager that writes and prunes the model dir's checkpoints; opened after
+    agree_on_start, which mends the folder's index if it has to."""
     return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, mcnn_model.CHECKPOINTS),
                                       max_to_keep=FLAGS.keep_checkpoints)
 
@@ -57,19 +66,19 @@ def checkpoint_due(step, steps_per_epoch):
                 or (FLAGS.checkpoint_steps and step % FLAGS.checkpoint_steps == 0))
 
 
-def restore_or_start(manager, model_dir, global_batch, data_manifest):
-    """Rank 0: restores the latest checkpoint (--resume), or clears a previous run
-    (--overwrite), or refuses to touch it; then records the data the run trains on.
-    Returns the step to continue from."""
+def restore_or_start(checkpoint, model_dir, global_batch, data_manifest):
+    """Rank 0: restores the newest checkpoint that restores (--resume), or clears a
+    previous run (--overwrite), or refuses to touch it; then records the data the run
+    trains on. Returns the step to continue from."""
     try:
         os.makedirs(model_dir, exist_ok=True)
     except OSError as e:
         raise app.UsageError(f"--model_dir={model_dir} cannot be created: {e.strerror}")
-    latest = manager.latest_checkpoint
+    folder = os.path.join(model_dir, mcnn_model.CHECKPOINTS)
     step = 0
-    if latest and FLAGS.resume:
+    if mcnn_model.checkpoints_in(folder) and FLAGS.resume:
         check_same_data(model_dir, data_manifest)
-        step = restore(manager, latest, global_batch)
+        step = resume(checkpoint, folder, global_batch)
     elif not FLAGS.resume:
         clear_previous_run(model_dir)
     mcnn_model.record_data(model_dir, data_manifest)
@@ -101,20 +110,65 @@ def check_same_data(model_dir, data_manifest):
             f"or --noresume --overwrite to start afresh in this one")
 
 
-def restore(manager, latest, global_batch):
-    """Restores `latest` into the manager's objects; returns its step."""
-    try:
-        manager.checkpoint.restore(latest).assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        raise app.UsageError(f"{latest} does not fit this model (another image size, "
-                             f"class count or data set?): {str(e)[:300]}")
-    saved_batch = int(manager.checkpoint.global_batch)
+def resume(checkpoint, folder, global_batch):
+    """Restores the newest checkpoint of `folder` that restores, whatever its index
+    says; newer ones that do not are set aside in damaged/ and the index is mended.
+    When none restores, stops and changes nothing: never a fresh start over them.
+    Returns the step restored."""
+    listed = indexed_checkpoint(folder)
+    path, failed = mcnn_model.restore_newest(checkpoint, folder)
+    if path is None:
+        raise app.UsageError(
+            f"no checkpoint in {folder} restores into this model: "
+            + "; ".join(f"{damaged}: {reason}" for damaged, reason in failed)
+            + ". If they are damaged, restore the folder from a copy; if they are of another "
+            "model (image size, classes), give another --model_dir. Nothing was changed; "
+            "--noresume --overwrite deletes them and starts afresh")
+    for damaged, reason in failed:
+        log(f"{damaged} does not restore ({reason}): set aside in {set_aside(damaged)}")
+    if path != listed:
+        log(f"{os.path.join(folder, 'checkpoint')}, the index, lists "
+            f"{listed or 'no readable checkpoint'}; resuming from {path}, the newest "
+            f"checkpoint in the folder that restores")
+    mend_index(folder)
+    saved_batch = int(checkpoint.global_batch)
     if saved_batch != global_batch:
         raise app.UsageError(
-            f"{latest} was trained with a global batch of {saved_batch}, this run has "
+            f"{path} was trained with a global batch of {saved_batch}, this run has "
             f"{global_batch} (ranks x --per_rank_batch): the schedule would not continue. "
             f"Use the same, or --noresume --overwrite to start afresh")
-    return int(manager.checkpoint.optimizer.iterations)
+    return int(checkpoint.optimizer.iterations)
+
+
+def indexed_checkpoint(folder):
+    """The latest checkpoint the folder's index names, or None if it names none or
+    cannot be read."""
+    try:
+        return tf.train.latest_checkpoint(folder)
+    except (ValueError, tf.errors.OpError):
+        return None
+
+
+def set_aside(path):
+    """Moves the files of checkpoint `path` into damaged/ beside it; returns that folder."""
+    damaged = os.path.join(os.path.dirname(path), "damaged")
+    os.makedirs(damaged, exist_ok=True)
+    for file in glob.glob(glob.escape(path) + ".*"):
+        target = os.path.join(damaged, os.path.basename(file))
+        if os.path.exists(target):  # set aside before: keep both
+            target += f".{int(time.time())}"
+        os.replace(file, target)
+    return damaged
+
+
+def mend_index(folder):
+    """Rewrites the index to list the checkpoints in the folder, oldest first, with
+    their times, so that the manager prunes them as if it had written them."""
+    paths = mcnn_model.checkpoints_in(folder)[::-1]
+    times = [os.path.getmtime(path + ".index") for path in paths]
+    tf.compat.v1.train.update_checkpoint_state(
+        folder, paths[-1], all_model_checkpoint_paths=paths,
+        all_model_checkpoint_timestamps=times, last_preserved_timestamp=min(times) - 1)
 
 
 def clear_previous_run(model_dir):
@@ -129,13 +183,13 @@ def clear_previous_run(model_dir):
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def agree_on_start(manager, model_dir, global_batch, data_manifest):
+def agree_on_start(checkpoint, model_dir, global_batch, data_manifest):
     """The step every rank starts from; rank 0 decides, and its errors stop every rank.
     The caller then broadcasts rank 0's (restored) variables."""
     step, error = 0, None
     if hvd.rank() == 0:
         try:
-            step = restore_or_start(manager, model_dir, global_batch, data_manifest)
+            step = restore_or_start(checkpoint, model_dir, global_batch, data_manifest)
         except app.UsageError as e:
             error = str(e)
     step, error = hvd.broadcast_object((step, error), root_rank=0, name="start")
@@ -155,15 +209,28 @@ def save_checkpoint(manager, model, step, lr):
             f"--warmup_epochs")
     try:
         manager.save(checkpoint_number=step)
-    except (tf.errors.OpError, OSError) as e:
+    except data_pipeline.WRITE_ERRORS as e:
         for partial in glob.glob(os.path.join(manager.directory, f"ckpt-{step}[._]*")):
             shutil.rmtree(partial, ignore_errors=True) if os.path.isdir(partial) else os.remove(
                 partial)
-        reason = e.message if isinstance(e, tf.errors.OpError) else str(e)
-        raise RuntimeError(
+        reason = data_pipeline.error_text(e)
+        raise plates.OutputError(
             f"could not write the checkpoint of step {step} in {manager.directory}: {reason}. "
             f"The previous checkpoint, {manager.latest_checkpoint or 'none'}, is intact; free "
             f"space or fix the folder, then rerun the same command to resume") from None
+
+
+def export_finished(manager, model, model_dir):
+    """Rank 0 exports a finished run's model; if it cannot, says what is kept and how
+    to export it later."""
+    try:
+        mcnn_model.export(model, model_dir)
+    except plates.OutputError as error:
+        raise plates.OutputError(
+            f"{error}. The finished run's checkpoint, {manager.latest_checkpoint}, is kept; "
+            f"free space or fix the folder, then rerun the same command to export it "
+            f"(predict.py uses the checkpoint meanwhile)") from None
+    log(f"exported the model to {os.path.join(model_dir, mcnn_model.SAVED_MODEL)}")
 
 
 class Progress:

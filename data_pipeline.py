@@ -54,6 +54,10 @@ class Feed:
 
 # ---------------------------------------------------------------- writing
 
+# What writing a file can raise: the OS's errors, and TensorFlow's file writers' own.
+WRITE_ERRORS = (OSError, tf.errors.OpError)
+
+
 def encode_example(image, label, provenance=None):
     """One field of view as a serialized tf.train.Example; provenance maps TEXT_FIELDS."""
     provenance = provenance or {}
@@ -234,8 +238,9 @@ def scan_shards(files, manifest):
 
 
 def error_text(error):
-    """A TensorFlow error's message without its graph decorations."""
-    text = re.sub(r"\{\{function_node [^}]*\}\}", "", error.message)
+    """An error's message; a TensorFlow error's without its graph decorations."""
+    message = error.message if isinstance(error, tf.errors.OpError) else str(error)
+    text = re.sub(r"\{\{function_node [^}]*\}\}", "", message)
     text = text.split("Summarized data: ")[-1]  # a failed tf.debugging.Assert, run eagerly
     text = text.split(" [Op:")[0].split("\n\t")[0]
     text = re.sub(r"b'([^']*)'|b\"([^\"]*)\"", lambda m: m.group(1) or m.group(2), text)

@@ -14,10 +14,15 @@ low percentile: the padding is dark background, no invented signal.
 """
 import json
 import os
+import re
+import shutil
 
 import tf_env  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
 import tf_keras
+
+import data_pipeline
+import plates
 
 if tf.keras.Model is not tf_keras.Model:
     raise ImportError("tf.keras is not Keras 2 (tf_keras): TensorFlow was imported before "
@@ -231,30 +236,77 @@ def record_data(model_dir, data_manifest):
 
 
 def export(model, model_dir):
-    """Saves `model` as a SavedModel beside its data manifest (record_data)."""
-    model.save(os.path.join(model_dir, SAVED_MODEL))
+    """Saves `model` as a SavedModel beside its data manifest (record_data), whole or
+    not at all; a failed write is an OutputError and leaves no partial folder."""
+    exported = os.path.join(model_dir, SAVED_MODEL)
+    try:
+        model.save(exported + ".partial")
+        if os.path.isdir(exported):  # a previous export, replaced once the new one is whole
+            os.replace(exported, exported + ".previous")
+        os.replace(exported + ".partial", exported)
+        shutil.rmtree(exported + ".previous", ignore_errors=True)
+    except data_pipeline.WRITE_ERRORS as error:
+        shutil.rmtree(exported + ".partial", ignore_errors=True)
+        raise plates.OutputError(
+            f"could not write {exported}: {data_pipeline.error_text(error)}") from None
 
 
-def load_trained(model_dir, precision="float32"):
+def checkpoints_in(folder):
+    """The checkpoints in `folder` (paths without suffix), newest first: every
+    ckpt-N whose files are there, whatever its index, `checkpoint`, lists (it may be
+    missing, garbled or stale)."""
+    steps = [int(match.group(1)) for match in (
+        re.fullmatch(r"ckpt-(\d+)\.index", name) for name in
+        (os.listdir(folder) if os.path.isdir(folder) else [])) if match]
+    return [os.path.join(folder, f"ckpt-{step}") for step in sorted(steps, reverse=True)]
+
+
+def restore_newest(checkpoint, folder):
+    """Restores into `checkpoint` (a tf.train.Checkpoint) the newest checkpoint of
+    `folder` that restores whole. Returns (its path or None, [(path, reason)] of
+    the newer ones that did not)."""
+    failed = []
+    for path in checkpoints_in(folder):
+        try:
+            status = checkpoint.restore(path)
+            status.assert_existing_objects_matched()
+            status.expect_partial()  # prediction has no optimizer to restore
+            return path, failed
+        except Exception as error:  # noqa: BLE001  damaged files fail in many ways
+            failed.append((path, data_pipeline.error_text(error)[:300]
+                           or type(error).__name__))
+    return None, failed
+
+
+def load_trained(model_dir, precision="float32", say=print):
     """(model, data manifest) of a training run, computing in `precision` whatever the
-    precision it was trained in: the weights of its SavedModel, else of its latest
-    checkpoint."""
+    precision it was trained in: the weights of its SavedModel, else, if that is
+    missing or damaged, of its newest checkpoint that restores; `say` is told which."""
     manifest_path = os.path.join(model_dir, DATA_MANIFEST)
-    if not os.path.isfile(manifest_path):
-        raise FileNotFoundError(f"{manifest_path} not found: is {model_dir} the --model_dir of "
-                                f"a finished train_mcnn.py run?")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as error:
+        raise plates.InputError(f"cannot read {manifest_path} ({error}): is {model_dir} the "
+                                f"--model_dir of a train_mcnn.py run?") from None
     model = build_mcnn(tuple(manifest["image_shape"]), len(manifest["classes"]),
                        input_dtype=manifest["dtype"], precision=precision)
     exported = os.path.join(model_dir, SAVED_MODEL)
-    if os.path.isdir(exported):
+    try:
         model.set_weights(tf.keras.models.load_model(exported, compile=False).get_weights())
         return model, manifest
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINTS))
-    if latest is None:
-        raise FileNotFoundError(f"{model_dir} holds neither {SAVED_MODEL}/ nor a checkpoint")
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    except Exception as error:  # noqa: BLE001  a missing or damaged SavedModel
+        reason = data_pipeline.error_text(error)[:300]
+        unreadable = (f"{exported} cannot be loaded ({reason})" if os.path.exists(exported)
+                      else f"{model_dir} has no {SAVED_MODEL}/")
+    folder = os.path.join(model_dir, CHECKPOINTS)
+    path, failed = restore_newest(tf.train.Checkpoint(model=model), folder)
+    for damaged, reason in failed:
+        say(f"{damaged} does not restore ({reason})")
+    if path is None:
+        raise plates.InputError(f"{model_dir} has no usable weights: {unreadable}, and no "
+                                f"checkpoint in {folder} restores")
+    say(f"{unreadable}: using the weights of {path}")
     return model, manifest
 
 

@@ -89,28 +89,49 @@ def treatments(fields, classes):
                      axis=1).reset_index()
 
 
+def say(message):
+    if hvd.rank() == 0:
+        print(message, flush=True)
+
+
 def main(argv):
     del argv
     if bool(FLAGS.data_dir) == bool(FLAGS.image_table):
         raise app.UsageError("give either --data_dir or --image_table (with --image_root)")
+    folder = os.path.dirname(os.path.abspath(FLAGS.output))
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise app.UsageError(f"--output={FLAGS.output}: {folder} is not a folder this "
+                             f"program can write to")
     hvd.init()
     precision, _ = tf_env.resolve_precision(FLAGS.precision)
-    model, manifest = mcnn_model.load_trained(FLAGS.model_dir, precision)
+    model, manifest = mcnn_model.load_trained(FLAGS.model_dir, precision, say=say)
     classes = manifest["classes"]
-    if hvd.rank() == 0:
-        for note in (plates.describe_binning(manifest),
-                     mcnn_model.describe_padding(*manifest["image_shape"][:2])):
-            if note:
-                print(note)
+    for note in (plates.describe_binning(manifest),
+                 mcnn_model.describe_padding(*manifest["image_shape"][:2])):
+        if note:
+            say(note)
     batches = shard_batches(manifest) if FLAGS.data_dir else table_batches(manifest)
     everyone = hvd.allgather_object(predict_fields(model, batches, classes), name="predictions")
     if hvd.rank() != 0:
         return
     fields = pd.concat([p for p in everyone if p is not None], ignore_index=True)
-    fields.to_csv(FLAGS.output, index=False)
     by_treatment = os.path.splitext(FLAGS.output)[0] + "_treatments.csv"
-    treatments(fields, classes).to_csv(by_treatment, index=False)
+    write_csv(fields, FLAGS.output)
+    write_csv(treatments(fields, classes), by_treatment)
     print(f"{len(fields)} fields -> {FLAGS.output}; treatments -> {by_treatment}")
+
+
+def write_csv(table, path):
+    """Writes `table` to `path` whole or not at all."""
+    try:
+        table.to_csv(path + ".tmp", index=False)
+        os.replace(path + ".tmp", path)
+    except OSError as error:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise plates.OutputError(f"could not write {path}: {error.strerror or error}. Nothing "
+                                 f"was written there; free space or fix the folder, then "
+                                 f"rerun") from None
 
 
 if __name__ == "__main__":

@@ -85,8 +85,6 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
         columns=columns, split=split, eval_fraction=eval_fraction, control=control,
         include_control=include_control, dtype=dtype, intensity=data["intensity"],
         binning=binning, images_per_shard=images_per_shard, seed=seed)
-    os.makedirs(staging, exist_ok=True)
-
     plan = shard_plan(fields, images_per_shard)
     fields["shard"] = ""
     for name, indices in plan:
@@ -95,6 +93,10 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
     if len(todo) < len(plan):
         progress(f"Resuming in {staging}: {len(plan) - len(todo)} of {len(plan)} shards done")
     class_index = {name: i for i, name in enumerate(classes)}
+    try:
+        os.makedirs(staging, exist_ok=True)
+    except OSError as error:
+        raise cannot_write(staging, error) from None
     write_shards(todo, fields, staging, data, dtype, class_index,
                  workers or len(os.sched_getaffinity(0)), progress)
 
@@ -111,9 +113,12 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
                     "image_root": os.path.abspath(image_root),
                     "sha256": sources},
     }
-    fields.drop(columns=[f"path_{c}" for c in channels]).to_csv(
-        os.path.join(staging, FIELDS_CSV), index=False)
-    data_pipeline.finish_dataset(staging, output_dir, manifest)
+    try:
+        fields.drop(columns=[f"path_{c}" for c in channels]).to_csv(
+            os.path.join(staging, FIELDS_CSV), index=False)
+        data_pipeline.finish_dataset(staging, output_dir, manifest)
+    except OSError as error:
+        raise cannot_write(staging, error) from None
     return manifest
 
 
@@ -126,10 +131,23 @@ def write_shards(todo, fields, staging, data, dtype, class_index, workers, progr
         futures = [pool.submit(write_shard, os.path.join(staging, name),
                                [fields.loc[i].to_dict() for i in indices], data, dtype,
                                class_index) for name, indices in todo]
-        for future in concurrent.futures.as_completed(futures):
-            done += future.result()
-            rate = done / (time.time() - start)
-            progress(f"  {done}/{total} fields written ({rate:.1f} fields/s)")
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                done += future.result()
+                rate = done / (time.time() - start)
+                progress(f"  {done}/{total} fields written ({rate:.1f} fields/s)")
+        except BaseException as error:
+            pool.shutdown(cancel_futures=True)  # not the rest of the shards after a failure
+            if isinstance(error, data_pipeline.WRITE_ERRORS):
+                raise cannot_write(staging, error) from None
+            raise
+
+
+def cannot_write(staging, error):
+    return plates.OutputError(
+        f"could not write to {staging}: {data_pipeline.error_text(error)}. The shards "
+        f"written so far are kept there; free space or fix the folder, then rerun the same "
+        f"command to resume")
 
 
 def main(_):

@@ -332,17 +332,26 @@ def finish(run, outcome, start_step):
     seconds = time.time() - run.started
     in_sync = weights_in_sync(run.model)
     if hvd.rank() == 0:
-        mcnn_model.export(run.model, FLAGS.model_dir)
         log(f"Held-out results at the end (split: "
             f"{run.manifest.get('split', {}).get('by', 'as given')}): "
             f"{evaluation.format_per_class(outcome.metrics)}")
         path = write_summary(run, outcome, start_step, seconds, in_sync)
+        checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
         log(f"Done in {seconds:.1f} s: held-out accuracy {outcome.metrics['accuracy']:.4f} "
             f"({outcome.metrics['fields']} images). Summary: {path}; TensorBoard: "
             f"tensorboard --logdir {os.path.join(FLAGS.model_dir, 'tensorboard')}")
     if not in_sync:
         raise RuntimeError("ranks ended with different weights: gradients were not averaged "
                            "(is tf.keras Keras 3, which Horovod does not hook?)")
+
+
+def already_finished(run):
+    """A rerun of a finished run: nothing to train; the export, if it failed before."""
+    log(f"{FLAGS.model_dir} has finished its {run.total_steps} steps; nothing to do "
+        f"(raise --epochs to train on, or --noresume --overwrite to start afresh)")
+    if hvd.rank() == 0 and not os.path.isdir(os.path.join(FLAGS.model_dir,
+                                                           mcnn_model.SAVED_MODEL)):
+        checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
 
 
 def log_start(run, intra, inter, precision_why, start_step):
@@ -402,9 +411,10 @@ def main(argv):
     model = build_model(image_shape, len(classes), dtype)
     optimizer = tf.keras.optimizers.SGD(schedule, momentum=FLAGS.momentum, nesterov=True)
     optimizer.build(model.trainable_variables)
-    manager = checkpoints.open_checkpoints(FLAGS.model_dir, model, optimizer, global_batch)
-    # Rank 0 restores the latest checkpoint, if any, before the broadcast below.
-    start_step = checkpoints.agree_on_start(manager, FLAGS.model_dir, global_batch, manifest)
+    checkpoint = checkpoints.make_checkpoint(model, optimizer, global_batch)
+    # Rank 0 restores the newest good checkpoint, if any, before the broadcast below.
+    start_step = checkpoints.agree_on_start(checkpoint, FLAGS.model_dir, global_batch, manifest)
+    manager = checkpoints.open_checkpoints(checkpoint, FLAGS.model_dir)
     # Horovod 4: every rank starts from rank 0's weights and optimizer state.
     hvd.broadcast_variables(model.variables, root_rank=0)
     hvd.broadcast_variables(optimizer.variables, root_rank=0)
@@ -417,9 +427,7 @@ def main(argv):
               steps_per_epoch, total_steps, checkpoints.StopSignals(), time.time())
     log_start(run, intra, inter, precision_why, start_step)
     if start_step >= total_steps:
-        log(f"{FLAGS.model_dir} has finished its {total_steps} steps; nothing to do "
-            f"(raise --epochs to train on, or --noresume --overwrite to start afresh)")
-        return
+        return already_finished(run)
     outcome = (train_elastic(run, model, optimizer, start_step) if FLAGS.elastic
                else train(run, checkpoints.Progress(start_step)))
     finish(run, outcome, start_step)

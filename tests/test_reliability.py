@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import tensorflow as tf
@@ -262,3 +263,112 @@ def test_elastic_training_goes_on_without_a_lost_worker(two_rank_run, tmp_path):
     # from the last commit (each checkpoint is one): at most 5 steps before the kill
     resumed = re.search(r"workers changed: going on with 1 from step (\d+)", output)
     assert resumed and 20 - 5 <= int(resumed.group(1)) <= 20, output[-3000:]
+
+
+# ---------------------------------------------------------------- damaged files
+
+def checkpoint_files(model_dir):
+    return sorted(p.name for p in (model_dir / "checkpoints").glob("ckpt-*"))
+
+
+def damage(path):
+    """Cuts a file to 1,000 bytes, as an interrupted copy or a failing disk leaves it."""
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_good_one_and_never_start_afresh(
+        two_rank_run, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(two_rank_run[0], model_dir)
+    shutil.rmtree(model_dir / "saved_model")
+    args = [PYTHON, TRAIN, *small_run(two_rank_run, model_dir, "--per_rank_batch=8")]
+    folder = model_dir / "checkpoints"
+    steps = sorted(int(p.stem.split("-")[1]) for p in folder.glob("ckpt-*.index"))
+    newest, previous = (folder / f"ckpt-{s}" for s in steps[:-3:-1])
+    damage(next(folder.glob(f"{newest.name}.data-*")))
+
+    resumed = run(args, cwd=ROOT)
+    assert f"{newest} does not restore (Read less bytes than requested): set aside in " \
+           f"{folder / 'damaged'}" in resumed.stdout
+    assert f"resuming from {previous}, the newest checkpoint in the folder that restores" \
+           in resumed.stdout
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["resumed_from_step"] == steps[-2] and summary["steps"] == steps[-1]
+    assert {p.name for p in (folder / "damaged").iterdir()} == {
+        f"{newest.name}.index", f"{newest.name}.data-00000-of-00001"}
+    assert (model_dir / "saved_model").is_dir()
+
+    # A garbled index: the checkpoints in the folder are found, never a fresh start.
+    (folder / "checkpoint").write_text("not a checkpoint state\n")
+    found = run(args, cwd=ROOT)
+    assert (f"lists no readable checkpoint; resuming from {newest}, the newest checkpoint in "
+            f"the folder that restores") in found.stdout
+    assert f"has finished its {steps[-1]} steps; nothing to do" in found.stdout
+
+    # None restores: stop, say which and why, change nothing.
+    for data in folder.glob("ckpt-*.data-*"):
+        damage(data)
+    kept = checkpoint_files(model_dir)
+    refused = fails(args, cwd=ROOT)
+    assert f"no checkpoint in {folder} restores into this model: {newest}: Read less bytes" \
+           in refused.stderr
+    assert "Nothing was changed" in refused.stderr and "Traceback" not in refused.stderr
+    assert checkpoint_files(model_dir) == kept and "step 1/" not in refused.stdout
+
+
+def test_prediction_and_export_with_a_damaged_model_dir_say_so_and_fall_back(
+        two_rank_run, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(two_rank_run[0], model_dir)
+    folder = model_dir / "checkpoints"
+    newest = max(folder.glob("ckpt-*.index"), key=lambda p: int(p.stem.split("-")[1]))
+    damage(next(folder.glob(f"{newest.stem}.data-*")))
+    damage(next((model_dir / "saved_model" / "variables").glob("variables.data-*")))
+    screen = next((two_rank_run[0].parent / "data").glob("*_screen"))
+    predict = [PYTHON, os.path.join(ROOT, "predict.py"), f"--model_dir={model_dir}",
+               f"--image_table={screen / 'BBBC021_v1_image.csv'}",
+               f"--image_root={screen / 'images'}"]
+    (tmp_path / "FILE").write_text("a file, not a folder")
+
+    unwritable = fails([*predict, f"--output={tmp_path / 'FILE' / 'p.csv'}"], cwd=ROOT)
+    assert f"{tmp_path / 'FILE'} is not a folder this program can write to" in unwritable.stderr
+    assert "Traceback" not in unwritable.stderr
+    predicted = run([*predict, f"--output={tmp_path / 'p.csv'}"], cwd=ROOT)
+    assert f"{folder / newest.stem} does not restore (Read less bytes" in predicted.stdout
+    assert re.search(rf"{model_dir / 'saved_model'} cannot be loaded \(.*\): using the weights "
+                     rf"of {folder}/ckpt-\d+", predicted.stdout), predicted.stdout
+    assert len(pd.read_csv(tmp_path / "p.csv")) == len(
+        pd.read_csv(screen / "BBBC021_v1_image.csv"))
+
+    # An export that cannot be written is named; the rerun of the finished run exports.
+    shutil.rmtree(model_dir / "saved_model")
+    (model_dir / "saved_model.partial").write_text("a file in the way")
+    args = [PYTHON, TRAIN, *small_run(two_rank_run, model_dir, "--per_rank_batch=8")]
+    refused = fails(args, cwd=ROOT)
+    assert f"could not write {model_dir / 'saved_model'}: " in refused.stderr
+    assert "is kept; free space or fix the folder, then rerun the same command to export it" \
+           in refused.stderr and "Traceback" not in refused.stderr
+    (model_dir / "saved_model.partial").unlink()
+    exported = run(args, cwd=ROOT)
+    assert f"exported the model to {model_dir / 'saved_model'}" in exported.stdout
+
+
+def test_a_full_disk_during_conversion_is_named_and_the_rerun_resumes(two_rank_run, tmp_path):
+    screen = next((two_rank_run[0].parent / "data").glob("*_screen"))
+    convert = [PYTHON, os.path.join(ROOT, "prepare_data.py"), "--include_dmso",
+               f"--image_table={screen / 'BBBC021_v1_image.csv'}", "--images_per_shard=4",
+               f"--moa_table={screen / 'BBBC021_v1_moa.csv'}", f"--image_root={screen / 'images'}",
+               f"--output_dir={tmp_path / 'data'}", "--workers=2"]
+
+    def small_files():  # room for two 128 x 128 fields, not a shard of four
+        resource.setrlimit(resource.RLIMIT_FSIZE, (120_000, 120_000))
+
+    full = subprocess.run(convert, capture_output=True, text=True, preexec_fn=small_files)
+    assert full.returncode != 0
+    staging = next(tmp_path.glob("data.partial-*"))
+    assert re.search(rf"could not write to {staging}: .*File too large\. The shards written so "
+                     rf"far are kept there; .* rerun the same command to resume", full.stderr)
+    assert "Traceback" not in full.stderr and not (tmp_path / "data").exists()
+    run(convert)
+    assert (tmp_path / "data" / "manifest.json").exists() and not staging.exists()
