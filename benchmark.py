@@ -39,6 +39,7 @@ import tensorflow as tf
 
 import data_pipeline
 import mcnn_model
+import optimization
 import plates
 import synthetic_data
 import train_mcnn
@@ -88,13 +89,13 @@ def train_throughput(manifest, make_data):
     model = train_mcnn.build_model(tuple(manifest["image_shape"]), len(classes),
                                    data_pipeline.DTYPES[manifest["dtype"]])
     optimizer = tf.keras.optimizers.SGD(0.001, momentum=FLAGS.momentum, nesterov=True)
-    train_step = train_mcnn.make_train_step(model, optimizer, len(classes))
+    train_step = optimization.make_train_step(model, optimizer, len(classes))
     pipeline = iter(make_data("train", training_batches()))
     in_memory = next(pipeline)
 
     def steps(batches, step=train_step):
         for _ in range(FLAGS.steps):
-            float(step(*next(batches)))
+            float(step(*next(batches))[0])
 
     def repeat(batch):
         while True:
@@ -106,7 +107,7 @@ def train_throughput(manifest, make_data):
     train_gflop = 3 * mcnn_model.forward_flops(model) / 1e9
     figures = {}
     if hvd.size() > 1:
-        local_step = train_mcnn.make_train_step(model, optimizer, len(classes), average=False)
+        local_step = optimization.make_train_step(model, optimizer, len(classes), average=False)
         local_s = median_seconds(lambda: steps(repeat(in_memory), local_step), FLAGS.repeats)
         figures = allreduce_time(model)
         exposed = max(0.0, (memory_s - local_s) / FLAGS.steps)

@@ -109,10 +109,10 @@ def images_per_second(model, make_train_step, batch, num_classes, steps=2):
     images = tf.constant(rng.integers(0, 256, (batch, *model.input.shape[1:])),
                          model.input.dtype)
     labels = tf.constant(rng.integers(0, num_classes, batch), tf.int64)
-    float(train_step(images, labels))
+    float(train_step(images, labels)[0])
     start = time.perf_counter()
     for _ in range(steps):
-        float(train_step(images, labels))
+        float(train_step(images, labels)[0])
     seconds = hvd.allreduce(tf.constant(time.perf_counter() - start), op=hvd.Max,
                             name="calibration_seconds")
     return steps * batch * hvd.size() / float(seconds)

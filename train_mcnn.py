@@ -24,6 +24,7 @@ import data_pipeline
 import evaluation
 import lr_schedule
 import mcnn_model
+import optimization
 import plates
 import run_log
 from run_log import log
@@ -45,9 +46,6 @@ flags.DEFINE_float("warmup_epochs", 5, "Linear warm-up from --base_lr to the pea
 flags.DEFINE_enum("lr_decay", "linear", lr_schedule.DECAYS, "Decay after the warm-up.")
 flags.DEFINE_list("decay_epochs", [], "Epochs at which --lr_decay=step divides the rate by 10.")
 flags.DEFINE_float("end_lr", 1e-4, "Rate at the last step (linear, cosine); floor for step.")
-flags.DEFINE_float("momentum", 0.9, "Nesterov momentum.")
-flags.DEFINE_float("weight_decay", 5e-5, "L2 penalty on all weights.")
-flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing of the cross-entropy.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, shuffling and augmentation.")
 # Execution
 flags.DEFINE_enum("data_format", "channels_last", ["channels_last", "channels_first"],
@@ -61,10 +59,6 @@ flags.DEFINE_enum("precision", "auto", tf_env.PRECISIONS,
                   "mixed_bfloat16 where the CPU has native bf16 (AMX or AVX512-BF16).")
 flags.DEFINE_bool("recompute", False, "Recompute each scale column's activations in the "
                   "backward pass: about a third more compute, much less memory per image.")
-flags.DEFINE_bool("fp16_allreduce", False, "Send gradients as fp16 in the allreduce.")
-flags.DEFINE_integer("allreduce_groups", 0, "0: Horovod's default, each gradient is sent as "
-                     "soon as it is ready, overlapping the backward pass; N: in N groups, "
-                     "each once all of its gradients are ready.")
 flags.DEFINE_integer("fusion_threshold_mb", None, "Horovod tensor fusion buffer in MB "
                      "(HOROVOD_FUSION_THRESHOLD; Horovod's default is 128).")
 flags.DEFINE_bool("elastic", False, "Horovod elastic mode, under horovodrun (launch train "
@@ -114,7 +108,17 @@ def choose_per_rank_batch(image_shape, most):
 def measured_rate(image_shape, num_classes, input_dtype=tf.uint8):
     """Global training images/s at `image_shape`, from a throwaway model's steps."""
     model = build_model(image_shape, num_classes, input_dtype)
-    return sizing.images_per_second(model, make_train_step, FLAGS.per_rank_batch, num_classes)
+    return sizing.images_per_second(model, make_train_step, per_rank_images(), num_classes)
+
+
+def per_rank_images():
+    """Images a rank reads for one update: its batch, or its micro-batches."""
+    return FLAGS.per_rank_batch * FLAGS.accumulate_steps
+
+
+def make_train_step(model, optimizer, num_classes):
+    return optimization.make_train_step(model, optimizer, num_classes,
+                                        accumulate=FLAGS.accumulate_steps)
 
 
 def build_lr_schedule(global_batch, steps_per_epoch, total_steps):
@@ -135,32 +139,6 @@ def build_model(image_shape, num_classes, input_dtype):
 
 
 # ---------------------------------------------------------------- one step
-
-def compute_gradients(model, images, labels, num_classes, average=True):
-    """Loss of this rank's batch and its gradients, averaged over all ranks by
-    allreduce (average=False, for benchmarks: this rank's own)."""
-    cross_entropy = tf.keras.losses.CategoricalCrossentropy(
-        from_logits=True, label_smoothing=FLAGS.label_smoothing)
-    with tf.GradientTape() as tape:
-        logits = model(images, training=True)
-        loss = cross_entropy(tf.one_hot(labels, num_classes), logits)
-        total = loss + FLAGS.weight_decay * tf.add_n(
-            [tf.nn.l2_loss(v) for v in model.trainable_variables])
-    if average:
-        tape = hvd.DistributedGradientTape(
-            tape, compression=hvd.Compression.fp16 if FLAGS.fp16_allreduce
-            else hvd.Compression.none, groups=FLAGS.allreduce_groups or None)
-    return loss, tape.gradient(total, model.trainable_variables)
-
-
-def make_train_step(model, optimizer, num_classes, average=True):
-    @tf.function
-    def train_step(images, labels):
-        loss, gradients = compute_gradients(model, images, labels, num_classes, average)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        return loss
-    return train_step
-
 
 def weights_in_sync(model):
     """True when all ranks hold the same weights, as averaged gradients guarantee."""
@@ -197,23 +175,27 @@ class Outcome:
     metrics: dict = None
     time_to_target: float = None
     timer: run_log.StepTimer = dataclasses.field(default_factory=run_log.StepTimer)
+    noise: optimization.GradientNoiseScale = None
 
 
 def train(run, progress):
     """Steps progress.step + 1 to run.total_steps, on the ranks there are now."""
-    first, outcome = progress.step, Outcome(FLAGS.per_rank_batch * hvd.size())
+    global_batch = per_rank_images() * hvd.size()
+    first = progress.step
+    outcome = Outcome(global_batch, noise=optimization.GradientNoiseScale(FLAGS.per_rank_batch,
+                                                                          global_batch))
     # A resumed run draws a new order of its data: the images of a broken-off epoch
     # are not all replayed in the order they came, but the step count and schedule are.
     batches = training_data.named_data_errors(iter(run.make_data("train", training_data.feed(
-        FLAGS.per_rank_batch, training=True, seed=FLAGS.seed + first))), run.manifest, "train")
+        per_rank_images(), training=True, seed=FLAGS.seed + first))), run.manifest, "train")
     eval_data = run.make_data("eval", training_data.feed(FLAGS.per_rank_batch, provenance=True))
     window = run_log.StepTimer()
     for step in range(first + 1, run.total_steps + 1):
-        loss = train_one_step(run, step, *next(batches))
+        loss = train_one_step(run, step, *next(batches), outcome.noise)
         for timer in (window, outcome.timer):  # tracing the graph is not throughput
             timer.skip() if step == first + 1 else timer.add(loss)
         if window.steps and (step % FLAGS.log_every == 0 or step == run.total_steps):
-            log_progress(run, step, window, outcome.global_batch)
+            log_progress(run, step, window, outcome)
             window = run_log.StepTimer()
         if step % (run.steps_per_epoch * FLAGS.eval_every) == 0 or step == run.total_steps:
             evaluate_and_report(run, step, eval_data, outcome)
@@ -234,8 +216,9 @@ def train(run, progress):
     return outcome
 
 
-def train_one_step(run, step, images, labels):
-    loss = float(run.train_step(images, labels))
+def train_one_step(run, step, images, labels, noise):
+    loss, small_norm2, big_norm2 = (float(x) for x in run.train_step(images, labels))
+    noise.add(small_norm2, big_norm2)
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"loss is {loss} at step {step} (learning rate {float(run.schedule(step - 1)):g}): "
@@ -244,15 +227,16 @@ def train_one_step(run, step, images, labels):
     return loss
 
 
-def log_progress(run, step, window, global_batch):
+def log_progress(run, step, window, outcome):
     mean_loss = float(hvd.allreduce(tf.constant(window.mean_loss()), name="loss"))
-    global_rate = window.steps * global_batch / window.seconds
-    lr = float(run.schedule(step))
+    global_rate = window.steps * outcome.global_batch / window.seconds
+    lr, noise = float(run.schedule(step)), outcome.noise.value
     log(f"step {step}/{run.total_steps}  epoch {step / run.steps_per_epoch:.2f}  loss "
         f"{mean_loss:.4f}  lr {lr:.5f}  images/s {global_rate / hvd.size():.2f} per rank, "
-        f"{global_rate:.2f} global")
+        f"{global_rate:.2f} global" + (f"  noise scale {noise:.0f}" if noise else ""))
     run_log.write_scalars(run.writer, step, loss=mean_loss, learning_rate=lr,
-                          images_per_second=global_rate)
+                          images_per_second=global_rate,
+                          **({"gradient_noise_scale": noise} if noise else {}))
 
 
 def evaluate_and_report(run, step, eval_data, outcome):
@@ -297,7 +281,7 @@ def write_summary(run, outcome, start_step, seconds, in_sync):
     """summary.json, written whole or not at all."""
     global_batch, timer, metrics = outcome.global_batch, outcome.timer, outcome.metrics
     images_per_sec = timer.steps * global_batch / timer.seconds if timer.steps else None
-    ours = [sys.modules[__name__], training_data, checkpoints]
+    ours = [sys.modules[__name__], optimization, training_data, checkpoints]
     summary = {
         "time_to_train_s": round(seconds, 2),
         "time_to_target_s": outcome.time_to_target and round(outcome.time_to_target, 2),
@@ -311,6 +295,13 @@ def write_summary(run, outcome, start_step, seconds, in_sync):
         "resumed_from_step": start_step,
         "bad_records_skipped": run.manifest.get("bad_records_skipped", 0),
         "global_batch": global_batch,
+        "accumulate_steps": FLAGS.accumulate_steps,
+        "gradient_noise_scale": outcome.noise.value,
+        "critical_batch": outcome.noise.value and round(outcome.noise.value),
+        # Its parts: a |G|^2 at or below 0 means the noise swamps the gradient at these
+        # batch sizes, and B_noise is beyond them.
+        "gradient_norm2_estimate": outcome.noise.norm2,
+        "gradient_noise_trace_estimate": outcome.noise.trace,
         "steps": outcome.step,
         "epochs": round(outcome.step / run.steps_per_epoch, 3),
         "data": run.manifest["source"],
@@ -362,8 +353,11 @@ def log_start(run, intra, inter, precision_why, start_step):
                  mcnn_model.describe_padding(*manifest["image_shape"][:2])):
         if note:
             log(note)
-    log(f"{hvd.size()} rank{'s' * (hvd.size() > 1)} x {FLAGS.per_rank_batch} images = global "
-        f"batch {FLAGS.per_rank_batch * hvd.size()}; {run.steps_per_epoch} steps/epoch, "
+    accumulated = (f" x {FLAGS.accumulate_steps} micro-batches"
+                   if FLAGS.accumulate_steps > 1 else "")
+    log(f"{hvd.size()} rank{'s' * (hvd.size() > 1)} x {FLAGS.per_rank_batch} images"
+        f"{accumulated} = global batch {per_rank_images() * hvd.size()}; {FLAGS.optimizer}; "
+        f"{run.steps_per_epoch} steps/epoch, "
         f"{run.total_steps} steps; peak LR {run.schedule.peak_lr:g} ({FLAGS.lr_scaling} rule); "
         f"threads per rank: {intra} intra-op, {inter} inter-op; oneDNN "
         f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; {FLAGS.precision} ({precision_why})"
@@ -395,13 +389,15 @@ def main(argv):
     image_shape, classes = tuple(manifest["image_shape"]), manifest["classes"]
     dtype = data_pipeline.DTYPES[manifest["dtype"]]
     train_count = manifest["splits"]["train"]["count"]
-    FLAGS.per_rank_batch = choose_per_rank_batch(image_shape, train_count // hvd.size())
+    FLAGS.per_rank_batch = choose_per_rank_batch(
+        image_shape, train_count // (hvd.size() * FLAGS.accumulate_steps))
     # Horovod 3: the global batch grows with the ranks, and the learning rate with it.
-    global_batch = FLAGS.per_rank_batch * hvd.size()
+    global_batch = per_rank_images() * hvd.size()
     steps_per_epoch = train_count // global_batch
     if steps_per_epoch == 0:
         raise app.UsageError(f"{train_count} training images make no full global "
-                             f"batch of {global_batch} ({hvd.size()} ranks x --per_rank_batch)")
+                             f"batch of {global_batch} ({hvd.size()} ranks x --per_rank_batch x "
+                             f"--accumulate_steps)")
     if FLAGS.time_budget_minutes:
         FLAGS.epochs = sizing.fit_epochs(
             budget_rate or measured_rate(image_shape, len(classes), dtype), manifest,
@@ -409,7 +405,7 @@ def main(argv):
     total_steps = max(1, round(FLAGS.epochs * steps_per_epoch))
     schedule = build_lr_schedule(global_batch, steps_per_epoch, total_steps)
     model = build_model(image_shape, len(classes), dtype)
-    optimizer = tf.keras.optimizers.SGD(schedule, momentum=FLAGS.momentum, nesterov=True)
+    optimizer = optimization.make_optimizer(schedule)
     optimizer.build(model.trainable_variables)
     checkpoint = checkpoints.make_checkpoint(model, optimizer, global_batch)
     # Rank 0 restores the newest good checkpoint, if any, before the broadcast below.

@@ -1,9 +1,10 @@
 """Run under mpirun -np 2: gradients of 2 ranks x b images against 1 x 2b, saved by rank 0.
 
-Each rank computes, through train_mcnn.compute_gradients (allreduce included):
+Each rank computes, through optimization.batch_gradients (allreduce included):
   split: the gradient of its own half of a fixed batch of 2b images;
   whole: the gradient of the whole batch (the same on every rank, so the average
-         is the single-process gradient of 2b images).
+         is the single-process gradient of 2b images);
+  accumulated: without allreduce, the whole batch as 2 micro-batches of b.
 """
 import os
 import sys
@@ -16,13 +17,13 @@ import horovod.tensorflow as hvd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import mcnn_model  # noqa: E402
-import train_mcnn  # noqa: E402
+import optimization  # noqa: E402
 
 NUM_CLASSES = 4
 
 
 def main(output):
-    train_mcnn.FLAGS(["horovod_gradients"])  # the defaults: label smoothing, weight decay
+    optimization.FLAGS(["horovod_gradients"])  # the defaults: label smoothing, weight decay
     hvd.init()
     tf.keras.utils.set_random_seed(0)
     model = mcnn_model.build_mcnn((128, 128, 3), NUM_CLASSES)
@@ -33,11 +34,14 @@ def main(output):
     half = len(images) // hvd.size()
     mine = slice(hvd.rank() * half, (hvd.rank() + 1) * half)
 
-    _, split = train_mcnn.compute_gradients(model, images[mine], labels[mine], NUM_CLASSES)
-    _, whole = train_mcnn.compute_gradients(model, images, labels, NUM_CLASSES)
+    _, split, _ = optimization.batch_gradients(model, images[mine], labels[mine], NUM_CLASSES)
+    _, whole, _ = optimization.batch_gradients(model, images, labels, NUM_CLASSES)
+    _, accumulated, _ = tf.function(optimization.batch_gradients)(
+        model, images, labels, NUM_CLASSES, accumulate=2, average=False)
     np.savez(f"{output}.rank{hvd.rank()}.npz",
              **{f"split_{i}": g.numpy() for i, g in enumerate(split)},
-             **{f"whole_{i}": g.numpy() for i, g in enumerate(whole)})
+             **{f"whole_{i}": g.numpy() for i, g in enumerate(whole)},
+             **{f"accumulated_{i}": g.numpy() for i, g in enumerate(accumulated)})
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def test_ranks_end_with_identical_weights(two_rank_run):
     assert summary["ranks_in_sync"] is True
 
 
-def test_two_ranks_average_to_the_gradient_of_the_whole_batch(tmp_path):
+def test_two_ranks_and_accumulation_give_the_gradient_of_the_whole_batch(tmp_path):
+    """2 ranks x 4 images, 1 rank x 8, and 1 rank x 4 images x 2 accumulated: one gradient."""
     output = tmp_path / "grads"
     launch_two_ranks(os.path.join(ROOT, "tests", "horovod_gradients.py"), [str(output)])
     rank0, rank1 = (np.load(f"{output}.rank{r}.npz") for r in (0, 1))
@@ -50,6 +51,8 @@ def test_two_ranks_average_to_the_gradient_of_the_whole_batch(tmp_path):
         scale = np.abs(whole).max() + 1e-12
         np.testing.assert_allclose(rank0[name], whole, rtol=1e-3, atol=1e-4 * scale, err_msg=name)
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
+        np.testing.assert_allclose(rank0[name.replace("split", "accumulated")], whole,
+                                   rtol=1e-3, atol=1e-4 * scale, err_msg=name)
     # And the halves on their own differ: the agreement above is the averaging's doing.
     assert not np.allclose(rank0["whole_47"], 0)
 
@@ -118,9 +121,12 @@ def test_training_straight_from_tiffs_and_tables(two_rank_run, tmp_path):
                   f"--image_table={screen / 'BBBC021_v1_image.csv'}",
                   f"--moa_table={screen / 'BBBC021_v1_moa.csv'}",
                   f"--image_root={screen / 'images'}", "--include_dmso", "--eval_fraction=0.5",
-                  "--per_rank_batch=8", "--epochs=2", "--warmup_epochs=0"])
+                  "--per_rank_batch=4", "--accumulate_steps=2", "--epochs=2",
+                  "--warmup_epochs=0"])
     summary = json.loads((tmp_path / "model" / "summary.json").read_text())
     assert summary["split"] == "compound" and summary["steps"] == 2 * (48 // 8)
+    assert "1 rank x 4 images x 2 micro-batches = global batch 8; sgd" in result.stdout
+    assert summary["global_batch"] == 8 and summary["accumulate_steps"] == 2
     assert summary["eval_images"] == 48
     assert "data " + str(screen / "BBBC021_v1_image.csv") in result.stdout
     manifest = json.loads((tmp_path / "model" / "data_manifest.json").read_text())
@@ -136,13 +142,15 @@ def test_speed_and_memory_options_train_on_two_ranks(two_rank_run, tmp_path):
         "--image_height=128", "--image_width=128", "--synthetic_classes=3",
         "--synthetic_compounds_per_class=2", "--synthetic_fields_per_treatment=8",
         "--per_rank_batch=auto", "--recompute", "--precision=mixed_bfloat16",
-        "--fp16_allreduce", "--fusion_threshold_mb=1", "--epochs=2", "--warmup_epochs=1"])
+        "--fp16_allreduce", "--fusion_threshold_mb=1", "--optimizer=lars", "--base_lr=1",
+        "--epochs=2", "--warmup_epochs=1"])
     summary = json.loads((tmp_path / "model" / "summary.json").read_text())
     # auto: at 128 x 128 memory allows any batch, so one rank's share of the 48 images
     assert summary["global_batch"] == 48 and summary["steps"] == 2
     assert summary["ranks_in_sync"] is True
     assert "--per_rank_batch=auto: 24 images per rank" in result.stdout
     assert "mixed_bfloat16 (as given), recompute" in result.stdout
+    assert "= global batch 48; lars;" in result.stdout
 
 
 def test_report_draws_the_training_curves(two_rank_run, tmp_path):

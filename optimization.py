@@ -1,0 +1,168 @@
+"""One training step: the loss, this rank's gradients (summed over --accumulate_steps
+micro-batches), their average over all ranks, and the update (the authors' SGD with
+Nesterov momentum, or LARS); and the gradient noise scale measured on the way.
+
+The global batch is ranks x --per_rank_batch x --accumulate_steps: the learning-rate
+rule, the schedule and checkpoints follow it, so one node can run the authors'
+global batch of 256 exactly.
+"""
+import numpy as np
+import tf_env  # noqa: F401  (before TensorFlow)
+from absl import flags
+import horovod.tensorflow as hvd
+import tensorflow as tf
+
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "lars"], "sgd: SGD with Nesterov momentum (the "
+                  "authors'); lars: layer-wise adaptive rate scaling (You et al. 2017).")
+flags.DEFINE_float("momentum", 0.9, "Momentum (Nesterov for sgd).")
+flags.DEFINE_float("lars_eta", 0.001, "LARS trust coefficient: a layer's rate is the learning "
+                   "rate x eta x |weights| / |gradient|.")
+flags.DEFINE_float("weight_decay", 5e-5, "L2 penalty on all weights.")
+flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing of the cross-entropy.")
+flags.DEFINE_integer("accumulate_steps", 1, "Micro-batches of --per_rank_batch whose gradients "
+                     "each rank adds before one allreduce and one update.", lower_bound=1)
+flags.DEFINE_bool("fp16_allreduce", False, "Send gradients as fp16 in the allreduce.")
+flags.DEFINE_integer("allreduce_groups", 0, "0: Horovod's default, each gradient is sent as "
+                     "soon as it is ready, overlapping the backward pass; N: in N groups, "
+                     "each once all of its gradients are ready.")
+FLAGS = flags.FLAGS
+
+
+def local_gradients(model, images, labels, num_classes):
+    """Loss of this rank's batch and its gradients, weight decay included, not averaged."""
+    cross_entropy = tf.keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=FLAGS.label_smoothing)
+    with tf.GradientTape() as tape:
+        logits = model(images, training=True)
+        loss = cross_entropy(tf.one_hot(labels, num_classes), logits)
+        total = loss + FLAGS.weight_decay * tf.add_n(
+            [tf.nn.l2_loss(v) for v in model.trainable_variables])
+    return loss, tape.gradient(total, model.trainable_variables)
+
+
+def average_over_ranks(gradients):
+    """The mean of each gradient over all ranks, as hvd.DistributedGradientTape sends them:
+    each as soon as it is ready, or in --allreduce_groups groups."""
+    compression = hvd.Compression.fp16 if FLAGS.fp16_allreduce else hvd.Compression.none
+    if not FLAGS.allreduce_groups:
+        return [hvd.allreduce(g, op=hvd.Average, compression=compression) for g in gradients]
+    groups = np.array_split(np.arange(len(gradients)), FLAGS.allreduce_groups)
+    averaged = []
+    for group in groups:
+        averaged += hvd.grouped_allreduce([gradients[i] for i in group], op=hvd.Average,
+                                          compression=compression)
+    return averaged
+
+
+def batch_gradients(model, images, labels, num_classes, accumulate=1, average=True):
+    """(loss, gradients, small_norm2) of a step: the mean gradient of `accumulate`
+    micro-batches that split this rank's `images`, averaged over all ranks (average=False,
+    for benchmarks: this rank's own). small_norm2 is the mean squared norm of one
+    micro-batch's gradient, over micro-batches and ranks: with the norm of the result,
+    what the gradient noise scale is estimated from."""
+    if accumulate == 1:  # no loop, so that each gradient's allreduce overlaps the backward pass
+        loss, gradients = local_gradients(model, images, labels, num_classes)
+        small_norm2 = tf.linalg.global_norm(gradients) ** 2
+    else:
+        loss, gradients, small_norm2 = accumulated_gradients(model, images, labels, num_classes,
+                                                             accumulate)
+    if average and hvd.size() > 1:
+        gradients = average_over_ranks(gradients)
+        small_norm2 = hvd.allreduce(small_norm2, op=hvd.Average, name="small_batch_norm2")
+    return loss, gradients, small_norm2
+
+
+def accumulated_gradients(model, images, labels, num_classes, accumulate):
+    """(mean loss, mean gradients, mean squared gradient norm) of `accumulate` equal
+    micro-batches of `images`, one at a time: memory for one micro-batch's activations."""
+    micro_images = tf.reshape(images, [accumulate, -1, *images.shape[1:]])
+    micro_labels = tf.reshape(labels, [accumulate, -1])
+    total_loss, norm2 = tf.constant(0.0), tf.constant(0.0)
+    sums = [tf.zeros_like(v) for v in model.trainable_variables]
+    for i in tf.range(accumulate):
+        loss, gradients = local_gradients(model, micro_images[i], micro_labels[i], num_classes)
+        sums = [s + g for s, g in zip(sums, gradients)]
+        norm2 += tf.linalg.global_norm(gradients) ** 2
+        total_loss += loss
+    return total_loss / accumulate, [s / accumulate for s in sums], norm2 / accumulate
+
+
+def make_train_step(model, optimizer, num_classes, average=True, accumulate=1):
+    """train_step(images, labels) -> (loss, small_norm2, big_norm2): one update from
+    this rank's per-rank batch x `accumulate` images."""
+    @tf.function
+    def train_step(images, labels):
+        loss, gradients, small_norm2 = batch_gradients(model, images, labels, num_classes,
+                                                       accumulate, average)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return loss, small_norm2, tf.linalg.global_norm(gradients) ** 2
+    return train_step
+
+
+def make_optimizer(learning_rate):
+    if FLAGS.optimizer == "lars":
+        return LARS(learning_rate, momentum=FLAGS.momentum, eta=FLAGS.lars_eta)
+    return tf.keras.optimizers.SGD(learning_rate, momentum=FLAGS.momentum, nesterov=True)
+
+
+class LARS(tf.keras.optimizers.Optimizer):
+    """Layer-wise adaptive rate scaling (You, Gitman and Ginsburg 2017): each weight
+    tensor steps at learning rate x eta x |w| / |g|, with momentum; biases (and any
+    other 1-D weights) take the plain learning rate. The weight decay is already in
+    the gradient, as an L2 term of the loss."""
+
+    def __init__(self, learning_rate, momentum=0.9, eta=0.001, name="LARS", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self._learning_rate = self._build_learning_rate(learning_rate)
+        self.momentum, self.eta = momentum, eta
+
+    def build(self, var_list):
+        super().build(var_list)
+        if getattr(self, "_built", False):
+            return
+        self.velocities = [self.add_variable_from_reference(v, "velocity") for v in var_list]
+        self._built = True
+
+    def update_step(self, gradient, variable):
+        rate = tf.cast(self.learning_rate, variable.dtype)
+        if variable.shape.rank > 1:
+            weight_norm, gradient_norm = tf.norm(variable), tf.norm(gradient)
+            rate = rate * tf.where((weight_norm > 0) & (gradient_norm > 0),
+                                   self.eta * weight_norm / tf.maximum(gradient_norm, 1e-30), 1.0)
+        velocity = self.velocities[self._index_dict[self._var_key(variable)]]
+        velocity.assign(self.momentum * velocity + rate * gradient)
+        variable.assign_sub(velocity)
+
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.momentum, "eta": self.eta,
+                "learning_rate": self._serialize_hyperparameter(self._learning_rate)}
+
+
+class GradientNoiseScale:
+    """The simple noise scale B_noise = tr(Sigma) / |G|^2 of McCandlish et al. 2018,
+    estimated as in their Appendix A from the squared norms of gradients of two batch
+    sizes (one micro-batch of one rank, and the global batch), each step's estimates
+    of |G|^2 and tr(Sigma) smoothed separately before their ratio. B_noise is the
+    batch size past which a larger batch buys fewer steps (the critical batch)."""
+
+    def __init__(self, small_batch, big_batch, decay=0.95):
+        self.small, self.big, self.decay = small_batch, big_batch, decay
+        self.norm2, self.trace = None, None
+
+    def add(self, small_norm2, big_norm2):
+        if self.big <= self.small:
+            return  # one rank, no accumulation: a single batch size says nothing
+        norm2 = (self.big * big_norm2 - self.small * small_norm2) / (self.big - self.small)
+        trace = (small_norm2 - big_norm2) / (1 / self.small - 1 / self.big)
+        self.norm2 = norm2 if self.norm2 is None else self.smooth(self.norm2, norm2)
+        self.trace = trace if self.trace is None else self.smooth(self.trace, trace)
+
+    def smooth(self, average, value):
+        return self.decay * average + (1 - self.decay) * value
+
+    @property
+    def value(self):
+        """B_noise, or None before an estimate (or while |G|^2 is estimated <= 0)."""
+        if self.norm2 is None or self.norm2 <= 0:
+            return None
+        return self.trace / self.norm2

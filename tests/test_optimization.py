@@ -1,0 +1,46 @@
+"""optimization.py: LARS against its formula, the gradient noise scale against a known noise.
+(Accumulation against 2 ranks and against one larger batch: test_horovod_training.py.)"""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import optimization
+
+
+def test_lars_steps_each_weight_tensor_by_its_trust_ratio_and_biases_plainly():
+    kernel = tf.Variable([[3.0, 0.0], [0.0, 4.0]])
+    bias = tf.Variable([1.0, -1.0])
+    lars = optimization.LARS(0.1, momentum=0.9, eta=0.01)
+    gradients = [np.array([[0.6, 0.0], [0.0, 0.8]], np.float32), np.array([0.5, 0.5], np.float32)]
+    velocity_kernel, velocity_bias = 0.0, 0.0
+    expected_kernel, expected_bias = kernel.numpy(), bias.numpy()
+    for _ in range(2):
+        lars.apply_gradients(zip([tf.constant(g) for g in gradients], [kernel, bias]))
+        trust = 0.01 * np.linalg.norm(expected_kernel) / np.linalg.norm(gradients[0])  # 0.05
+        velocity_kernel = 0.9 * velocity_kernel + 0.1 * trust * gradients[0]
+        velocity_bias = 0.9 * velocity_bias + 0.1 * gradients[1]
+        expected_kernel, expected_bias = expected_kernel - velocity_kernel, expected_bias - velocity_bias
+    np.testing.assert_allclose(kernel.numpy(), expected_kernel, rtol=1e-6)
+    np.testing.assert_allclose(bias.numpy(), expected_bias, rtol=1e-6)
+
+
+def test_the_noise_scale_estimate_finds_the_noise_of_a_known_problem():
+    """Per-example gradients G + e with e ~ N(0, sigma^2 I) in d dimensions: the true
+    B_noise = d sigma^2 / |G|^2 = 10 here."""
+    rng = np.random.default_rng(0)
+    d, sigma2 = 1000, 0.01
+    true_gradient = np.full(d, 1 / np.sqrt(d))  # |G|^2 = 1
+    noise_scale = optimization.GradientNoiseScale(small_batch=4, big_batch=32, decay=0.99)
+
+    def batch_gradient(b):  # the mean of b per-example gradients
+        return true_gradient + rng.normal(0, np.sqrt(sigma2 / b), d)
+
+    for _ in range(2000):
+        noise_scale.add(np.sum(batch_gradient(4) ** 2), np.sum(batch_gradient(32) ** 2))
+    assert noise_scale.value == pytest.approx(d * sigma2, rel=0.15)
+
+
+def test_one_batch_size_gives_no_noise_scale():
+    noise_scale = optimization.GradientNoiseScale(small_batch=8, big_batch=8)
+    noise_scale.add(2.0, 1.0)
+    assert noise_scale.value is None
