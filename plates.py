@@ -29,13 +29,13 @@ class OutputError(RuntimeError):
 
 
 def run_main(main):
-    """absl's app.run(main), but bad input, an unwritable folder or bad flags end the
-    program with their message alone, which names what is at fault: a traceback, or
-    absl's list of every flag, would only hide it."""
+    """absl's app.run(main), but bad input, an unwritable folder, bad flags or a
+    diverging run end the program with their message alone, which names what is at
+    fault: a traceback, or absl's list of every flag, would only hide it."""
     def main_reporting_bad_input(argv):
         try:
             return main(argv)
-        except (InputError, OutputError, app.UsageError) as error:
+        except (InputError, OutputError, app.UsageError, FloatingPointError) as error:
             print(f"{os.path.basename(sys.argv[0])}: {error}", file=sys.stderr, flush=True)
             sys.exit(1)
     app.run(main_reporting_bad_input)

@@ -153,7 +153,14 @@ def test_speed_and_memory_options_train_on_two_ranks(two_rank_run, tmp_path):
     assert "= global batch 48; lars;" in result.stdout
 
 
-def test_report_draws_the_training_curves(two_rank_run, tmp_path):
+def test_report_draws_the_training_curves_and_a_study(two_rank_run, tmp_path):
     run([os.path.join(ROOT, ".venv", "bin", "python"), os.path.join(ROOT, "report.py"),
-         f"--model_dir={two_rank_run[0]}", f"--output_dir={tmp_path}"])
+         f"--model_dir={two_rank_run[0]}", f"--study_dirs={two_rank_run[0]}",
+         "--target_accuracy=0.2", f"--output_dir={tmp_path}"])
     assert plt.imread(tmp_path / "training.png").shape[1] > 1000
+    study = pd.read_csv(tmp_path / "batch_study.csv")
+    summary = json.loads((two_rank_run[0] / "summary.json").read_text())
+    assert study["global_batch"].tolist() == [8] and study["rule"].tolist() == ["sgd, linear"]
+    assert study["final_accuracy"][0] == summary["final_accuracy"]
+    assert study["epochs_to_target"][0] == summary["eval_history"][0]["epoch"]  # 0.2 < 1/3
+    assert plt.imread(tmp_path / "batch_study.png").shape[1] > 800

@@ -1,4 +1,5 @@
 """The launcher's placement, checked through --dry-run."""
+import glob
 import os
 import shlex
 import subprocess
@@ -68,12 +69,21 @@ def test_bad_placement_is_a_clear_error(args, message):
     assert result.returncode != 0 and message in result.stderr
 
 
-@pytest.mark.parametrize("flagfile", sorted(os.listdir(os.path.join(ROOT, "experiments"))))
+SHIPPED_FLAG_FILES = sorted(
+    os.path.relpath(path, ROOT) for path in glob.glob(
+        os.path.join(ROOT, "experiments", "**", "*.flags"), recursive=True)
+    if os.path.basename(path) != "common.flags")
+
+
+@pytest.mark.parametrize("flagfile", SHIPPED_FLAG_FILES)
 def test_shipped_flag_files_parse(flagfile):
+    """Each flag file, after the common.flags of its folder if it has one."""
     import train_mcnn
     FLAGS = train_mcnn.FLAGS
+    common = os.path.join(ROOT, os.path.dirname(flagfile), "common.flags")
     try:
-        FLAGS(["train_mcnn.py", f"--flagfile={os.path.join(ROOT, 'experiments', flagfile)}"])
+        FLAGS(["train_mcnn.py", *([f"--flagfile={common}"] if os.path.isfile(common) else []),
+               f"--flagfile={os.path.join(ROOT, flagfile)}"])
         assert FLAGS.per_rank_batch > 0 and FLAGS.warmup_epochs < FLAGS.epochs
     finally:
         FLAGS.unparse_flags()
