@@ -23,6 +23,7 @@ import tf_keras
 
 import data_pipeline
 import plates
+import run_log
 
 if tf.keras.Model is not tf_keras.Model:
     raise ImportError("tf.keras is not Keras 2 (tf_keras): TensorFlow was imported before "
@@ -229,10 +230,13 @@ def record_data(model_dir, data_manifest):
     height, width = data_manifest["image_shape"][:2]
     record = {**data_manifest, "padded_to": list(padded_size(height, width)),
               "padding": [list(sides) for sides in padding(height, width)]}
-    path = os.path.join(model_dir, DATA_MANIFEST)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    run_log.write_json(os.path.join(model_dir, DATA_MANIFEST), record)
+
+
+def describe_input(data_manifest):
+    """What happens to the data's fields before the columns, in words: binning, padding."""
+    return [note for note in (plates.describe_binning(data_manifest),
+                              describe_padding(*data_manifest["image_shape"][:2])) if note]
 
 
 def export(model, model_dir):

@@ -23,6 +23,7 @@ import tensorflow as tf
 import data_pipeline
 import mcnn_model
 import plates
+from run_log import log
 
 plates.define_table_flags(flags)
 flags.DEFINE_string("data_dir", None, "A data set of shards to predict instead of tables.")
@@ -89,11 +90,6 @@ def treatments(fields, classes):
                      axis=1).reset_index()
 
 
-def say(message):
-    if hvd.rank() == 0:
-        print(message, flush=True)
-
-
 def main(argv):
     del argv
     if bool(FLAGS.data_dir) == bool(FLAGS.image_table):
@@ -104,12 +100,10 @@ def main(argv):
                              f"program can write to")
     hvd.init()
     precision, _ = tf_env.resolve_precision(FLAGS.precision)
-    model, manifest = mcnn_model.load_trained(FLAGS.model_dir, precision, say=say)
+    model, manifest = mcnn_model.load_trained(FLAGS.model_dir, precision, say=log)
     classes = manifest["classes"]
-    for note in (plates.describe_binning(manifest),
-                 mcnn_model.describe_padding(*manifest["image_shape"][:2])):
-        if note:
-            say(note)
+    for note in mcnn_model.describe_input(manifest):
+        log(note)
     batches = shard_batches(manifest) if FLAGS.data_dir else table_batches(manifest)
     everyone = hvd.allgather_object(predict_fields(model, batches, classes), name="predictions")
     if hvd.rank() != 0:

@@ -349,10 +349,8 @@ def log_start(run, intra, inter, precision_why, start_step):
     manifest, model = run.manifest, run.model
     log(f"M-CNN: {model.count_params():,} parameters, images {tuple(manifest['image_shape'])} "
         f"{manifest['dtype']}, {len(manifest['classes'])} classes; data {manifest['source']}")
-    for note in (plates.describe_binning(manifest),
-                 mcnn_model.describe_padding(*manifest["image_shape"][:2])):
-        if note:
-            log(note)
+    for note in mcnn_model.describe_input(manifest):
+        log(note)
     accumulated = (f" x {FLAGS.accumulate_steps} micro-batches"
                    if FLAGS.accumulate_steps > 1 else "")
     log(f"{hvd.size()} rank{'s' * (hvd.size() > 1)} x {FLAGS.per_rank_batch} images"
