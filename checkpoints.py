@@ -253,12 +253,13 @@ class ElasticState(hvd.elastic.TensorFlowState):
 
 
 class StopSignals:
-    """SIGTERM (a scheduler's warning before SIGKILL) or SIGINT to any rank: every rank
-    stops at the same step boundary, after a checkpoint."""
+    """SIGTERM (a scheduler's warning before SIGKILL), SIGINT, or SIGUSR1 (how the launcher
+    passes a SIGTERM on through mpirun, which forwards SIGUSR1 to every rank at once) to
+    any rank: every rank stops at the same step boundary, after a checkpoint."""
 
     def __init__(self):
         self.received = 0
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(signum, self.handle)
 
     def handle(self, signum, frame):

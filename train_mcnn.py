@@ -291,6 +291,8 @@ def write_summary(run, outcome, start_step, seconds, in_sync):
         "images_per_sec": images_per_sec,
         "images_per_sec_per_rank": images_per_sec and images_per_sec / hvd.size(),
         "ranks": hvd.size(),
+        "nodes": hvd.cross_size(),
+        "ranks_per_node": hvd.local_size(),
         "ranks_in_sync": in_sync,
         "resumed_from_step": start_step,
         "bad_records_skipped": run.manifest.get("bad_records_skipped", 0),
@@ -353,7 +355,8 @@ def log_start(run, intra, inter, precision_why, start_step):
         log(note)
     accumulated = (f" x {FLAGS.accumulate_steps} micro-batches"
                    if FLAGS.accumulate_steps > 1 else "")
-    log(f"{hvd.size()} rank{'s' * (hvd.size() > 1)} x {FLAGS.per_rank_batch} images"
+    log(f"{hvd.size()} rank{'s' * (hvd.size() > 1)} ({hvd.cross_size()} "
+        f"node{'s' * (hvd.cross_size() > 1)}) x {FLAGS.per_rank_batch} images"
         f"{accumulated} = global batch {per_rank_images() * hvd.size()}; {FLAGS.optimizer}; "
         f"{run.steps_per_epoch} steps/epoch, "
         f"{run.total_steps} steps; peak LR {run.schedule.peak_lr:g} ({FLAGS.lr_scaling} rule); "

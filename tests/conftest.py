@@ -2,8 +2,12 @@
 and one real 2-rank training run that several test modules read."""
 import glob
 import os
+import re
 import subprocess
 import sys
+import time
+
+import psutil
 
 import pytest
 
@@ -55,6 +59,59 @@ def two_rank_run(tmp_path_factory):
     result = launch_two_ranks(os.path.join(ROOT, "train_mcnn.py"), [
         f"--synthetic_cache={out / 'data'}", f"--model_dir={out / 'model'}", *SMALL_RUN])
     return out / "model", result.stdout
+
+
+TWO_RANKS = ["--sockets", "1", "--cores-per-socket", "2", "--ranks-per-socket", "2"]
+
+
+def small_run(two_rank_run, model_dir, *flags):
+    """SMALL_RUN's train_mcnn.py flags, on the reference run's data, into model_dir."""
+    data = two_rank_run[0].parent / "data"
+    return [f"--synthetic_cache={data}", f"--model_dir={model_dir}", *SMALL_RUN, *flags]
+
+
+class Run:
+    """A 2-rank training run in the background, read line by line."""
+
+    def __init__(self, args, placement=TWO_RANKS, env=None):
+        self.process = subprocess.Popen([LAUNCH, "train", *placement, "--", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, env=env)
+        self.lines = []
+
+    def wait_for_step(self, step, timeout=300):
+        """Reads output until rank 0 logs a step >= `step`; returns that step."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            logged = re.search(r"\bstep (\d+)/", line)
+            if logged and int(logged.group(1)) >= step:
+                return int(logged.group(1))
+        raise AssertionError(f"step {step} never logged:\n{''.join(self.lines[-40:])}")
+
+    def rank_environ(self, rank):
+        """(pid, environment) of rank `rank`'s process."""
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                environ = child.environ()
+                if "train_mcnn.py" in " ".join(child.cmdline()) and str(rank) in (
+                        environ.get("OMPI_COMM_WORLD_RANK"), environ.get("HOROVOD_RANK")):
+                    return child.pid, environ
+            except psutil.NoSuchProcess:
+                continue
+        raise AssertionError(f"no rank {rank} process")
+
+    def rank_pid(self, rank):
+        return self.rank_environ(rank)[0]
+
+    def finish(self, timeout):
+        """(exit code, all output, seconds it took to exit)."""
+        start = time.time()
+        rest, _ = self.process.communicate(timeout=timeout)
+        return self.process.returncode, "".join(self.lines) + rest, time.time() - start
 
 
 def scalar_series(event_dir, tag):

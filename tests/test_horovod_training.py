@@ -125,7 +125,7 @@ def test_training_straight_from_tiffs_and_tables(two_rank_run, tmp_path):
                   "--warmup_epochs=0"])
     summary = json.loads((tmp_path / "model" / "summary.json").read_text())
     assert summary["split"] == "compound" and summary["steps"] == 2 * (48 // 8)
-    assert "1 rank x 4 images x 2 micro-batches = global batch 8; sgd" in result.stdout
+    assert "1 rank (1 node) x 4 images x 2 micro-batches = global batch 8; sgd" in result.stdout
     assert summary["global_batch"] == 8 and summary["accumulate_steps"] == 2
     assert summary["eval_images"] == 48
     assert "data " + str(screen / "BBBC021_v1_image.csv") in result.stdout

@@ -9,8 +9,9 @@ import pytest
 from conftest import LAUNCH, ROOT
 
 
-def dry_run(*args):
-    result = subprocess.run([LAUNCH, "train", "--dry-run", *args], capture_output=True, text=True)
+def dry_run(*args, env=None):
+    result = subprocess.run([LAUNCH, "train", "--dry-run", *args], capture_output=True, text=True,
+                            env=env)
     assert result.returncode == 0, result.stderr
     return shlex.split(result.stdout)
 
@@ -56,6 +57,25 @@ def test_slurm_allocation_sets_the_node_count():
                              "--cores-per-socket", "16"], capture_output=True, text=True, env=env)
     command = shlex.split(result.stdout)
     assert option(command, "-np") == "6" and option(command, "--map-by") == "ppr:1:socket:PE=16"
+
+
+def test_slurm_allocation_with_too_few_tasks_per_node_is_a_clear_error():
+    env = dict(os.environ, SLURM_JOB_NUM_NODES="2", SLURM_TASKS_PER_NODE="1(x2)")
+    result = subprocess.run([LAUNCH, "train", "--dry-run", "--sockets", "2", "--cores-per-socket",
+                             "16"], capture_output=True, text=True, env=env)
+    assert result.returncode != 0
+    assert "1 task(s) per node and the placement 2 ranks per node" in result.stderr
+    assert "--ntasks-per-node=2" in result.stderr
+
+
+def test_remote_shell_and_horovod_settings_reach_the_ranks_of_every_node():
+    env = dict(os.environ, HOROVOD_HIERARCHICAL_ALLREDUCE="1", OMPI_MCA_btl_tcp_if_include="lo")
+    command = dry_run("--rsh-agent", "/opt/agent", env=env)
+    mca = {command[i + 1]: command[i + 2] for i, word in enumerate(command) if word == "--mca"}
+    assert mca["plm_rsh_agent"] == "/opt/agent"
+    passed_on = {command[i + 1] for i, word in enumerate(command) if word == "-x"}
+    assert {"HOROVOD_HIERARCHICAL_ALLREDUCE", "OMPI_MCA_btl_tcp_if_include"} <= passed_on
+    assert "plm_rsh_agent" not in dry_run()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -7,66 +7,18 @@ import resource
 import shutil
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
 import tensorflow as tf
 
 import mcnn_model
-from conftest import LAUNCH, ROOT, SMALL_RUN, fails, run, scalar_series
+from conftest import (LAUNCH, ROOT, SMALL_RUN, TWO_RANKS, Run, fails, run, scalar_series,
+                      small_run)
 
-TWO_RANKS = ["--sockets", "1", "--cores-per-socket", "2", "--ranks-per-socket", "2"]
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 TRAIN = os.path.join(ROOT, "train_mcnn.py")
-
-
-def small_run(two_rank_run, model_dir, *flags):
-    """SMALL_RUN's train_mcnn.py flags, on the reference run's data, into model_dir."""
-    data = two_rank_run[0].parent / "data"
-    return [f"--synthetic_cache={data}", f"--model_dir={model_dir}", *SMALL_RUN, *flags]
-
-
-class Run:
-    """A 2-rank training run in the background, read line by line."""
-
-    def __init__(self, args, placement=TWO_RANKS):
-        self.process = subprocess.Popen([LAUNCH, "train", *placement, "--", *args],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)
-        self.lines = []
-
-    def wait_for_step(self, step, timeout=300):
-        """Reads output until rank 0 logs a step >= `step`; returns that step."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            logged = re.search(r"\bstep (\d+)/", line)
-            if logged and int(logged.group(1)) >= step:
-                return int(logged.group(1))
-        raise AssertionError(f"step {step} never logged:\n{''.join(self.lines[-40:])}")
-
-    def rank_pid(self, rank):
-        for child in psutil.Process(self.process.pid).children(recursive=True):
-            try:
-                environ = child.environ()
-                if "train_mcnn.py" in " ".join(child.cmdline()) and str(rank) in (
-                        environ.get("OMPI_COMM_WORLD_RANK"), environ.get("HOROVOD_RANK")):
-                    return child.pid
-            except psutil.NoSuchProcess:
-                continue
-        raise AssertionError(f"no rank {rank} process")
-
-    def finish(self, timeout):
-        """(exit code, all output, seconds it took to exit)."""
-        start = time.time()
-        rest, _ = self.process.communicate(timeout=timeout)
-        return self.process.returncode, "".join(self.lines) + rest, time.time() - start
 
 
 def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(two_rank_run, tmp_path):
@@ -99,16 +51,21 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(two_rank_run, tmp
     assert final == pytest.approx(expected, rel=0.3)
 
 
-@pytest.mark.parametrize("signum, rank", [(signal.SIGTERM, 1), (signal.SIGINT, 0)])
-def test_a_signal_to_any_rank_checkpoints_then_stops_every_rank(two_rank_run, tmp_path,
-                                                               signum, rank):
+@pytest.mark.parametrize("signum, target", [(signal.SIGTERM, 1), (signal.SIGINT, 0),
+                                            (signal.SIGTERM, "launcher")])
+def test_a_signal_to_any_rank_or_to_the_launcher_checkpoints_then_stops_every_rank(
+        two_rank_run, tmp_path, signum, target):
+    """The launcher passes a SIGTERM on to every rank as SIGUSR1, which mpirun forwards at
+    once (it answers SIGTERM by killing the ranks within seconds)."""
     model_dir = tmp_path / "model"
     interrupted = Run(small_run(two_rank_run, model_dir))
     seen = interrupted.wait_for_step(12)
-    os.kill(interrupted.rank_pid(rank), signum)
+    to_launcher = target == "launcher"
+    os.kill(interrupted.process.pid if to_launcher else interrupted.rank_pid(target), signum)
     code, output, seconds = interrupted.finish(timeout=120)
     assert code != 0 and seconds < 60
-    stopped = re.search(rf"{signal.Signals(signum).name}: stopped after step (\d+) and wrote "
+    name = "SIGUSR1" if to_launcher else signal.Signals(signum).name
+    stopped = re.search(rf"{name}: stopped after step (\d+) and wrote "
                         rf"(\S+); rerun the same command to resume", output)
     assert stopped, output[-3000:]
     assert int(stopped.group(1)) >= seen
