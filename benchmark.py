@@ -54,10 +54,9 @@ flags.DEFINE_integer("steps", 5, "Timed training steps per repeat.")
 flags.DEFINE_integer("input_batches", 20, "Timed input batches per repeat (input alone).")
 flags.DEFINE_integer("repeats", 3, "Timed repeats; figures are their medians.")
 flags.DEFINE_string("output", "benchmark.json", "JSON file for the figures.")
-flags.DEFINE_float("noise_scale", 72, "The gradient noise scale B_noise the "
-                   "time-to-accuracy projection assumes (default: the one measured in "
-                   "docs/batch_study.md's run that reached its target; BBBC021's own is "
-                   "not measured yet).")
+flags.DEFINE_list("noise_scales", ["72"], "Gradient noise scales B_noise to project the time "
+                  "to accuracy at, one projection each (72: measured in docs/batch_study.md "
+                  "on the synthetic screen; BBBC021's own is not measured).")
 FLAGS = flags.FLAGS
 
 
@@ -297,13 +296,12 @@ def projected_hours(figures, nodes, noise_scale):
 
 
 def time_to_accuracy(figures, noise_scale):
-    """projected_hours_N_nodes for N in NODE_COUNTS, and the node count past which
-    doubling the nodes saves less than a tenth of the time."""
+    """projected_hours_N_nodes_noiseB for N in NODE_COUNTS at B = noise_scale, and the
+    node count past which doubling the nodes saves less than a tenth of the time."""
     hours = {n: projected_hours(figures, n, noise_scale) for n in NODE_COUNTS}
     enough = next((n for n in NODE_COUNTS[:-1] if hours[2 * n] > 0.9 * hours[n]), None)
-    return {**{f"projected_hours_{n}_nodes": h for n, h in hours.items()},
-            "projection_noise_scale": noise_scale,
-            "nodes_past_which_doubling_saves_under_10pct": enough}
+    return {**{f"projected_hours_{n}_nodes_noise{noise_scale:g}": h for n, h in hours.items()},
+            f"nodes_past_which_doubling_saves_under_10pct_noise{noise_scale:g}": enough}
 
 
 def benchmark_process():
@@ -348,7 +346,8 @@ def measure(manifest, make_data):
         if name in FLAGS.parts:
             figures.update(sweep())
     if "scaling" in FLAGS.parts:
-        figures.update(time_to_accuracy(figures, FLAGS.noise_scale))
+        for noise_scale in FLAGS.noise_scales:
+            figures.update(time_to_accuracy(figures, float(noise_scale)))
     return figures
 
 

@@ -135,7 +135,7 @@ def study_row(model_dir, target):
 
 
 def plot_study(table, target, path):
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
     for rule, runs in table.groupby("rule"):
         line, = axes[0].plot(runs["global_batch"], runs["final_accuracy"], marker="o",
                              label=rule)
@@ -155,11 +155,11 @@ def plot_study(table, target, path):
         ax.set_xlabel("global batch")
         ax.grid(alpha=0.3)
     axes[0].set(title="held-out accuracy at the epoch budget (x: diverged)",
-                ylabel="field accuracy")
+                ylabel="field accuracy", ylim=(-0.05, 1.1))
     axes[1].set(title=f"steps to {target:g} held-out accuracy", ylabel="steps")
     if table["steps_to_target"].notna().any():
         axes[1].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper right")
     save(figure, path)
 
 
