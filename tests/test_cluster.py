@@ -64,7 +64,7 @@ class OneNodeSlurm:
     def write_conf(self):
         node = socket.gethostname().split(".")[0]
         self.conf.write_text("\n".join([
-            "ClusterName=mcnntest", f"SlurmctldHost={node}", "SlurmUser=root",
+            "ClusterName=mcnntest", f"SlurmctldHost={node}(127.0.0.1)", "SlurmUser=root",
             "AuthType=auth/munge", f"AuthInfo=socket={self.folder / 'munge.socket'}",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2",
@@ -75,7 +75,7 @@ class OneNodeSlurm:
             f"SlurmctldLogFile={self.folder / 'slurmctld.log'}",
             f"SlurmdLogFile={self.folder / 'slurmd.log'}",
             "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-            f"NodeName={node} CPUs={os.cpu_count()} State=UNKNOWN",
+            f"NodeName={node} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN",
             f"PartitionName=test Nodes={node} Default=YES MaxTime=INFINITE State=UP", ""]))
 
     def daemon(self, command):
