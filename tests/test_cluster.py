@@ -178,11 +178,16 @@ def test_a_preempted_slurm_job_checkpoints_requeues_itself_and_resumes_to_the_en
 
 SSH_STAND_IN = """#!/bin/sh
 # Stands in for ssh: skips ssh's options, notes the host, then runs the command here in a
-# clean environment, as ssh would start it on another node.
+# clean environment, as ssh would start it on another node. Each "node" has a temporary
+# folder of its own, as another machine would: Open MPI names its session folders by
+# host name, which both share here, and two daemons writing one hwloc topology file
+# crashed one in four runs.
 while [ "${1#-}" != "$1" ]; do shift; done
 echo "$@" >> "$(dirname "$0")/remote-shell.log"
+host="$1"
 shift
-exec env -i PATH="$PATH" HOME="$HOME" sh -c "$*"
+mkdir -p "$(dirname "$0")/tmp-$host"
+exec env -i PATH="$PATH" HOME="$HOME" TMPDIR="$(dirname "$0")/tmp-$host" sh -c "$*"
 """
 
 
