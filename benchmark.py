@@ -21,7 +21,9 @@ timed runs after warm-up:
 - memory, onednn, scaling: sweeps in processes of their own: peak memory at
   several batches and its slope per image; oneDNN off against on; 1 rank x every
   core against one rank per core placed by ./launch (scaling efficiency, the time
-  of one allreduce of all gradients, and how much of it the step hides).
+  of one allreduce of all gradients, and how much of it the step hides);
+- time_to_accuracy (not by default: it trains to --target once per seed): epochs,
+  steps, images and seconds to a held-out accuracy, as time_to_accuracy.py says.
 """
 import json
 import os
@@ -42,6 +44,8 @@ import mcnn_model
 import optimization
 import plates
 import synthetic_data
+import threads
+import time_to_accuracy
 import train_mcnn
 import training_data
 
@@ -212,10 +216,17 @@ SET_BY_SWEEPS = frozenset({"parts", "output", "steps", "repeats", "per_rank_batc
                            "memory_batches", "input_batches", "precision", "precisions"})
 
 
-def passed_flags():
+def passed_flags(leave_out=SET_BY_SWEEPS):
     """Every other flag this run was given (data, model, Horovod), for those processes."""
     given = {FLAGS[name] for name in FLAGS if FLAGS[name].present}
-    return sorted(flag.serialize() for flag in given if flag.name not in SET_BY_SWEEPS)
+    return sorted(flag.serialize() for flag in given if flag.name not in leave_out)
+
+
+def training_flags():
+    """The flags this run was given that train_mcnn.py takes too: not the benchmark's."""
+    own = {flag.name for module in (sys.modules[__name__], time_to_accuracy)
+           for flag in FLAGS.get_flags_for_module(module)}
+    return passed_flags(own | {"precision"})
 
 
 def memory_sweep():
@@ -295,7 +306,7 @@ def projected_hours(figures, nodes, noise_scale):
     return steps * (PER_RANK_BATCH / rank_rate + exposed) / 3600
 
 
-def time_to_accuracy(figures, noise_scale):
+def projected_time_to_accuracy(figures, noise_scale):
     """projected_hours_N_nodes_noiseB for N in NODE_COUNTS at B = noise_scale, and the
     node count past which doubling the nodes saves less than a tenth of the time."""
     hours = {n: projected_hours(figures, n, noise_scale) for n in NODE_COUNTS}
@@ -347,7 +358,9 @@ def measure(manifest, make_data):
             figures.update(sweep())
     if "scaling" in FLAGS.parts:
         for noise_scale in FLAGS.noise_scales:
-            figures.update(time_to_accuracy(figures, float(noise_scale)))
+            figures.update(projected_time_to_accuracy(figures, float(noise_scale)))
+    if "time_to_accuracy" in FLAGS.parts:
+        figures.update(time_to_accuracy.measure(training_flags(), FLAGS.precision))
     return figures
 
 
@@ -355,17 +368,21 @@ def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
     train_mcnn.init_horovod()
-    intra, inter = train_mcnn.configure_threads()
-    manifest, make_data = training_data.open_data(FLAGS.seed)
+    rank_threads = threads.configure_threads()
     results = {"cpu": tf_env.cpu_description(), "tensorflow": tf.__version__,
-               "image_shape": manifest["image_shape"], "intra_op_threads": intra,
-               "inter_op_threads": inter, "recompute": FLAGS.recompute,
-               "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
+               "intra_op_threads": rank_threads.intra_op,
+               "inter_op_threads": rank_threads.inter_op,
+               "recompute": FLAGS.recompute, "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
+    manifest, make_data = None, None
+    if set(FLAGS.parts) - {"time_to_accuracy"}:  # whose runs open data of their own
+        manifest, make_data = training_data.open_data(FLAGS.seed)
+        results["image_shape"] = manifest["image_shape"]
     requested_batch = FLAGS.per_rank_batch  # 'auto' fits each precision's memory anew
     for precision in precisions():
         FLAGS.precision, FLAGS.per_rank_batch = precision, requested_batch
-        FLAGS.per_rank_batch = train_mcnn.choose_per_rank_batch(
-            manifest["image_shape"], manifest["splits"]["train"]["count"] // hvd.size())
+        if manifest:
+            FLAGS.per_rank_batch = train_mcnn.choose_per_rank_batch(
+                manifest["image_shape"], manifest["splits"]["train"]["count"] // hvd.size())
         results[precision] = {"precision": precision, "recompute": FLAGS.recompute,
                               **measure(manifest, make_data)}
     if {"float32", "mixed_bfloat16"} <= results.keys() and "train" in FLAGS.parts:

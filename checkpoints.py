@@ -86,9 +86,11 @@ def restore_or_start(checkpoint, model_dir, global_batch, data_manifest):
 
 
 def data_the_weights_fit(data_manifest):
-    """What a run's weights are tied to: field size, channels, binning and classes."""
+    """What a run's weights are tied to: field size, channels, binning, classes and the
+    input standardization."""
     return {"image_shape": data_manifest["image_shape"], "channels": data_manifest.get("channels"),
-            "bin": data_manifest.get("bin", 1), "classes": data_manifest["classes"]}
+            "bin": data_manifest.get("bin", 1), "classes": data_manifest["classes"],
+            "input_standardization": data_manifest.get("input_standardization")}
 
 
 def check_same_data(model_dir, data_manifest):

@@ -13,6 +13,7 @@ import dataclasses
 import fcntl
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -50,6 +51,7 @@ class Feed:
     provenance: bool = False
     seed: int = 0
     shuffle_buffer: int = 64
+    intensity_jitter: float = 0.0
 
 
 # ---------------------------------------------------------------- writing
@@ -248,12 +250,12 @@ def error_text(error):
 
 
 def explain_data_loss(files, manifest, error):
-    """A DataLossError naming the shards at fault (tf.data's own names none)."""
+    """tf.data's DataLossError, which names no file, as an InputError naming the shards
+    and records at fault."""
     _, problems = scan_shards(files, manifest)
     where = "; ".join(problems) or "no shard fails when read again"
-    return tf.errors.DataLossError(
-        None, None, f"{where}. Rerun with --skip_bad_records to skip such records "
-                    f"(tf.data said: {error_text(error)})")
+    return plates.InputError(f"{where}. Rerun with --skip_bad_records to skip such records "
+                             f"(tf.data said: {error_text(error)})")
 
 
 def rank_files(files, rank, num_ranks):
@@ -286,17 +288,27 @@ def parse_record(record, filename, image_shape, num_classes, dtype="uint8"):
     return image, tf.cast(features["label"], tf.int32), {k: features[k] for k in TEXT_FIELDS}
 
 
-def augment(image):
+def augment(image, intensity_jitter=0.0):
     """Random flips, and transposes for square images: microscopy has no up or left.
-
     A 90-degree rotation of a non-square field would change its shape, so those
     get the four symmetries of the rectangle, square ones all eight.
+
+    With intensity_jitter j > 0, each channel is also multiplied by its own factor,
+    drawn log-uniformly from [1 / (1 + j), 1 + j], and clipped to the dtype: fields
+    differ in exposure and staining from field to field and plate to plate, which the
+    per-plate scaling does not remove, and an MoA should not be read from them.
     """
     image = tf.image.random_flip_left_right(image)
     image = tf.image.random_flip_up_down(image)
     if image.shape[0] == image.shape[1]:
         image = tf.cond(tf.random.uniform([]) < 0.5,
                         lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
+    if intensity_jitter > 0:
+        spread = math.log1p(intensity_jitter)
+        gains = tf.exp(tf.random.uniform([image.shape[-1]], -spread, spread))
+        top = image.dtype.max
+        image = tf.cast(tf.clip_by_value(tf.cast(image, tf.float32) * gains + 0.5, 0.0, top),
+                        image.dtype)
     return image
 
 
@@ -347,7 +359,7 @@ def augmented_batches(ds, feed):
     if not feed.provenance:
         ds = ds.map(lambda image, label, _: (image, label))
     if feed.training:
-        ds = ds.map(lambda image, *rest: (augment(image), *rest),
+        ds = ds.map(lambda image, *rest: (augment(image, feed.intensity_jitter), *rest),
                     num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(feed.batch_size, drop_remainder=feed.training).prefetch(tf.data.AUTOTUNE)
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import tf_env  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
 import tf_keras
@@ -105,7 +106,7 @@ class MaxPool2DWithFp32Gradient(tf.keras.layers.MaxPool2D):
         return outputs, fp32_gradient
 
 
-def scale_column(input_shape, scale, data_format):
+def scale_column(input_shape, scale, data_format, kernel_initializer="glorot_uniform"):
     """Column `scale` as a model of its own: pool by 2**scale, three 5x5
     convolutions, pool to 1/64."""
     pre_pool = 2 ** scale
@@ -118,7 +119,7 @@ def scale_column(input_shape, scale, data_format):
     for i in range(CONVS_PER_SCALE):
         x = tf.keras.layers.Conv2D(
             FILTERS_PER_SCALE[scale], KERNEL_SIZE, padding="same", activation="relu",
-            data_format=data_format, name=f"conv_{i}")(x)
+            kernel_initializer=kernel_initializer, data_format=data_format, name=f"conv_{i}")(x)
     if post_pool > 1:
         x = MaxPool2DWithFp32Gradient(post_pool, padding="same", data_format=data_format,
                                       name="pool")(x)
@@ -160,11 +161,13 @@ class ScaleColumn(tf.keras.layers.Layer):
     """One scale column; with recompute=True, training recomputes its activations
     in the backward pass (gradient checkpointing per column, one image at a time)."""
 
-    def __init__(self, input_shape, scale, data_format, recompute=False, **kwargs):
+    def __init__(self, input_shape, scale, data_format, recompute=False,
+                 kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(**{"name": f"scale_{scale}", **kwargs})
         self.config = {"input_shape": tuple(input_shape), "scale": scale,
-                       "data_format": data_format, "recompute": recompute}
-        self.column = scale_column(input_shape, scale, data_format)
+                       "data_format": data_format, "recompute": recompute,
+                       "kernel_initializer": kernel_initializer}
+        self.column = scale_column(input_shape, scale, data_format, kernel_initializer)
         self.recompute = recompute
 
     def call(self, images, training=False):
@@ -177,25 +180,49 @@ class ScaleColumn(tf.keras.layers.Layer):
 
 
 def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, data_format="channels_last",
-               input_dtype="uint8", recompute=False, precision="float32"):
+               input_dtype="uint8", recompute=False, precision="float32",
+               standardization=None, relu_initializer="glorot_uniform"):
     """Returns the uncompiled M-CNN; it outputs logits.
 
     The model takes images as stored, (batch, H, W, C) of `input_dtype`, and scales
-    integer pixels to [0, 1] itself, so the input pipeline can stay in uint8.
+    them itself (scale_input), so the input pipeline can stay in uint8: integer
+    pixels to [0, 1], or with `standardization` ({"mean": [...], "std": [...]} per
+    channel, in that [0, 1] unit) each channel to mean 0 and spread 1.
     With data_format="channels_first" the layers run in NCHW after a transpose.
     recompute=True trades a third more compute for memory (see ScaleColumn).
     precision is a Keras policy: under "mixed_bfloat16" the layers compute in bf16,
     and the weights and logits stay float32, so checkpoints fit either precision.
+    relu_initializer initialises the kernels of the convolutions, which all feed a
+    ReLU: "glorot_uniform" as the authors (Keras's default), or "he_normal" (He et
+    al. 2015, derived for ReLU layers); the dense layers stay Glorot.
     """
     previous = tf.keras.mixed_precision.global_policy()
     tf.keras.mixed_precision.set_global_policy(precision)
     try:
-        return mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute)
+        return mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute,
+                           standardization, relu_initializer)
     finally:
         tf.keras.mixed_precision.set_global_policy(previous)
 
 
-def mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute):
+def scale_input(x, input_dtype, standardization=None):
+    """Pixels as stored to what the columns see: pixels / the dtype's largest value
+    (integer dtypes; [0, 1]), then, with `standardization`, (x - mean) / std per channel.
+    Zero padding before this stays each channel's low percentile, the background."""
+    top = tf.as_dtype(input_dtype).max if tf.as_dtype(input_dtype).is_integer else 1.0
+    if standardization is None:
+        return (tf.keras.layers.Rescaling(1.0 / top, name="to_unit_range")(x)
+                if top != 1.0 else x)
+    mean, std = (np.asarray(standardization[k], np.float64) for k in ("mean", "std"))
+    if mean.shape != (x.shape[-1],) or std.shape != mean.shape or np.any(std <= 0):
+        raise ValueError(f"standardization needs a mean and a positive std per channel "
+                         f"({x.shape[-1]}), got {standardization}")
+    return tf.keras.layers.Rescaling((1.0 / (top * std)).tolist(), (-mean / std).tolist(),
+                                     name="standardize")(x)
+
+
+def mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute, standardization,
+                relu_initializer):
     check_image_shape(image_shape)
     if data_format not in ("channels_last", "channels_first"):
         raise ValueError(f"data_format must be channels_last or channels_first, got {data_format}")
@@ -203,18 +230,17 @@ def mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute):
 
     images = tf.keras.Input(shape=image_shape, dtype=input_dtype, name="image")
     x = images
-    if tf.as_dtype(input_dtype).is_integer:
-        x = tf.keras.layers.Rescaling(1.0 / tf.as_dtype(input_dtype).max, name="to_unit_range")(x)
     if padded_size(*image_shape[:2]) != tuple(image_shape[:2]):
         x = tf.keras.layers.ZeroPadding2D(padding(*image_shape[:2]), name="pad_to_128")(x)
+    x = scale_input(x, input_dtype, standardization)
     if data_format == "channels_first":
         x = tf.keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
 
-    columns = [ScaleColumn(x.shape[1:], scale, data_format, recompute)(x)
+    columns = [ScaleColumn(x.shape[1:], scale, data_format, recompute, relu_initializer)(x)
                for scale in range(NUM_SCALES)]
     x = tf.keras.layers.Concatenate(axis=channel_axis, name="merge")(columns)
     x = tf.keras.layers.Conv2D(MERGE_FILTERS, 1, activation="relu", data_format=data_format,
-                               name="merge_conv")(x)
+                               kernel_initializer=relu_initializer, name="merge_conv")(x)
     x = MaxPool2DWithFp32Gradient(2, data_format=data_format, name="merge_pool")(x)
     x = tf.keras.layers.Flatten(data_format=data_format, name="flatten")(x)
     # No activation between the two dense layers, as in the authors' code.
@@ -225,8 +251,9 @@ def mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute):
 
 def record_data(model_dir, data_manifest):
     """Writes the manifest of a run's training data (classes, channels, field size,
-    binning, intensity ranges), which prediction and a resumed run need, with the
-    padding the model applies; atomically."""
+    binning, intensity ranges, and the input_standardization the model was built with),
+    which prediction and a resumed run need, with the padding the model applies;
+    atomically."""
     height, width = data_manifest["image_shape"][:2]
     record = {**data_manifest, "padded_to": list(padded_size(height, width)),
               "padding": [list(sides) for sides in padding(height, width)]}
@@ -234,9 +261,21 @@ def record_data(model_dir, data_manifest):
 
 
 def describe_input(data_manifest):
-    """What happens to the data's fields before the columns, in words: binning, padding."""
+    """What happens to the data's fields before the columns, in words: binning,
+    padding, standardization."""
     return [note for note in (plates.describe_binning(data_manifest),
-                              describe_padding(*data_manifest["image_shape"][:2])) if note]
+                              describe_padding(*data_manifest["image_shape"][:2]),
+                              describe_standardization(data_manifest)) if note]
+
+
+def describe_standardization(data_manifest):
+    statistics = data_manifest.get("input_standardization")
+    if not statistics:
+        return None
+    mean, std = (", ".join(f"{v:.3f}" for v in statistics[k]) for k in ("mean", "std"))
+    return (f"input standardized per channel (--input_scaling=standardize): pixels / the "
+            f"dtype's largest value, less mean [{mean}], over spread [{std}] of the "
+            f"training fields")
 
 
 def export(model, model_dir):
@@ -294,7 +333,8 @@ def load_trained(model_dir, precision="float32", say=print):
         raise plates.InputError(f"cannot read {manifest_path} ({error}): is {model_dir} the "
                                 f"--model_dir of a train_mcnn.py run?") from None
     model = build_mcnn(tuple(manifest["image_shape"]), len(manifest["classes"]),
-                       input_dtype=manifest["dtype"], precision=precision)
+                       input_dtype=manifest["dtype"], precision=precision,
+                       standardization=manifest.get("input_standardization"))
     exported = os.path.join(model_dir, SAVED_MODEL)
     try:
         model.set_weights(tf.keras.models.load_model(exported, compile=False).get_weights())

@@ -1,6 +1,7 @@
 """One training step: the loss, this rank's gradients (summed over --accumulate_steps
 micro-batches), their average over all ranks, and the update (the authors' SGD with
-Nesterov momentum, or LARS); and the gradient noise scale measured on the way.
+Nesterov momentum; LARS; Adam or AdamW for comparison); and the gradient noise scale
+measured on the way.
 
 The global batch is ranks x --per_rank_batch x --accumulate_steps: the learning-rate
 rule, the schedule and checkpoints follow it, so one node can run the authors'
@@ -12,12 +13,15 @@ from absl import flags
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-flags.DEFINE_enum("optimizer", "sgd", ["sgd", "lars"], "sgd: SGD with Nesterov momentum (the "
-                  "authors'); lars: layer-wise adaptive rate scaling (You et al. 2017).")
-flags.DEFINE_float("momentum", 0.9, "Momentum (Nesterov for sgd).")
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "lars", "adam", "adamw"], "sgd: SGD with Nesterov "
+                  "momentum (the authors'); lars: layer-wise adaptive rate scaling (You et al. "
+                  "2017); adam (Kingma and Ba 2015); adamw: Adam with decoupled weight decay "
+                  "(Loshchilov and Hutter 2019).")
+flags.DEFINE_float("momentum", 0.9, "Momentum (Nesterov for sgd; beta_1 for adam and adamw).")
 flags.DEFINE_float("lars_eta", 0.001, "LARS trust coefficient: a layer's rate is the learning "
                    "rate x eta x |weights| / |gradient|.")
-flags.DEFINE_float("weight_decay", 5e-5, "L2 penalty on all weights.")
+flags.DEFINE_float("weight_decay", 5e-5, "L2 penalty on all weights; with adamw, the decay "
+                   "each step takes off the weights instead (w -= rate x this x w).")
 flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing of the cross-entropy.")
 flags.DEFINE_integer("accumulate_steps", 1, "Micro-batches of --per_rank_batch whose gradients "
                      "each rank adds before one allreduce and one update.", lower_bound=1)
@@ -32,11 +36,11 @@ def local_gradients(model, images, labels, num_classes):
     """Loss of this rank's batch and its gradients, weight decay included, not averaged."""
     cross_entropy = tf.keras.losses.CategoricalCrossentropy(
         from_logits=True, label_smoothing=FLAGS.label_smoothing)
+    l2 = 0.0 if FLAGS.optimizer == "adamw" else FLAGS.weight_decay  # adamw: in the update
     with tf.GradientTape() as tape:
         logits = model(images, training=True)
         loss = cross_entropy(tf.one_hot(labels, num_classes), logits)
-        total = loss + FLAGS.weight_decay * tf.add_n(
-            [tf.nn.l2_loss(v) for v in model.trainable_variables])
+        total = loss + l2 * tf.add_n([tf.nn.l2_loss(v) for v in model.trainable_variables])
     return loss, tape.gradient(total, model.trainable_variables)
 
 
@@ -102,6 +106,11 @@ def make_train_step(model, optimizer, num_classes, average=True, accumulate=1):
 def make_optimizer(learning_rate):
     if FLAGS.optimizer == "lars":
         return LARS(learning_rate, momentum=FLAGS.momentum, eta=FLAGS.lars_eta)
+    if FLAGS.optimizer == "adam":
+        return tf.keras.optimizers.Adam(learning_rate, beta_1=FLAGS.momentum)
+    if FLAGS.optimizer == "adamw":
+        return tf.keras.optimizers.AdamW(learning_rate, weight_decay=FLAGS.weight_decay,
+                                         beta_1=FLAGS.momentum)
     return tf.keras.optimizers.SGD(learning_rate, momentum=FLAGS.momentum, nesterov=True)
 
 

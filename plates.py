@@ -214,11 +214,33 @@ def intensity_ranges(fields, channels, percentiles, scaling, sample_fields, seed
     return ranges
 
 
+def unit_scale(image, ranges):
+    """Maps each channel's [low, high] to [0, 1] (float32), clipping outside."""
+    low, high = np.asarray(ranges, np.float32).T
+    return np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+
+
 def scale_to(image, ranges, dtype):
     """Maps each channel's [low, high] to the full range of `dtype`, clipping outside."""
-    low, high = np.asarray(ranges, np.float32).T
-    unit = np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
-    return (unit * np.iinfo(dtype).max + 0.5).astype(dtype)
+    return (unit_scale(image, ranges) * np.iinfo(dtype).max + 0.5).astype(dtype)
+
+
+def channel_statistics(fields, channels, intensity, sample_fields, seed, binning=1):
+    """{"mean": [...], "std": [...], "fields": n}: each channel's mean and standard
+    deviation over up to `sample_fields` training fields (pixels subsampled 4 x 4), as
+    scaled for training (unit_scale with their plate's ranges: 0 is the low
+    percentile, 1 the high). The model standardizes its input with them
+    (train_mcnn.py --input_scaling=standardize); held-out fields are not looked at."""
+    train = fields[fields["split"] == "train"]
+    rng = np.random.default_rng(seed)
+    chosen = train.iloc[sorted(rng.permutation(len(train))[:sample_fields])]
+    pixels = np.concatenate([
+        unit_scale(read_field(field_paths(r, channels), r["row"], binning)[::4, ::4],
+                   ranges_for(r["plate"], intensity)).reshape(-1, len(channels))
+        for _, r in chosen.iterrows()])
+    return {"mean": pixels.mean(axis=0, dtype=np.float64).tolist(),
+            "std": np.maximum(pixels.std(axis=0, dtype=np.float64), 1e-3).tolist(),
+            "fields": len(chosen)}
 
 
 def ranges_for(plate, intensity):
@@ -231,7 +253,8 @@ def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS
                    missing_moa="skip", scaling="per_plate", percentiles=(0.1, 99.9),
                    range_sample_fields=8, binning=1, seed=0):
     """(fields with their split, the data's description for its manifest: classes,
-    channels, image_shape as trained on, field_shape as stored, bin, intensity)."""
+    channels, image_shape as trained on, field_shape as stored, bin, intensity,
+    channel_statistics)."""
     if not channels:
         raise InputError("no channels: --channels names the image table's channels, "
                          "at least one (for BBBC021: DAPI,Tubulin,Actin)")
@@ -250,12 +273,14 @@ def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS
     if min(height, width) < binning:
         raise InputError(f"{image_table} row {first['row']}: {height} x {width} fields are "
                          f"smaller than one bin of --bin={binning}")
+    intensity = intensity_ranges(fields, list(channels), percentiles, scaling,
+                                 range_sample_fields, seed, binning)
     return fields, {
         "classes": sorted(fields["moa"].unique()), "channels": list(channels),
         "image_shape": [height // binning, width // binning, len(channels)],
-        "field_shape": [int(height), int(width)], "bin": binning,
-        "intensity": intensity_ranges(fields, list(channels), percentiles, scaling,
-                                      range_sample_fields, seed, binning)}
+        "field_shape": [int(height), int(width)], "bin": binning, "intensity": intensity,
+        "channel_statistics": channel_statistics(fields, list(channels), intensity,
+                                                 range_sample_fields * 4, seed, binning)}
 
 
 def describe_binning(data):

@@ -26,7 +26,7 @@ import tifffile
 import plates
 
 CHANNELS = ("DNA", "tubulin", "actin")
-VERSION = 2
+VERSION = 3  # 3: converted with channel statistics in the manifest
 REFERENCE_AREA = 1024 * 1280  # phenotype sizes below are in pixels of a full field
 
 # Mean phenotype per class; cells vary around these. radius and nucleus in pixels,

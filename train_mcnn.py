@@ -29,6 +29,7 @@ import plates
 import run_log
 from run_log import log
 import sizing
+import threads
 import training_data
 
 
@@ -47,13 +48,13 @@ flags.DEFINE_enum("lr_decay", "linear", lr_schedule.DECAYS, "Decay after the war
 flags.DEFINE_list("decay_epochs", [], "Epochs at which --lr_decay=step divides the rate by 10.")
 flags.DEFINE_float("end_lr", 1e-4, "Rate at the last step (linear, cosine); floor for step.")
 flags.DEFINE_integer("seed", 0, "Seed for weights, shuffling and augmentation.")
+# Initial weights (the architecture is the published one either way)
+flags.DEFINE_enum("initializer", "glorot_uniform", ["glorot_uniform", "he_normal"],
+                  "Initial kernels of the convolutions (all ReLU layers): Glorot as the "
+                  "authors, or He et al. 2015's for ReLU. The dense layers stay Glorot.")
 # Execution
 flags.DEFINE_enum("data_format", "channels_last", ["channels_last", "channels_first"],
                   "Layout of the convolutions.")
-flags.DEFINE_integer("intra_op_threads", 0, "Threads per op; 0: the launcher's "
-                     "TF_NUM_INTRAOP_THREADS, else the cores this rank is bound to.")
-flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: the launcher's "
-                     "TF_NUM_INTEROP_THREADS, else TensorFlow's default.")
 flags.DEFINE_enum("precision", "auto", tf_env.PRECISIONS,
                   "mixed_bfloat16: bf16 compute, fp32 weights and checkpoints; auto: "
                   "mixed_bfloat16 where the CPU has native bf16 (AMX or AVX512-BF16).")
@@ -67,9 +68,13 @@ flags.DEFINE_bool("elastic", False, "Horovod elastic mode, under horovodrun (lau
 flags.DEFINE_string("model_dir", os.path.join("runs", "mcnn"),
                     "Checkpoints, TensorBoard logs, flags.txt and summary.json.")
 flags.DEFINE_integer("log_every", 10, "Print progress every this many steps.")
-flags.DEFINE_integer("eval_every", 1, "Evaluate on the held-out split every this many epochs.")
-flags.DEFINE_float("target_accuracy", 0.0, "Stop once held-out accuracy reaches this (0: never).")
+flags.DEFINE_float("eval_every", 1, "Evaluate on the held-out split every this many epochs "
+                   "(may be fractional: 0.25 evaluates four times an epoch).")
+flags.DEFINE_float("target_accuracy", 0.0, "Stop once held-out field accuracy reaches this, "
+                   "and record the epochs, steps, images and seconds it took (0: never).")
 FLAGS = flags.FLAGS
+flags.register_validator("eval_every", lambda epochs: epochs > 0,
+                         message="--eval_every must be more than 0 epochs")
 
 
 # ---------------------------------------------------------------- set-up, before training
@@ -78,16 +83,6 @@ def init_horovod():
     if FLAGS.fusion_threshold_mb is not None:
         os.environ["HOROVOD_FUSION_THRESHOLD"] = str(FLAGS.fusion_threshold_mb * 2 ** 20)
     hvd.init()
-
-
-def configure_threads():
-    intra = FLAGS.intra_op_threads or int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0))
-    inter = FLAGS.inter_op_threads or int(os.environ.get("TF_NUM_INTEROP_THREADS", 0))
-    if intra:
-        tf.config.threading.set_intra_op_parallelism_threads(intra)
-    if inter:
-        tf.config.threading.set_inter_op_parallelism_threads(inter)
-    return intra or len(os.sched_getaffinity(0)), inter or "default"
 
 
 def resolve_precision():
@@ -133,9 +128,10 @@ def build_lr_schedule(global_batch, steps_per_epoch, total_steps):
         [round(float(e) * steps_per_epoch) for e in FLAGS.decay_epochs])
 
 
-def build_model(image_shape, num_classes, input_dtype):
+def build_model(image_shape, num_classes, input_dtype, standardization=None):
     return mcnn_model.build_mcnn(image_shape, num_classes, FLAGS.data_format, input_dtype,
-                                 FLAGS.recompute, FLAGS.precision)
+                                 FLAGS.recompute, FLAGS.precision, standardization,
+                                 FLAGS.initializer)
 
 
 # ---------------------------------------------------------------- one step
@@ -162,6 +158,8 @@ class Run:
     writer: object
     steps_per_epoch: int
     total_steps: int
+    eval_steps: int
+    threads: threads.Threads
     stop: checkpoints.StopSignals
     started: float
 
@@ -173,7 +171,8 @@ class Outcome:
     step: int = 0
     history: list = dataclasses.field(default_factory=list)
     metrics: dict = None
-    time_to_target: float = None
+    target: dict = None  # reached_target(), once --target_accuracy is reached
+    eval_seconds: float = 0.0
     timer: run_log.StepTimer = dataclasses.field(default_factory=run_log.StepTimer)
     noise: optimization.GradientNoiseScale = None
 
@@ -197,13 +196,13 @@ def train(run, progress):
         if window.steps and (step % FLAGS.log_every == 0 or step == run.total_steps):
             log_progress(run, step, window, outcome)
             window = run_log.StepTimer()
-        if step % (run.steps_per_epoch * FLAGS.eval_every) == 0 or step == run.total_steps:
+        if step % run.eval_steps == 0 or step == run.total_steps:
             evaluate_and_report(run, step, eval_data, outcome)
             for timer in (window, outcome.timer):
                 timer.skip()  # evaluation is not training throughput
         progress.step = outcome.step = step
         signum = run.stop.agreed()
-        if (signum or step == run.total_steps or outcome.time_to_target
+        if (signum or step == run.total_steps or outcome.target
                 or checkpoints.checkpoint_due(step, run.steps_per_epoch)):
             if hvd.rank() == 0:
                 checkpoints.save_checkpoint(run.manager, run.model, step,
@@ -211,7 +210,7 @@ def train(run, progress):
             progress.commit()
         if signum:
             stop_on_signal(run, step, signum)
-        if outcome.time_to_target:
+        if outcome.target:
             break
     return outcome
 
@@ -240,12 +239,16 @@ def log_progress(run, step, window, outcome):
 
 
 def evaluate_and_report(run, step, eval_data, outcome):
+    started = time.time()
     batches = training_data.named_data_errors(iter(eval_data), run.manifest, "eval")
     fields, metrics = evaluation.evaluate(run.predict, batches, run.manifest["classes"])
+    outcome.eval_seconds += time.time() - started
     epoch, accuracy = step / run.steps_per_epoch, metrics["accuracy"]
     outcome.metrics = metrics
+    seconds = time.time() - run.started
     outcome.history.append({"step": step, "epoch": round(epoch, 3), "accuracy": accuracy,
-                            "treatment_accuracy": metrics["treatment_accuracy"]})
+                            "treatment_accuracy": metrics["treatment_accuracy"],
+                            "seconds": round(seconds, 2)})
     log(f"epoch {epoch:.2f}: held-out accuracy {accuracy:.4f} on {metrics['fields']} fields, "
         f"{metrics['treatment_accuracy']:.4f} on {metrics['treatments']} treatments")
     run_log.write_scalars(run.writer, step, eval_accuracy=accuracy,
@@ -254,9 +257,19 @@ def evaluate_and_report(run, step, eval_data, outcome):
         evaluation.write_report(os.path.join(FLAGS.model_dir, "evaluation"), fields, metrics,
                                 run.manifest["classes"], step)
     if FLAGS.target_accuracy and accuracy >= FLAGS.target_accuracy:
-        outcome.time_to_target = time.time() - run.started
-        log(f"target accuracy {FLAGS.target_accuracy} reached after "
-            f"{outcome.time_to_target:.1f} s: stopping")
+        outcome.target = reached_target(step, epoch, seconds, outcome)
+        log(f"target accuracy {FLAGS.target_accuracy:g} reached at epoch {epoch:.2f} (step "
+            f"{step}, {outcome.target['images']:,} images) after {seconds:.1f} s, "
+            f"{outcome.target['train_seconds']:.1f} s of it training: stopping")
+
+
+def reached_target(step, epoch, seconds, outcome):
+    """Time to --target_accuracy as MLPerf Training counts it: from the start of training
+    to the first evaluation at or above the target, evaluations included ("seconds");
+    and without the evaluations ("train_seconds"), which depend on --eval_every."""
+    return {"epochs": round(epoch, 3), "steps": step, "images": step * outcome.global_batch,
+            "seconds": round(seconds, 2),
+            "train_seconds": round(seconds - outcome.eval_seconds, 2)}
 
 
 def stop_on_signal(run, step, signum):
@@ -281,11 +294,12 @@ def write_summary(run, outcome, start_step, seconds, in_sync):
     """summary.json, written whole or not at all."""
     global_batch, timer, metrics = outcome.global_batch, outcome.timer, outcome.metrics
     images_per_sec = timer.steps * global_batch / timer.seconds if timer.steps else None
-    ours = [sys.modules[__name__], optimization, training_data, checkpoints]
+    ours = [sys.modules[__name__], optimization, training_data, checkpoints, threads, sizing]
     summary = {
         "time_to_train_s": round(seconds, 2),
-        "time_to_target_s": outcome.time_to_target and round(outcome.time_to_target, 2),
         "target_accuracy": FLAGS.target_accuracy or None,
+        "time_to_target": ({"reached": bool(outcome.target), **(outcome.target or {})}
+                           if FLAGS.target_accuracy else None),
         "final_accuracy": metrics["accuracy"],
         "eval_images": metrics["fields"],
         "images_per_sec": images_per_sec,
@@ -293,11 +307,13 @@ def write_summary(run, outcome, start_step, seconds, in_sync):
         "ranks": hvd.size(),
         "nodes": hvd.cross_size(),
         "ranks_per_node": hvd.local_size(),
+        "threads_per_rank": dataclasses.asdict(run.threads),
         "ranks_in_sync": in_sync,
         "resumed_from_step": start_step,
         "bad_records_skipped": run.manifest.get("bad_records_skipped", 0),
         "global_batch": global_batch,
         "accumulate_steps": FLAGS.accumulate_steps,
+        "peak_lr": run.schedule.peak_lr,
         "gradient_noise_scale": outcome.noise.value,
         "critical_batch": outcome.noise.value and round(outcome.noise.value),
         # Its parts: a |G|^2 at or below 0 means the noise swamps the gradient at these
@@ -347,7 +363,7 @@ def already_finished(run):
         checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
 
 
-def log_start(run, intra, inter, precision_why, start_step):
+def log_start(run, precision_why, start_step):
     manifest, model = run.manifest, run.model
     log(f"M-CNN: {model.count_params():,} parameters, images {tuple(manifest['image_shape'])} "
         f"{manifest['dtype']}, {len(manifest['classes'])} classes; data {manifest['source']}")
@@ -360,7 +376,7 @@ def log_start(run, intra, inter, precision_why, start_step):
         f"{accumulated} = global batch {per_rank_images() * hvd.size()}; {FLAGS.optimizer}; "
         f"{run.steps_per_epoch} steps/epoch, "
         f"{run.total_steps} steps; peak LR {run.schedule.peak_lr:g} ({FLAGS.lr_scaling} rule); "
-        f"threads per rank: {intra} intra-op, {inter} inter-op; oneDNN "
+        f"threads per rank: {run.threads}; oneDNN "
         f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; {FLAGS.precision} ({precision_why})"
         f"{', recompute' * FLAGS.recompute}")
     if start_step:
@@ -375,7 +391,7 @@ def main(argv):
     # Horovod 1: one process per rank, all ranks discover each other.
     init_horovod()
     # Horovod 2: each rank uses only the cores it was placed on.
-    intra, inter = configure_threads()
+    rank_threads = threads.configure_threads()
     precision_why = resolve_precision()
     tf.keras.utils.set_random_seed(FLAGS.seed)
     budget_rate = None
@@ -405,7 +421,8 @@ def main(argv):
             global_batch, FLAGS.eval_every, FLAGS.warmup_epochs)
     total_steps = max(1, round(FLAGS.epochs * steps_per_epoch))
     schedule = build_lr_schedule(global_batch, steps_per_epoch, total_steps)
-    model = build_model(image_shape, len(classes), dtype)
+    manifest["input_standardization"] = training_data.input_standardization(manifest)
+    model = build_model(image_shape, len(classes), dtype, manifest["input_standardization"])
     optimizer = optimization.make_optimizer(schedule)
     optimizer.build(model.trainable_variables)
     checkpoint = checkpoints.make_checkpoint(model, optimizer, global_batch)
@@ -421,8 +438,9 @@ def main(argv):
     writer = run_log.open_log(FLAGS.model_dir) if hvd.rank() == 0 else None
     predict = evaluation.make_predict(model, image_shape, dtype)
     run = Run(model, schedule, train_step, predict, make_data, manifest, manager, writer,
-              steps_per_epoch, total_steps, checkpoints.StopSignals(), time.time())
-    log_start(run, intra, inter, precision_why, start_step)
+              steps_per_epoch, total_steps, max(1, round(FLAGS.eval_every * steps_per_epoch)),
+              rank_threads, checkpoints.StopSignals(), time.time())
+    log_start(run, precision_why, start_step)
     if start_step >= total_steps:
         return already_finished(run)
     outcome = (train_elastic(run, model, optimizer, start_step) if FLAGS.elastic

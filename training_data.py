@@ -30,6 +30,13 @@ flags.DEFINE_integer("synthetic_compounds_per_class", 3,
 flags.DEFINE_integer("synthetic_fields_per_treatment", 4,
                      "Fields per compound and concentration in the synthetic screen.")
 flags.DEFINE_integer("shuffle_buffer", 64, "Images in each rank's shuffle buffer.")
+flags.DEFINE_float("intensity_jitter", 0.0, "Training augmentation: each channel of a field "
+                   "times a random factor between 1 / (1 + this) and 1 + this (0: off), "
+                   "besides the flips.", lower_bound=0)
+flags.DEFINE_enum("input_scaling", "unit", ["unit", "standardize"], "unit: pixels / the "
+                  "largest value of their dtype, [0, 1] (the authors'); standardize: each "
+                  "channel to mean 0 and spread 1, by the training fields' statistics in the "
+                  "data set's manifest.")
 flags.DEFINE_bool("skip_bad_records", False, "Check every record first and train on the good "
                   "ones, reporting the corrupt, truncated or mislabelled ones, instead of "
                   "stopping at the first.")
@@ -55,7 +62,7 @@ def synthetic_split_counts(seed):
 def feed(batch_size, training=False, provenance=False, seed=0):
     """This rank's share of a split, in batches of `batch_size`."""
     return data_pipeline.Feed(batch_size, hvd.rank(), hvd.size(), training, provenance, seed,
-                              FLAGS.shuffle_buffer)
+                              FLAGS.shuffle_buffer, FLAGS.intensity_jitter)
 
 
 def open_data(seed):
@@ -139,7 +146,7 @@ def good_records(manifest):
 
 def named_data_errors(batches, manifest, split):
     """The batches of `batches`; tf.data's DataLossError, which names no file, becomes
-    one naming this rank's corrupt shards."""
+    an InputError naming this rank's corrupt shards (one line, no traceback)."""
     while True:
         try:
             yield next(batches)
@@ -150,3 +157,18 @@ def named_data_errors(batches, manifest, split):
                 raise
             files = data_pipeline.split_files(manifest, split, hvd.rank(), hvd.size())
             raise data_pipeline.explain_data_loss(files, manifest, e) from None
+
+
+def input_standardization(manifest):
+    """The per-channel {"mean": [C], "std": [C]} (of pixels scaled to [0, 1]) the model
+    standardizes its input with, or None (--input_scaling=unit); recorded in the model
+    dir's data manifest. Raises plates.InputError for a data set converted without
+    channel statistics."""
+    if FLAGS.input_scaling == "unit":
+        return None
+    if "channel_statistics" not in manifest:
+        raise plates.InputError(
+            f"{manifest['source']}: its manifest has no channel statistics (converted before "
+            f"they were recorded) for --input_scaling=standardize; convert it again, or "
+            f"train with --input_scaling=unit")
+    return {k: manifest["channel_statistics"][k] for k in ("mean", "std")}

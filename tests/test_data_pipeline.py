@@ -81,6 +81,21 @@ def test_training_batches_are_full_uint8_and_augmented(small_set):
     assert {(0, 0), (0, 159), (127, 0), (127, 159)} <= corners
 
 
+def test_intensity_jitter_scales_each_channel_of_a_field_by_its_own_factor():
+    field = tf.constant(np.full((4, 6, 3), 100, np.uint8))
+    tf.random.set_seed(0)
+    jittered = np.stack([data_pipeline.augment(field, 0.3).numpy() for _ in range(300)])
+    assert jittered.dtype == np.uint8
+    per_channel = jittered[:, 0, 0, :].astype(float)  # one factor per field and channel
+    assert (jittered == per_channel[:, None, None, :]).all()
+    assert per_channel.min() >= 100 / 1.3 - 0.5 and per_channel.max() <= 130.5
+    assert per_channel.min() < 80 and per_channel.max() > 125  # the whole range is drawn
+    assert np.corrcoef(per_channel[:, 0], per_channel[:, 1])[0, 1] < 0.3  # independently
+    assert (data_pipeline.augment(field).numpy() == 100).all()  # off by default
+    bright = tf.constant(np.full((4, 6, 1), 250, np.uint8))
+    assert np.stack([data_pipeline.augment(bright, 0.3).numpy() for _ in range(50)]).max() == 255
+
+
 def test_fewer_shards_than_ranks_is_a_clear_error(small_set):
     with pytest.raises(ValueError, match="6 shard files for 7 ranks"):
         batches(small_set, "eval", 2, rank=0, num_ranks=7)

@@ -6,9 +6,12 @@ import subprocess
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import pytest
 import tensorflow as tf
 
-from conftest import LAUNCH, ROOT, launch_two_ranks, run, scalar_series
+from conftest import LAUNCH, ROOT, launch_two_ranks, run, scalar_series, small_run
+
+PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 
 
 def test_two_ranks_train_and_write_checkpoint_and_summary(two_rank_run):
@@ -153,14 +156,26 @@ def test_speed_and_memory_options_train_on_two_ranks(two_rank_run, tmp_path):
     assert "= global batch 48; lars;" in result.stdout
 
 
-def test_report_draws_the_training_curves_and_a_study(two_rank_run, tmp_path):
+def test_report_draws_the_training_curves(two_rank_run, tmp_path):
     run([os.path.join(ROOT, ".venv", "bin", "python"), os.path.join(ROOT, "report.py"),
-         f"--model_dir={two_rank_run[0]}", f"--study_dirs={two_rank_run[0]}",
-         "--target_accuracy=0.2", f"--output_dir={tmp_path}"])
+         f"--model_dir={two_rank_run[0]}", f"--output_dir={tmp_path}"])
     assert plt.imread(tmp_path / "training.png").shape[1] > 1000
-    study = pd.read_csv(tmp_path / "batch_study.csv")
-    summary = json.loads((two_rank_run[0] / "summary.json").read_text())
-    assert study["global_batch"].tolist() == [8] and study["rule"].tolist() == ["sgd, linear"]
-    assert study["final_accuracy"][0] == summary["final_accuracy"]
-    assert study["epochs_to_target"][0] == summary["eval_history"][0]["epoch"]  # 0.2 < 1/3
-    assert plt.imread(tmp_path / "batch_study.png").shape[1] > 800
+
+
+@pytest.mark.parametrize("binding", ["none", "socket"])
+def test_plain_mpirun_gives_each_rank_its_share_of_the_cores(two_rank_run, tmp_path, binding):
+    """mpirun -np 2 without the launcher's thread settings: unbound, or both ranks bound to
+    the one socket, each rank would take every core TensorFlow sees (horovod#2295)."""
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("TF_NUM_", "OMP_NUM_THREADS"))}
+    as_root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    result = run(["mpirun", "-np", "2", *as_root, "--bind-to", binding, PYTHON,
+                  os.path.join(ROOT, "train_mcnn.py"), *small_run(two_rank_run, tmp_path),
+                  "--epochs=1", "--warmup_epochs=0"], env=environment)
+    cores = len(os.sched_getaffinity(0))
+    share = max(1, cores // 2)
+    assert (f"threads per rank: {share} intra-op (this rank's share of the {cores} cores it "
+            f"may run on, with 1 other rank of this node), 2 inter-op") in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["threads_per_rank"]["intra_op"] == share
+    assert summary["threads_per_rank"]["inter_op"] == 2

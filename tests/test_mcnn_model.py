@@ -55,13 +55,56 @@ def test_fields_of_any_size_are_zero_padded_around_their_centre_to_multiples_of_
     assert mcnn_model.describe_padding(1024, 1280) == ""
     model = mcnn_model.build_mcnn((200, 300, 5), 3)
     assert model.get_layer("fc_512").input.shape[-1] == (256 // 128) * (384 // 128) * 1024
-    padded = tf.keras.Model(model.input, model.get_layer("pad_to_128").output)
+    padded = tf.keras.Model(model.input, model.get_layer("to_unit_range").output)
     images = np.random.default_rng(0).integers(1, 256, (2, 200, 300, 5), dtype=np.uint8)
     out = padded(images).numpy()
     assert out.shape == (2, 256, 384, 5)
     np.testing.assert_allclose(out[:, 28:228, 42:342], images / 255, rtol=1e-6)
     assert np.count_nonzero(out) == images.size  # the padding is zeros, the field intact
     assert model(images).shape == (2, 3)
+
+
+def test_standardized_input_is_each_channel_to_mean_0_and_spread_1_and_exported_so(tmp_path):
+    statistics = {"mean": [0.1, 0.3, 0.05], "std": [0.2, 0.25, 0.1]}
+    model = mcnn_model.build_mcnn((200, 300, 3), 3, standardization=statistics)
+    assert model.count_params() == mcnn_model.build_mcnn((200, 300, 3), 3).count_params()
+    images = np.random.default_rng(0).integers(0, 256, (2, 200, 300, 3), dtype=np.uint8)
+    scaled = tf.keras.Model(model.input, model.get_layer("standardize").output)(images).numpy()
+    mean, std = np.array(statistics["mean"]), np.array(statistics["std"])
+    np.testing.assert_allclose(scaled[:, 28:228, 42:342], (images / 255 - mean) / std,
+                               rtol=1e-5, atol=1e-5)
+    # the padding is each channel's low percentile (pixel 0), as with [0, 1] scaling
+    np.testing.assert_allclose(scaled[:, :28], np.broadcast_to(-mean / std, (2, 28, 384, 3)),
+                               rtol=1e-6)
+    # prediction builds it from the model dir's manifest, with the same statistics
+    manifest = {"image_shape": [200, 300, 3], "classes": ["a", "b", "c"], "dtype": "uint8",
+                "input_standardization": statistics}
+    mcnn_model.record_data(str(tmp_path), manifest)
+    mcnn_model.export(model, str(tmp_path))
+    loaded, _ = mcnn_model.load_trained(str(tmp_path))
+    np.testing.assert_allclose(loaded(images), model(images), rtol=1e-5, atol=1e-5)
+    assert any("standardized per channel" in note and "mean [0.100, 0.300, 0.050]" in note
+               for note in mcnn_model.describe_input(manifest))
+    with pytest.raises(ValueError, match="a positive std per channel"):
+        mcnn_model.build_mcnn((128, 128, 3), 3, standardization={"mean": [0], "std": [1]})
+
+
+def test_he_initialisation_gives_the_relu_layers_twice_the_variance_over_fan_in():
+    """He et al. 2015: Var(w) = 2 / fan_in keeps a ReLU layer's output variance; Glorot's
+    2 / (fan_in + fan_out) is smaller. The dense layers stay Glorot."""
+    tf.keras.utils.set_random_seed(0)
+    glorot = mcnn_model.build_mcnn((128, 128, 3), 3)
+    he = mcnn_model.build_mcnn((128, 128, 3), 3, relu_initializer="he_normal")
+    conv = he.get_layer("scale_0").column.get_layer("conv_1").kernel.numpy()
+    fan_in, fan_out = 5 * 5 * 16, 5 * 5 * 16
+    assert np.var(conv) == pytest.approx(2 / fan_in, rel=0.15)
+    merge = he.get_layer("merge_conv").kernel.numpy()
+    assert np.var(merge) == pytest.approx(2 / 208, rel=0.1)
+    assert np.var(glorot.get_layer("scale_0").column.get_layer("conv_1").kernel.numpy()) == (
+        pytest.approx(2 / (fan_in + fan_out), rel=0.15))
+    fc = he.get_layer("fc_512").kernel.numpy()
+    assert np.var(fc) == pytest.approx(2 / (fc.shape[0] + fc.shape[1]), rel=0.05)
+    assert he.count_params() == glorot.count_params()
 
 
 @pytest.mark.parametrize("shape", [(0, 128, 3), (128, 128, 0), (128, 128)])

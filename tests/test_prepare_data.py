@@ -81,6 +81,17 @@ def test_pixels_round_trip_within_the_scaling(screen, tmp_path):
     assert checked == manifest["splits"]["eval"]["count"]
 
 
+def test_the_manifest_has_each_channels_mean_and_spread_over_the_training_fields(screen,
+                                                                                 tmp_path):
+    manifest = convert(screen, tmp_path / "data", include_control=True)
+    pixels = np.stack([image for image, _, _ in records(tmp_path / "data", "train")]) / 255
+    statistics = manifest["channel_statistics"]
+    # from a sample of the fields' pixels (every 4th row and column), before rounding
+    assert statistics["fields"] == min(32, manifest["splits"]["train"]["count"])
+    np.testing.assert_allclose(statistics["mean"], pixels.mean(axis=(0, 1, 2)), atol=0.01)
+    np.testing.assert_allclose(statistics["std"], pixels.std(axis=(0, 1, 2)), rtol=0.1)
+
+
 def test_control_is_left_out_unless_asked_for(screen, tmp_path):
     manifest = convert(screen, tmp_path / "data")
     assert manifest["classes"] == ["DNA damage", "Microtubule destabilizers"]

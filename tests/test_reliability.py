@@ -169,6 +169,10 @@ def test_a_truncated_shard_is_named_or_skipped_and_counted(two_rank_run, tmp_pat
     result = fails(args, cwd=ROOT)
     assert f"{shard}: record" in result.stderr and "corrupt or truncated" in result.stderr
     assert "--skip_bad_records" in result.stderr
+    assert "Traceback" not in result.stderr  # one line, as other bad input
+    assert [line for line in result.stderr.splitlines()
+            if line.startswith("train_mcnn.py: ")] == [line for line in result.stderr.splitlines()
+                                                       if "corrupt or truncated" in line]
 
     skipped = run([*args, "--skip_bad_records"], cwd=ROOT)
     assert "--skip_bad_records: 1 bad record skipped" in skipped.stdout

@@ -1,0 +1,68 @@
+"""How many threads each rank's TensorFlow runs: --intra_op_threads, else the
+launcher's TF_NUM_INTRAOP_THREADS, else this rank's share of the cores it may run on.
+
+TensorFlow by itself takes every core it sees, so ranks started by a plain mpirun
+that share cores (unbound, or several bound to one socket) would oversubscribe them
+(horovod#2295).
+"""
+import dataclasses
+import os
+
+import tf_env  # noqa: F401  (before TensorFlow)
+from absl import flags
+import horovod.tensorflow as hvd
+import psutil
+import tensorflow as tf
+
+flags.DEFINE_integer("intra_op_threads", 0, "Threads per op; 0: the launcher's "
+                     "TF_NUM_INTRAOP_THREADS, else this rank's share of the cores it may "
+                     "run on (shared with the other ranks of the node that may run on them).")
+flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: the launcher's "
+                     "TF_NUM_INTEROP_THREADS, else 2.")
+FLAGS = flags.FLAGS
+
+# Ops run at once without the launcher's TF_NUM_INTEROP_THREADS: the launcher's own
+# value (two let the seven scale columns overlap; see launch).
+INTER_OP_THREADS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Threads:
+    """A rank's thread pools, and where the intra-op count came from."""
+    intra_op: int
+    inter_op: int
+    why: str
+
+    def __str__(self):
+        return f"{self.intra_op} intra-op ({self.why}), {self.inter_op} inter-op"
+
+
+def configure_threads():
+    """Sets TensorFlow's thread pools (before its first op); returns them as Threads."""
+    intra = FLAGS.intra_op_threads or int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0))
+    inter = (FLAGS.inter_op_threads or int(os.environ.get("TF_NUM_INTEROP_THREADS", 0))
+             or INTER_OP_THREADS)
+    why = "--intra_op_threads" if FLAGS.intra_op_threads else "TF_NUM_INTRAOP_THREADS"
+    if not intra:
+        cores = os.sched_getaffinity(0)
+        sharing = ranks_sharing_cores(cores)
+        intra = max(1, len(cores) // sharing)
+        why = (f"this rank's share of the {len(cores)} cores it may run on, with "
+               f"{sharing - 1} other rank{'s' * (sharing > 2)} of this node" if sharing > 1
+               else f"the {len(cores)} cores this rank may run on")
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+    return Threads(intra, inter, why)
+
+
+def ranks_sharing_cores(cores):
+    """How many ranks on this machine (this one included) may run on any of `cores`.
+    TensorFlow's threads must be set before its first op, so before any Horovod
+    collective: the ranks here are the processes beside this one (children of the same
+    MPI daemon, started before hvd.init() returned) running the same command."""
+    me = psutil.Process()
+    try:
+        ranks = [p for p in me.parent().children() if p.cmdline() == me.cmdline()]
+        return max(1, sum(bool(cores & set(p.cpu_affinity())) for p in ranks))
+    except (psutil.Error, AttributeError):  # no parent, or /proc not readable
+        return hvd.local_size()
