@@ -29,6 +29,9 @@ flags.DEFINE_integer("checkpoint_steps", 0, "Also checkpoint every this many ste
                      "epoch ends only). At most this many steps are redone after a crash.")
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
 flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in --model_dir, if any.")
+flags.DEFINE_bool("resume_with_other_data", False, "Resume a run on data of the same classes "
+                  "and field size but other pixels (other plates, or intensity ranges), as to "
+                  "train on; without it such a resume is refused.")
 flags.DEFINE_bool("overwrite", False, "With --noresume: delete a previous run in --model_dir "
                   "and start afresh.")
 FLAGS = flags.FLAGS
@@ -68,8 +71,8 @@ def checkpoint_due(step, steps_per_epoch):
 
 def restore_or_start(checkpoint, model_dir, global_batch, data_manifest):
     """Rank 0: restores the newest checkpoint that restores (--resume), or clears a
-    previous run (--overwrite), or refuses to touch it; then records the data the run
-    trains on. Returns the step to continue from."""
+    previous run (--overwrite), or refuses to touch it. Returns the step to continue
+    from; the caller records the data the run trains on (record_data) if it trains."""
     try:
         os.makedirs(model_dir, exist_ok=True)
     except OSError as e:
@@ -81,7 +84,6 @@ def restore_or_start(checkpoint, model_dir, global_batch, data_manifest):
         step = resume(checkpoint, folder, global_batch)
     elif not FLAGS.resume:
         clear_previous_run(model_dir)
-    mcnn_model.record_data(model_dir, data_manifest)
     return step
 
 
@@ -93,18 +95,35 @@ def data_the_weights_fit(data_manifest):
             "input_standardization": data_manifest.get("input_standardization")}
 
 
+def pixels_of(data_manifest):
+    """Where a run's fields come from and how their pixels are scaled: the sources (the
+    tables and their checksums, or the folder) and the intensity ranges."""
+    return {"sources": data_manifest.get("sources", data_manifest.get("source")),
+            "intensity": data_manifest.get("intensity")}
+
+
 def check_same_data(model_dir, data_manifest):
     """Refuses to resume a run recorded (record_data) with data of another field size,
     channels, binning or classes: its weights would not fit, or would fit and mean
-    something else."""
+    something else; and, unless --resume_with_other_data, with other sources or
+    intensity ranges: a rerun would train (or record) other data under the same name."""
     path = os.path.join(model_dir, mcnn_model.DATA_MANIFEST)
     if not os.path.isfile(path):
         return  # a run from before the record; restoring checks the shapes
     with open(path) as f:
-        there = data_the_weights_fit(json.load(f))
-    here = data_the_weights_fit(data_manifest)
+        recorded = json.load(f)
+    there, here = data_the_weights_fit(recorded), data_the_weights_fit(data_manifest)
     differences = [f"{key} {there[key]} there, {here[key]} here"
                    for key in here if there[key] != here[key]]
+    if not differences and not FLAGS.resume_with_other_data:
+        there, here = pixels_of(recorded), pixels_of(data_manifest)
+        differences = [f"other {key} ({here[key] if key == 'sources' else 'other ranges'})"
+                       for key in here if there[key] != here[key]]
+        if differences:
+            raise app.UsageError(
+                f"--model_dir={model_dir} holds a run trained on other data than this run's: "
+                f"{'; '.join(differences)}. --resume_with_other_data goes on training it on "
+                f"these; another --model_dir, or --noresume --overwrite, starts afresh")
     if differences:
         raise app.UsageError(
             f"--model_dir={model_dir} holds a run trained on other data than this run's "

@@ -27,7 +27,9 @@ import plates
 
 MANIFEST = "manifest.json"
 FORMAT = "mcnn-tfrecord-v1"
-TEXT_FIELDS = ("compound", "concentration", "plate", "well")
+# A field's provenance; table_row and file ("" in data sets converted before them) say
+# which field of the image table it is: its line, and its first channel's file.
+TEXT_FIELDS = ("compound", "concentration", "plate", "well", "table_row", "file")
 FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),  # raw H x W x C bytes, row-major
     "height": tf.io.FixedLenFeature([], tf.int64),
@@ -258,6 +260,13 @@ def explain_data_loss(files, manifest, error):
                              f"(tf.data said: {error_text(error)})")
 
 
+def tiff_input_error(error):
+    """The plates.InputError that make_tiff_dataset's reader raised inside tf.data, out of
+    the TensorFlow error that carries it (with a Python traceback); None for others."""
+    found = re.search(r"InputError: ([^\n]*)", error.message)
+    return plates.InputError(found.group(1).strip()) if found else None
+
+
 def rank_files(files, rank, num_ranks):
     """Rank `rank` of `num_ranks` takes files rank, rank + num_ranks, ..."""
     if len(files) < num_ranks:
@@ -390,7 +399,7 @@ def make_tiff_dataset(fields, manifest, feed):
 
     ds = tf.data.Dataset.from_tensor_slices({
         "paths": np.stack([mine[f"path_{c}"].to_numpy(str) for c in channels], axis=1),
-        "row": mine["row"].to_numpy(np.int64),
+        "row": mine["table_row"].to_numpy(np.int64),
         "label": np.array([class_index[m] for m in mine["moa"]], np.int32),
         **{k: mine[k].to_numpy(str) for k in TEXT_FIELDS},
     })

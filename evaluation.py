@@ -45,18 +45,32 @@ def treatment_votes(fields, num_classes):
     return fields.groupby(TREATMENT, sort=True)[["label", "prediction"]].apply(vote).reset_index()
 
 
-def summarize(fields, classes):
-    """Metrics of a frame with label, prediction, compound and concentration per field."""
+def summarize(fields, classes, split_by_field=()):
+    """Metrics of a frame with label, prediction, compound and concentration per field.
+
+    `split_by_field`: classes whose held-out fields are of compounds seen in training
+    (a split by compound of a class with one compound); with any, the per-class table
+    says which, and "accuracy_by_compound" is the field accuracy of the other classes
+    alone, the honest figure of a split by compound."""
     treatments = treatment_votes(fields, len(classes))
-    return {
+    per_class = per_class_table(fields["label"], fields["prediction"], classes)
+    metrics = {
         "fields": len(fields),
         "accuracy": float(np.mean(fields["label"] == fields["prediction"])),
         "treatments": len(treatments),
         "treatment_accuracy": float(np.mean(treatments["label"] == treatments["prediction"])),
-        "per_class": per_class_table(fields["label"], fields["prediction"], classes),
+        "per_class": per_class,
         "confusion": confusion_table(fields["label"], fields["prediction"], classes),
         "treatment_table": treatments,
+        "split_by_field": list(split_by_field),
     }
+    if split_by_field:
+        per_class["split"] = ["field" if c in split_by_field else "compound" for c in classes]
+        by_compound = ~fields["label"].isin([classes.index(c) for c in split_by_field])
+        metrics["accuracy_by_compound"] = (float(np.mean(
+            fields["label"][by_compound] == fields["prediction"][by_compound]))
+            if by_compound.any() else None)
+    return metrics
 
 
 def write_report(folder, fields, metrics, classes, step=None):
@@ -74,14 +88,19 @@ def write_report(folder, fields, metrics, classes, step=None):
         columns=["label", "prediction"]).to_csv(os.path.join(folder, "fields.csv"), index=False)
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump({"step": step, **{k: metrics[k] for k in (
-            "fields", "accuracy", "treatments", "treatment_accuracy")}}, f, indent=2)
+            "fields", "accuracy", "treatments", "treatment_accuracy", "split_by_field",
+            "accuracy_by_compound") if k in metrics}}, f, indent=2)
 
 
 def format_per_class(metrics):
     table = metrics["per_class"].to_string(index=False, float_format=lambda x: f"{x:.3f}")
+    apart = metrics["split_by_field"]
+    by_compound = metrics.get("accuracy_by_compound")
+    honest = (f"; without {', '.join(apart)} (split by field): field accuracy "
+              + (f"{by_compound:.4f}" if by_compound is not None else "none left")) if apart else ""
     return (f"field accuracy {metrics['accuracy']:.4f} ({metrics['fields']} fields), "
             f"treatment accuracy {metrics['treatment_accuracy']:.4f} "
-            f"({metrics['treatments']} treatments)\n{table}")
+            f"({metrics['treatments']} treatments){honest}\n{table}")
 
 
 def make_predict(model, image_shape, dtype):
@@ -91,9 +110,10 @@ def make_predict(model, image_shape, dtype):
     return predict
 
 
-def evaluate(predict, batches, classes):
-    """Metrics of the whole held-out split: each rank predicts its own `batches` (images,
-    labels, provenance), and Horovod gathers every field's result on all ranks."""
+def evaluate(predict, batches, classes, split_by_field=()):
+    """Metrics of the whole held-out split (summarize): each rank predicts its own
+    `batches` (images, labels, provenance), and Horovod gathers every field's result on
+    all ranks."""
     mine = []
     for images, labels, provenance in batches:
         columns = {"label": labels.numpy(), "prediction": predict(images).numpy(),
@@ -101,4 +121,4 @@ def evaluate(predict, batches, classes):
         mine.append(pd.DataFrame(columns))
     everyone = hvd.allgather_object(pd.concat(mine) if mine else None, name="eval_fields")
     fields = pd.concat([part for part in everyone if part is not None], ignore_index=True)
-    return fields, summarize(fields, classes)
+    return fields, summarize(fields, classes, split_by_field)

@@ -2,21 +2,24 @@
 and a plate folder per channel), an MoA table of treatments, and greyscale TIFFs.
 
 Reads them (exactly, 8- or 16-bit), joins fields to their mechanism of action,
-divides them into train and held-out splits, finds each plate's intensity ranges
+divides them into train and held-out splits (splits.py), finds each plate's intensity ranges
 and scales fields with them. The converter (prepare_data.py), training straight
 from TIFFs (data_pipeline.py) and prediction (predict.py) all read plates here.
 """
+from concurrent.futures import ThreadPoolExecutor
 import os
 import sys
+import traceback
 
 from absl import app
 import numpy as np
 import pandas as pd
 import tifffile
 
+import splits
+
 # Column names of the public BBBC021 tables; --*_column flags name others.
 BBBC021_CHANNELS = ("DAPI", "Tubulin", "Actin")
-SPLITS = ("compound", "plate", "random")
 
 
 class InputError(ValueError):
@@ -31,13 +34,21 @@ class OutputError(RuntimeError):
 def run_main(main):
     """absl's app.run(main), but bad input, an unwritable folder, bad flags or a
     diverging run end the program with their message alone, which names what is at
-    fault: a traceback, or absl's list of every flag, would only hide it."""
+    fault: a traceback, or absl's list of every flag, would only hide it.
+
+    A failed program ends at once, skipping exit handlers: Horovod's shutdown would
+    wait for ranks that are waiting in a collective for this one, and the job would
+    hang instead of mpirun ending it."""
     def main_reporting_bad_input(argv):
         try:
             return main(argv)
         except (InputError, OutputError, app.UsageError, FloatingPointError) as error:
             print(f"{os.path.basename(sys.argv[0])}: {error}", file=sys.stderr, flush=True)
-            sys.exit(1)
+        except Exception:  # a bug: its traceback, and the same prompt exit
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     app.run(main_reporting_bad_input)
 
 
@@ -54,10 +65,9 @@ def concentration_key(values):
 
 def read_fields(image_table, image_root, channels, columns, moa_table=None, control=None,
                 include_control=False, missing_moa="skip"):
-    """One row per field: plate, well, compound, concentration, [moa], one path per channel.
-
-    `row` is the field's line number in the image table, for error messages.
-    """
+    """One row per field: table_row (its line in the image table, for messages and
+    outputs), plate, well, compound, concentration, one path per channel (path_<channel>),
+    file (the first channel's, under image_root) and, with `moa_table`, moa."""
     images = pd.read_csv(image_table, dtype=str, keep_default_na=False)
     path_columns = [columns["filename"].format(c) for c in channels] + [
         columns["pathname"].format(c) for c in channels]
@@ -66,7 +76,7 @@ def read_fields(image_table, image_root, channels, columns, moa_table=None, cont
     if images.empty:
         raise InputError(f"{image_table}: no rows")
     fields = pd.DataFrame({
-        "row": np.arange(len(images)) + 2,  # the header is line 1
+        "table_row": np.arange(len(images)) + 2,  # the header is line 1
         "plate": images[columns["plate"]], "well": images[columns["well"]],
         "compound": images[columns["compound"]],
         "concentration": images[columns["concentration"]],
@@ -76,6 +86,8 @@ def read_fields(image_table, image_root, channels, columns, moa_table=None, cont
             os.path.join(image_root, folder, name) for folder, name in zip(
                 images[columns["pathname"].format(channel)],
                 images[columns["filename"].format(channel)])]
+    # A field's identity in outputs: the table's line and its first channel's file.
+    fields["file"] = [os.path.relpath(path, image_root) for path in fields[f"path_{channels[0]}"]]
     if moa_table is None:
         return fields
     return attach_moa(fields, moa_table, columns, control, include_control, missing_moa)
@@ -95,6 +107,7 @@ def attach_moa(fields, moa_table, columns, control, include_control, missing_moa
             columns={keys[0]: "compound", columns["moa"]: "moa"}),
         on=["compound", "_conc"], how="left").drop(columns="_conc")
     fields["moa"] = fields["moa"].fillna("")
+    report_unmatched_moa_rows(moas, keys, fields, moa_table)
     unlabelled = fields[fields["moa"] == ""]
     if not unlabelled.empty:
         treatments = unlabelled.groupby(["compound", "concentration"]).size()
@@ -113,34 +126,58 @@ def attach_moa(fields, moa_table, columns, control, include_control, missing_moa
     return fields.reset_index(drop=True)
 
 
-def assign_split(fields, how, eval_fraction, seed):
-    """'train' or 'eval' per field; stratified by MoA; deterministic by seed.
-
-    compound: each MoA's compounds are divided, so no compound is on both sides
-    (a class with one compound, like the DMSO control, is split by field instead);
-    plate: whole plates; random: fields, stratified by MoA.
-    """
-    rng = np.random.default_rng(seed)
-    split = pd.Series("train", index=fields.index)
-    if how == "plate":
-        plates = sorted(fields["plate"].unique())
-        held = set(rng.permutation(plates)[:held_out_count(len(plates), eval_fraction)])
-        split[fields["plate"].isin(held)] = "eval"
-        return split
-    for moa, members in fields.groupby("moa", sort=True):
-        compounds = sorted(members["compound"].unique())
-        if how == "compound" and len(compounds) > 1:
-            held = set(rng.permutation(compounds)[:held_out_count(len(compounds), eval_fraction)])
-            split[members.index[members["compound"].isin(held)]] = "eval"
-        else:
-            chosen = rng.permutation(members.index)[:held_out_count(len(members), eval_fraction)]
-            split[chosen] = "eval"
-    return split
+def name_key(name):
+    """A compound name as a near match sees it: case, and spaces around and between
+    words, ignored."""
+    return " ".join(name.split()).casefold()
 
 
-def held_out_count(n, fraction):
-    """round(n * fraction), but leaving at least one on each side when n > 1."""
-    return min(max(round(n * fraction), 1), n - 1) if n > 1 else 0
+def report_unmatched_moa_rows(moas, keys, fields, moa_table):
+    """Lists (on stderr) the MoA table's rows that match no field of the image table,
+    each with the image table's compound of the same name but for case and spaces."""
+    matched = set(zip(fields["compound"], concentration_key(fields["concentration"])))
+    compound_column, concentration_column = keys
+    unmatched = moas[[(c, k) not in matched for c, k in zip(moas[compound_column], moas["_conc"])]]
+    if unmatched.empty:
+        return
+    near = {name_key(c): c for c in fields["compound"].unique()}
+    listing = []
+    for index, row in unmatched.iterrows():
+        compound = row[compound_column]
+        guess = near.get(name_key(compound))
+        hint = f" (the image table has {guess!r})" if guess is not None and guess != compound else ""
+        listing.append(f"row {index + 2}: {compound!r} @ {row[concentration_column]}{hint}")
+    print(f"{moa_table}: {len(listing)} row(s) match no treatment of the image table: "
+          f"{'; '.join(listing)}", file=sys.stderr)
+
+
+def file_problem(path):
+    """Why `path` cannot be read as a TIFF ('does not exist', 'cannot be read: ...'),
+    from its header; None if it can."""
+    if not os.path.isfile(path):
+        return "does not exist"
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            tiff.pages[0].shape
+    except Exception as error:  # tifffile raises many types for damaged files
+        return f"cannot be read: {error}"
+    return None
+
+
+def check_files(fields, channels, image_table, shown=20):
+    """Raises InputError listing every file of `fields` (read_fields rows) that is
+    missing or has no readable TIFF header: the first `shown` with their rows, and the
+    count, so that one pass finds them all before anything is written or trained."""
+    paths = [(row, path) for row, *paths in zip(
+        fields["table_row"], *(fields[f"path_{channel}"] for channel in channels)) for path in paths]
+    with ThreadPoolExecutor(8) as pool:  # file systems of clusters answer faster in parallel
+        found = pool.map(file_problem, [path for _, path in paths])
+        problems = [f"row {row}: {path} {problem}"
+                    for (row, path), problem in zip(paths, found) if problem]
+    if problems:
+        first = f" (the first {shown})" if len(problems) > shown else ""
+        raise InputError(f"{image_table}: {len(problems)} of its {len(paths)} files are "
+                         f"missing or unreadable{first}: " + "; ".join(problems[:shown]))
 
 
 def field_paths(row, channels):
@@ -195,7 +232,7 @@ def channel_percentiles(fields, channels, percentiles, sample_fields, seed, binn
     rng = np.random.default_rng(seed)
     chosen = fields.iloc[sorted(rng.permutation(len(fields))[:sample_fields])]
     pixels = np.concatenate([
-        read_field(field_paths(r, channels), r["row"], binning)[::4, ::4].reshape(
+        read_field(field_paths(r, channels), r["table_row"], binning)[::4, ::4].reshape(
             -1, len(channels)) for _, r in chosen.iterrows()])
     lows = np.percentile(pixels, percentiles[0], axis=0)
     highs = np.percentile(pixels, percentiles[1], axis=0)
@@ -235,12 +272,28 @@ def channel_statistics(fields, channels, intensity, sample_fields, seed, binning
     rng = np.random.default_rng(seed)
     chosen = train.iloc[sorted(rng.permutation(len(train))[:sample_fields])]
     pixels = np.concatenate([
-        unit_scale(read_field(field_paths(r, channels), r["row"], binning)[::4, ::4],
+        unit_scale(read_field(field_paths(r, channels), r["table_row"], binning)[::4, ::4],
                    ranges_for(r["plate"], intensity)).reshape(-1, len(channels))
         for _, r in chosen.iterrows()])
     return {"mean": pixels.mean(axis=0, dtype=np.float64).tolist(),
             "std": np.maximum(pixels.std(axis=0, dtype=np.float64), 1e-3).tolist(),
             "fields": len(chosen)}
+
+
+def with_new_plates(intensity, fields, channels, sample_fields=8, seed=0, binning=1):
+    """(intensity, new plates): a run's recorded intensity ranges (a manifest's), with
+    ranges for the plates of `fields` it has none for, found from their own pixels as
+    prepare_fields finds a plate's. A plate imaged brighter or dimmer than the training
+    plates is scaled as they were, not by their pooled ranges. Per-channel scaling
+    (one range for all plates) is kept as it is."""
+    known = intensity.get("plates", {})
+    new = sorted(set(fields["plate"]) - set(known))
+    if intensity.get("scaling") != "per_plate" or not new:
+        return intensity, []
+    own = {plate: channel_percentiles(fields[fields["plate"] == plate], channels,
+                                      intensity["percentiles"], sample_fields, seed, binning)
+           for plate in new}
+    return {**intensity, "plates": {**known, **own}}, new
 
 
 def ranges_for(plate, intensity):
@@ -263,13 +316,16 @@ def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS
     fields = read_fields(image_table, image_root, list(channels),
                          {**DEFAULT_COLUMNS, **(columns or {})}, moa_table, control,
                          include_control, missing_moa)
-    fields["split"] = assign_split(fields, split, eval_fraction, seed)
+    check_files(fields, channels, image_table)
+    fields["split"] = splits.assign_split(fields, split, eval_fraction, seed)
+    by_field = splits.split_by_field(fields, split)
+    splits.announce_split_by_field(fields, by_field, control)
     for side in ("train", "eval"):
         if not (fields["split"] == side).any():
             raise InputError(f"--split={split} left no {side} fields "
                              f"({len(fields)} fields, --eval_fraction={eval_fraction})")
     first = fields.iloc[0]
-    height, width, _ = read_field(field_paths(first, channels), first["row"]).shape
+    height, width, _ = read_field(field_paths(first, channels), first["table_row"]).shape
     if min(height, width) < binning:
         raise InputError(f"{image_table} row {first['row']}: {height} x {width} fields are "
                          f"smaller than one bin of --bin={binning}")
@@ -279,6 +335,7 @@ def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS
         "classes": sorted(fields["moa"].unique()), "channels": list(channels),
         "image_shape": [height // binning, width // binning, len(channels)],
         "field_shape": [int(height), int(width)], "bin": binning, "intensity": intensity,
+        "classes_split_by_field": by_field,
         "channel_statistics": channel_statistics(fields, list(channels), intensity,
                                                  range_sample_fields * 4, seed, binning)}
 
@@ -326,7 +383,7 @@ def define_conversion_flags(flags):
     flags.DEFINE_string("moa_table", None, "CSV: compound, concentration, moa.")
     for key in ("moa_compound", "moa_concentration", "moa"):
         flags.DEFINE_string(f"{key}_column", DEFAULT_COLUMNS[key], f"MoA table column: {key}.")
-    flags.DEFINE_enum("split", "compound", SPLITS, "How held-out fields are chosen: by "
+    flags.DEFINE_enum("split", "compound", splits.SPLITS, "How held-out fields are chosen: by "
                       "compound (no compound on both sides; honest MoA accuracy), plate or field.")
     flags.DEFINE_float("eval_fraction", 0.2, "Share of compounds, plates or fields held out.")
     flags.DEFINE_bool("include_dmso", False, "Keep the control as a class (13 classes on BBBC021).")

@@ -6,9 +6,11 @@
 
 Writes one row per field (plate, well, compound, concentration, predicted MoA, the
 probability of each class) to --output, and one row per treatment (majority vote
-of its fields, mean probabilities) beside it as *_treatments.csv. TIFFs are scaled
-with the intensity ranges recorded when the training data was made, and binned as
-it was (the model pads fields itself). Launched with
+of its fields, mean probabilities) beside it as *_treatments.csv; a field is named
+by its image-table line (table_row) and first channel's file. TIFFs are binned as
+the training data was, and scaled with the intensity ranges recorded for their
+plate, or, for a plate not seen in training, with its own (as the conversion finds
+them); the model pads fields itself. Launched with
 several ranks (./launch train --program predict.py -- ...), each predicts its share.
 """
 import os
@@ -35,7 +37,7 @@ flags.DEFINE_enum("precision", "auto", tf_env.PRECISIONS,
                   "Compute precision, whatever the model was trained in; auto: "
                   "mixed_bfloat16 where the CPU has native bf16.")
 FLAGS = flags.FLAGS
-PROVENANCE = ["plate", "well", "compound", "concentration"]
+PROVENANCE = ["plate", "well", "compound", "concentration", "table_row", "file"]
 
 
 def table_batches(manifest):
@@ -46,14 +48,22 @@ def table_batches(manifest):
                              f"{manifest.get('channels', manifest['image_shape'][2])}")
     fields = plates.read_fields(FLAGS.image_table, FLAGS.image_root, channels,
                                 plates.table_columns(FLAGS))
+    plates.check_files(fields, channels, FLAGS.image_table)
+    intensity, new = plates.with_new_plates(manifest["intensity"], fields, channels,
+                                            binning=manifest.get("bin", 1))
+    if new:
+        log(f"{len(new)} plate(s) not seen in training ({', '.join(new[:5])}"
+            f"{', ...' if len(new) > 5 else ''}) scaled by their own intensity ranges (percentiles "
+            f"{intensity['percentiles']} of up to 8 fields each), as the conversion scales "
+            f"each plate; the others by the ranges recorded in training")
     mine = fields.iloc[hvd.rank()::hvd.size()]
     dtype = np.dtype(manifest["dtype"])
     for start in range(0, len(mine), FLAGS.batch_size):
         rows = mine.iloc[start:start + FLAGS.batch_size]
         images = [plates.scale_to(
-            plates.read_field(plates.field_paths(row, channels), row["row"],
+            plates.read_field(plates.field_paths(row, channels), row["table_row"],
                               manifest.get("bin", 1), manifest["image_shape"]),
-            plates.ranges_for(row["plate"], manifest["intensity"]), dtype)
+            plates.ranges_for(row["plate"], intensity), dtype)
             for _, row in rows.iterrows()]
         yield np.stack(images), rows[PROVENANCE].reset_index(drop=True)
 

@@ -48,12 +48,12 @@ def write_shard(path, rows, data, dtype, class_index):
     `data` is the description of plates.prepare_fields."""
     def examples():
         for row in rows:
-            image = plates.read_field(plates.field_paths(row, data["channels"]), row["row"],
+            image = plates.read_field(plates.field_paths(row, data["channels"]), row["table_row"],
                                       data["bin"], data["image_shape"])
             scaled = plates.scale_to(image, plates.ranges_for(row["plate"], data["intensity"]),
                                      dtype)
             yield scaled, class_index[row["moa"]], {
-                k: row[k] for k in ("compound", "concentration", "plate", "well")}
+                k: str(row[k]) for k in data_pipeline.TEXT_FIELDS}
 
     data_pipeline.write_shard(path, examples())
     return len(rows)

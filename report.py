@@ -1,7 +1,7 @@
 """Plots of a training run and of benchmark figures, as PNGs (studies.py plots studies).
 
-    python report.py --model_dir=runs/demo --output_dir=docs
-    python report.py --benchmarks=bench_fp32.json,bench_bf16.json --output_dir=docs
+    python report.py --model_dir=runs/demo --output_dir=runs/demo/plots
+    python report.py --benchmarks=bench_fp32.json,bench_bf16.json --output_dir=plots
 
 From a model dir's TensorBoard logs: loss, learning rate and held-out accuracy
 against the step (training.png). From benchmark.py's JSON files: images/s against

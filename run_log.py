@@ -42,6 +42,39 @@ def write_scalars(writer, step, **scalars):
                 tf.summary.scalar(name, value)
 
 
+def flag_values(flag_file_text):
+    """{name: value} of a flag file's lines (--name=value, --name, --noname)."""
+    values = {}
+    for line in flag_file_text.splitlines():
+        line = line.strip()
+        if not line.startswith("--"):
+            continue
+        name, is_set, value = line[2:].partition("=")
+        if is_set:
+            values[name] = value
+        elif name.startswith("no") and name[2:] in flags.FLAGS and flags.FLAGS[name[2:]].boolean:
+            values[name[2:]] = "false"
+        else:
+            values[name] = "true"
+    return values
+
+
+NOT_THE_RUN = ("resume", "overwrite")  # how it was started, not what it trains
+
+
+def changed_flags(model_dir):
+    """{flag: [value then, value now]} of the flags whose values differ from those of
+    the run recorded in model_dir's flags.txt (none when there is no record)."""
+    path = os.path.join(model_dir, "flags.txt")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        then = flag_values(f.read())
+    now = flag_values(flags.FLAGS.flags_into_string())
+    return {name: [then.get(name), now.get(name)] for name in sorted(set(then) | set(now))
+            if then.get(name) != now.get(name) and name not in NOT_THE_RUN}
+
+
 def open_log(model_dir):
     """Rank 0's TensorBoard writer; records the flags of this run."""
     with open(os.path.join(model_dir, "flags.txt"), "w") as f:

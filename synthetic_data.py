@@ -24,6 +24,7 @@ import pandas as pd
 import tifffile
 
 import plates
+import splits
 
 CHANNELS = ("DNA", "tubulin", "actin")
 VERSION = 3  # 3: converted with channel statistics in the manifest
@@ -167,7 +168,7 @@ def split_counts(num_classes, compounds_per_class, fields_per_treatment, seed=0)
     options = conversion_options("", compounds_per_class, seed)
     fields = pd.DataFrame(plan_screen(num_classes, compounds_per_class, fields_per_treatment,
                                       PLATES, seed))
-    split = plates.assign_split(fields, options["split"], options["eval_fraction"], seed)
+    split = splits.assign_split(fields, options["split"], options["eval_fraction"], seed)
     return int((split == "train").sum()), int((split == "eval").sum())
 
 

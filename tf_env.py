@@ -12,7 +12,10 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 # tf.keras must be Keras 2 (the tf_keras package): Horovod does not hook Keras 3, and
 # with it gradients are silently not averaged. Not a default a user may override.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# Errors and up: an op that fails also raises in Python, where the programs report it
+# in one line; TensorFlow's WARNING copy of it (for a tf.data function, with a Python
+# traceback) would only bury that line.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # --precision: a Keras mixed-precision policy, or auto (resolve_precision).
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")

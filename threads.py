@@ -28,13 +28,27 @@ INTER_OP_THREADS = 2
 
 @dataclasses.dataclass(frozen=True)
 class Threads:
-    """A rank's thread pools, and where the intra-op count came from."""
+    """A rank's thread pools, where the intra-op count came from, and the cores the rank
+    may run on (its binding)."""
     intra_op: int
     inter_op: int
     why: str
+    cores: str = ""
 
     def __str__(self):
-        return f"{self.intra_op} intra-op ({self.why}), {self.inter_op} inter-op"
+        return (f"{self.intra_op} intra-op ({self.why}), {self.inter_op} inter-op"
+                + (f"; rank {hvd.rank()} on cores {self.cores}" if self.cores else ""))
+
+
+def core_list(cores):
+    """'0-3,8' for {0, 1, 2, 3, 8}: the cores as taskset and lscpu write them."""
+    spans, ordered = [], sorted(cores)
+    for core in ordered:
+        if spans and core == spans[-1][1] + 1:
+            spans[-1][1] = core
+        else:
+            spans.append([core, core])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
 def configure_threads():
@@ -52,7 +66,7 @@ def configure_threads():
                else f"the {len(cores)} cores this rank may run on")
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(inter)
-    return Threads(intra, inter, why)
+    return Threads(intra, inter, why, core_list(os.sched_getaffinity(0)))
 
 
 def ranks_sharing_cores(cores):

@@ -38,9 +38,12 @@ flags.DEFINE(sizing.BatchParser(), "per_rank_batch", 8, "Images per rank per ste
              "'auto': the most that fit this rank's share of the node's memory.",
              serializer=flags.ArgumentSerializer())
 flags.DEFINE_float("epochs", 52, "Training epochs (may be fractional).")
-flags.DEFINE_float("base_lr", 0.001, "Learning rate at --base_batch images; also the "
+# 0.01 at a global batch of 8 learns on one node (the quick configuration's rate); the
+# authors' 0.001 at 32, tuned for 8 nodes, barely moves a one-node run of batch 8
+# (experiments/authors_8_nodes.flags keeps it).
+flags.DEFINE_float("base_lr", 0.01, "Learning rate at --base_batch images; also the "
                    "warm-up's starting rate.")
-flags.DEFINE_integer("base_batch", 32, "Global batch at which --base_lr was tuned.")
+flags.DEFINE_integer("base_batch", 8, "Global batch at which --base_lr was tuned.")
 flags.DEFINE_enum("lr_scaling", "linear", lr_schedule.SCALING_RULES,
                   "How the peak rate grows with the global batch.")
 flags.DEFINE_float("warmup_epochs", 5, "Linear warm-up from --base_lr to the peak.")
@@ -162,6 +165,7 @@ class Run:
     threads: threads.Threads
     stop: checkpoints.StopSignals
     started: float
+    changed_on_resume: dict = dataclasses.field(default_factory=dict)  # run_log.changed_flags
 
 
 @dataclasses.dataclass
@@ -241,7 +245,8 @@ def log_progress(run, step, window, outcome):
 def evaluate_and_report(run, step, eval_data, outcome):
     started = time.time()
     batches = training_data.named_data_errors(iter(eval_data), run.manifest, "eval")
-    fields, metrics = evaluation.evaluate(run.predict, batches, run.manifest["classes"])
+    fields, metrics = evaluation.evaluate(run.predict, batches, run.manifest["classes"],
+                                          run.manifest.get("classes_split_by_field", ()))
     outcome.eval_seconds += time.time() - started
     epoch, accuracy = step / run.steps_per_epoch, metrics["accuracy"]
     outcome.metrics = metrics
@@ -310,6 +315,7 @@ def write_summary(run, outcome, start_step, seconds, in_sync):
         "threads_per_rank": dataclasses.asdict(run.threads),
         "ranks_in_sync": in_sync,
         "resumed_from_step": start_step,
+        "flags_changed_on_resume": run.changed_on_resume,
         "bad_records_skipped": run.manifest.get("bad_records_skipped", 0),
         "global_batch": global_batch,
         "accumulate_steps": FLAGS.accumulate_steps,
@@ -328,6 +334,8 @@ def write_summary(run, outcome, start_step, seconds, in_sync):
         "padded_to": list(mcnn_model.padded_size(*run.manifest["image_shape"][:2])),
         "classes": run.manifest["classes"],
         "final_treatment_accuracy": metrics["treatment_accuracy"],
+        "final_accuracy_by_compound": metrics.get("accuracy_by_compound"),
+        "classes_split_by_field": metrics["split_by_field"],
         "split": run.manifest.get("split", {}).get("by"),
         "eval_history": outcome.history,
         "flags": {f.name: f.value for module in ours
@@ -348,7 +356,8 @@ def finish(run, outcome, start_step):
         checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
         log(f"Done in {seconds:.1f} s: held-out accuracy {outcome.metrics['accuracy']:.4f} "
             f"({outcome.metrics['fields']} images). Summary: {path}; TensorBoard: "
-            f"tensorboard --logdir {os.path.join(FLAGS.model_dir, 'tensorboard')}")
+            f"{os.path.join(os.path.dirname(sys.executable), 'tensorboard')} --logdir "
+            f"{os.path.join(FLAGS.model_dir, 'tensorboard')}")
     if not in_sync:
         raise RuntimeError("ranks ended with different weights: gradients were not averaged "
                            "(is tf.keras Keras 3, which Horovod does not hook?)")
@@ -379,9 +388,17 @@ def log_start(run, precision_why, start_step):
         f"threads per rank: {run.threads}; oneDNN "
         f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; {FLAGS.precision} ({precision_why})"
         f"{', recompute' * FLAGS.recompute}")
+    if hvd.size() == 1 and FLAGS.accumulate_steps == 1:
+        log("gradient noise scale: not measured (it compares the gradients of one rank's "
+            "micro-batch and of the global batch, here the same); --accumulate_steps=2 "
+            "measures it")
     if start_step:
+        changed = ", ".join(f"--{name} {then} -> {now}"
+                            for name, (then, now) in run.changed_on_resume.items())
         log(f"resuming from {run.manager.latest_checkpoint}: step {start_step}, "
-            f"epoch {start_step / run.steps_per_epoch:.2f}")
+            f"epoch {start_step / run.steps_per_epoch:.2f}"
+            + (f"; flags changed since its last start: {changed} (from here on the run "
+               f"follows them; summary.json records them)" if changed else ""))
 
 
 def main(argv):
@@ -395,10 +412,9 @@ def main(argv):
     precision_why = resolve_precision()
     tf.keras.utils.set_random_seed(FLAGS.seed)
     budget_rate = None
-    if FLAGS.time_budget_minutes and FLAGS.resume and sizing.keep_previous_choices(
-            FLAGS.model_dir):
-        FLAGS.time_budget_minutes = 0
-    if FLAGS.time_budget_minutes and training_data.synthetic():
+    fit_to_budget = FLAGS.time_budget_minutes and not (
+        FLAGS.resume and sizing.keep_previous_choices(FLAGS.model_dir))
+    if fit_to_budget and training_data.synthetic():
         (FLAGS.image_height, FLAGS.image_width), budget_rate = sizing.fit_synthetic_size(
             (FLAGS.image_height, FLAGS.image_width), training_data.synthetic_split_counts(FLAGS.seed),
             lambda size: measured_rate((*size, 3), FLAGS.synthetic_classes), FLAGS.eval_every)
@@ -415,7 +431,7 @@ def main(argv):
         raise app.UsageError(f"{train_count} training images make no full global "
                              f"batch of {global_batch} ({hvd.size()} ranks x --per_rank_batch x "
                              f"--accumulate_steps)")
-    if FLAGS.time_budget_minutes:
+    if fit_to_budget:
         FLAGS.epochs = sizing.fit_epochs(
             budget_rate or measured_rate(image_shape, len(classes), dtype), manifest,
             global_batch, FLAGS.eval_every, FLAGS.warmup_epochs)
@@ -434,14 +450,18 @@ def main(argv):
     hvd.broadcast_variables(optimizer.variables, root_rank=0)
     # Horovod 5: gradients are averaged by allreduce inside train_step.
     train_step = make_train_step(model, optimizer, len(classes))
-    # Horovod 6: rank 0 alone writes.
-    writer = run_log.open_log(FLAGS.model_dir) if hvd.rank() == 0 else None
+    # Horovod 6: rank 0 alone writes, and only a run that trains changes its model dir.
+    changed = run_log.changed_flags(FLAGS.model_dir) if start_step and hvd.rank() == 0 else {}
+    finished = start_step >= total_steps
+    if hvd.rank() == 0 and not finished:
+        mcnn_model.record_data(FLAGS.model_dir, manifest)
+    writer = run_log.open_log(FLAGS.model_dir) if hvd.rank() == 0 and not finished else None
     predict = evaluation.make_predict(model, image_shape, dtype)
     run = Run(model, schedule, train_step, predict, make_data, manifest, manager, writer,
               steps_per_epoch, total_steps, max(1, round(FLAGS.eval_every * steps_per_epoch)),
-              rank_threads, checkpoints.StopSignals(), time.time())
+              rank_threads, checkpoints.StopSignals(), time.time(), changed)
     log_start(run, precision_why, start_step)
-    if start_step >= total_steps:
+    if finished:
         return already_finished(run)
     outcome = (train_elastic(run, model, optimizer, start_step) if FLAGS.elastic
                else train(run, checkpoints.Progress(start_step)))

@@ -146,14 +146,18 @@ def good_records(manifest):
 
 def named_data_errors(batches, manifest, split):
     """The batches of `batches`; tf.data's DataLossError, which names no file, becomes
-    an InputError naming this rank's corrupt shards (one line, no traceback)."""
+    an InputError naming this rank's corrupt shards, and a TIFF that fails to read
+    inside tf.data the InputError it raised there (one line, no traceback)."""
     while True:
         try:
             yield next(batches)
         except StopIteration:
             return
-        except tf.errors.DataLossError as e:
-            if FLAGS.image_table:
+        except tf.errors.OpError as e:
+            unreadable = data_pipeline.tiff_input_error(e)
+            if unreadable:
+                raise unreadable from None
+            if FLAGS.image_table or not isinstance(e, tf.errors.DataLossError):
                 raise
             files = data_pipeline.split_files(manifest, split, hvd.rank(), hvd.size())
             raise data_pipeline.explain_data_loss(files, manifest, e) from None

@@ -48,3 +48,17 @@ def test_report_files(tmp_path):
     assert pd.read_csv(tmp_path / "treatments.csv")["predicted_moa"].tolist() == ["A", "B", "B", "C"]
     assert set(pd.read_csv(tmp_path / "fields.csv").columns) >= {"true_moa", "predicted_moa"}
     assert '"step": 7' in (tmp_path / "metrics.json").read_text()
+
+
+def test_classes_split_by_field_are_reported_apart(tmp_path):
+    # C (2 of 2 right) had one compound, so its held-out fields are of a compound seen in
+    # training: without it, 4 of 8 fields are right.
+    metrics = evaluation.summarize(example(), CLASSES, split_by_field=["C"])
+    assert metrics["accuracy"] == pytest.approx(0.6)
+    assert metrics["accuracy_by_compound"] == pytest.approx(0.5)
+    assert metrics["per_class"]["split"].tolist() == ["compound", "compound", "field"]
+    assert "without C (split by field): field accuracy 0.5000" in evaluation.format_per_class(
+        metrics)
+    evaluation.write_report(tmp_path, example(), metrics, CLASSES)
+    assert '"accuracy_by_compound": 0.5' in (tmp_path / "metrics.json").read_text()
+    assert "accuracy_by_compound" not in evaluation.summarize(example(), CLASSES)

@@ -1,6 +1,7 @@
 """Real Horovod ranks under mpirun, placed by ./launch, on small synthetic images."""
 import json
 import os
+import shutil
 import subprocess
 
 import matplotlib.pyplot as plt
@@ -8,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+import tifffile
 
 from conftest import LAUNCH, ROOT, launch_two_ranks, run, scalar_series, small_run
 
@@ -91,6 +93,40 @@ def test_prediction_csv_from_tables_on_two_ranks(two_rank_run, tmp_path):
     assert len(treatments) == table.groupby(
         ["Image_Metadata_Compound", "Image_Metadata_Concentration"]).ngroups
     assert treatments["fields"].sum() == len(table)
+
+
+def test_a_new_plate_is_scaled_by_its_own_pixels_and_each_field_is_named(two_rank_run, tmp_path):
+    """A plate imaged at 0.4 x the brightness, under a name training never saw, is
+    predicted as the original is; each output row names its field."""
+    model_dir, _ = two_rank_run
+    screen = tmp_path / "screen"
+    shutil.copytree(next((model_dir.parent / "data").glob("*_screen")), screen)
+    table = pd.read_csv(screen / "BBBC021_v1_image.csv", dtype=str)
+    plate = table["Image_Metadata_Plate_DAPI"].iloc[0]
+    original = table[table["Image_Metadata_Plate_DAPI"] == plate]
+    dim = original.assign(Image_Metadata_Plate_DAPI=plate + "-dim")
+    (screen / "images" / (plate + "-dim")).mkdir()
+    for channel in ("DAPI", "Tubulin", "Actin"):
+        dim[f"Image_PathName_{channel}"] = plate + "-dim"
+        for name in original[f"Image_FileName_{channel}"]:
+            pixels = tifffile.imread(screen / "images" / plate / name)
+            tifffile.imwrite(screen / "images" / (plate + "-dim") / name,
+                             (pixels * 0.4).astype(pixels.dtype))
+    pd.concat([original, dim]).to_csv(screen / "two_plates.csv", index=False)
+    output = tmp_path / "predictions.csv"
+    result = run([PYTHON, os.path.join(ROOT, "predict.py"), f"--model_dir={model_dir}",
+                  f"--output={output}", f"--image_table={screen / 'two_plates.csv'}",
+                  f"--image_root={screen / 'images'}"])
+    assert f"1 plate(s) not seen in training ({plate}-dim) scaled by their own" in result.stdout
+    fields = pd.read_csv(output)
+    assert fields["table_row"].tolist() == list(range(2, 2 + 2 * len(original)))
+    assert fields["file"].tolist() == [os.path.join(folder, name) for folder, name in zip(
+        pd.concat([original, dim])["Image_PathName_DAPI"],
+        pd.concat([original, dim])["Image_FileName_DAPI"])]
+    classes = json.loads((model_dir / "data_manifest.json").read_text())["classes"]
+    probabilities = fields[[f"p_{c}" for c in classes]].to_numpy()
+    bright, dimmed = probabilities[:len(original)], probabilities[len(original):]
+    assert np.abs(bright - dimmed).max() < 0.05
 
 
 def test_prediction_from_shards_matches_training_evaluation(two_rank_run, tmp_path):

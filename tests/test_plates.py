@@ -5,6 +5,7 @@ import pytest
 import tifffile
 
 import plates
+import splits
 
 COLUMNS = {**plates.DEFAULT_COLUMNS, "filename": "File_{}", "pathname": "Path_{}"}
 
@@ -31,7 +32,7 @@ def test_fields_join_their_moa_on_the_concentration_as_a_number(tmp_path):
                                  ("taxol", "1.000", "Microtubule stabilizers")])
     fields = plates.read_fields(images, str(tmp_path), ["DNA"], COLUMNS, moas)
     assert fields["moa"].tolist() == ["Microtubule stabilizers"] * 2
-    assert fields["row"].tolist() == [2, 3]  # line numbers in the table, for messages
+    assert fields["table_row"].tolist() == [2, 3]  # line numbers in the table, for messages
     assert plates.read_field([fields["path_DNA"][1]], 3)[..., 0].tolist() == [[1, 1], [1, 1]]
     with pytest.raises(plates.InputError, match="row 7: .*nowhere.tif does not exist"):
         plates.read_field([str(tmp_path / "nowhere.tif")], 7)
@@ -63,12 +64,12 @@ def test_the_split_by_compound_keeps_each_compound_on_one_side():
     fields = pd.DataFrame({"moa": ["A"] * 8 + ["DMSO"] * 4,
                            "compound": [f"a{i % 4}" for i in range(8)] + ["DMSO"] * 4,
                            "plate": ["P1", "P2"] * 6})
-    split = plates.assign_split(fields, "compound", 0.25, seed=0)
+    split = splits.assign_split(fields, "compound", 0.25, seed=0)
     for compound, sides in split.groupby(fields["compound"]):
         assert compound == "DMSO" or sides.nunique() == 1, compound
     assert (split[fields["moa"] == "A"] == "eval").sum() == 2  # one compound of four
     assert (split[fields["moa"] == "DMSO"] == "eval").sum() == 1  # one compound: by field
-    by_plate = plates.assign_split(fields, "plate", 0.5, seed=0)
+    by_plate = splits.assign_split(fields, "plate", 0.5, seed=0)
     assert by_plate.groupby(fields["plate"]).nunique().max() == 1
 
 

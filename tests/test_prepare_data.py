@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -12,6 +14,7 @@ import data_pipeline
 import plates
 import prepare_data
 import synthetic_data
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +138,43 @@ def test_missing_tiff_names_row_and_file_and_leaves_no_data_set(screen, tmp_path
     assert not (tmp_path / "data").exists()
 
 
+def test_every_missing_or_unreadable_file_is_listed_before_anything_is_written(screen, tmp_path):
+    copy = copy_screen(screen, tmp_path)
+    table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
+    files = [copy / "images" / table.loc[i, f"Image_PathName_{c}"] / table.loc[i, f"Image_FileName_{c}"]
+             for i in range(len(table)) for c in plates.BBBC021_CHANNELS]
+    for path in files[:21]:
+        path.unlink()
+    files[21].write_bytes(b"II*\0 cut short")
+    result = subprocess.run([sys.executable, "prepare_data.py", "--include_dmso",
+                             f"--image_table={copy / synthetic_data.IMAGE_TABLE}",
+                             f"--moa_table={copy / synthetic_data.MOA_TABLE}",
+                             f"--image_root={copy / synthetic_data.IMAGES}",
+                             f"--output_dir={tmp_path / 'data'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    said = [line for line in result.stderr.splitlines() if line.startswith("prepare_data.py: ")]
+    assert result.returncode == 1 and len(said) == 1 and "Traceback" not in result.stderr
+    assert f"22 of its {len(files)} files are missing or unreadable (the first 20): " in said[0]
+    assert f"row 2: {files[0]} does not exist; row 2: {files[1]} does not exist" in said[0]
+    assert str(files[19]) in said[0] and str(files[20]) not in said[0]
+    assert not (tmp_path / "data").exists() and not list(tmp_path.glob("data.partial-*"))
+
+
+def test_a_misspelled_compound_is_listed_and_an_moa_left_with_one_compound_is_said(
+        screen, tmp_path, capsys):
+    copy = copy_screen(screen, tmp_path)
+    moas = pd.read_csv(copy / synthetic_data.MOA_TABLE, dtype=str)
+    moas["compound"] = moas["compound"].replace({"dna-damage-2": "DNA-Damage-2 "})
+    moas.to_csv(copy / synthetic_data.MOA_TABLE, index=False)
+    manifest = convert(copy, tmp_path / "data", include_control=True, eval_fraction=0.5)
+    err = capsys.readouterr().err
+    assert ("2 row(s) match no treatment of the image table: row 5: 'DNA-Damage-2 ' @ 1.0 "
+            "(the image table has 'dna-damage-2')") in err
+    assert ("'DNA damage' is an MoA with one compound (dna-damage-1), so its fields are split "
+            "by field: 2 train, 2 held out") in err
+    assert manifest["classes_split_by_field"] == ["DMSO", "DNA damage"]
+
+
 def test_an_interrupted_conversion_resumes_and_appears_only_when_complete(screen, tmp_path):
     class Interrupted(Exception):
         pass
@@ -164,7 +204,7 @@ def test_unreadable_tiff_and_mismatched_channel_are_named(screen, tmp_path):
     table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
     broken = copy / "images" / table.loc[0, "Image_PathName_DAPI"] / table.loc[0, "Image_FileName_DAPI"]
     broken.write_bytes(b"not a tiff at all")
-    with pytest.raises(plates.InputError, match=rf"row 2: cannot read {broken}"):
+    with pytest.raises(plates.InputError, match=rf"row 2: {broken} cannot be read"):
         convert(copy, tmp_path / "a", include_control=True)
     shutil.copy(screen / broken.relative_to(copy), broken)
     small = copy / "images" / table.loc[3, "Image_PathName_Tubulin"] / table.loc[3, "Image_FileName_Tubulin"]

@@ -139,9 +139,13 @@ def test_a_previous_run_is_resumed_or_overwritten_only_when_asked(two_rank_run, 
     assert "trained with a global batch of 8, this run has 4" in other_batch.stderr
 
     # 1 rank x 8 images continues the 2 x 4 run: the same global batch, the same schedule.
-    finished = run(args, cwd=ROOT)
+    # A run with nothing to do changes nothing in its model dir.
+    records = {name: (model_dir / name).read_bytes() for name in (
+        "flags.txt", "data_manifest.json", "summary.json")}
+    finished = run([*args, "--log_every=3"], cwd=ROOT)
     assert "has finished its 120 steps; nothing to do" in finished.stdout
     assert sorted(os.listdir(model_dir / "checkpoints")) == kept
+    assert {name: (model_dir / name).read_bytes() for name in records} == records
 
     fresh = run([*args, "--noresume", "--overwrite", "--epochs=1", "--warmup_epochs=0"],
                 cwd=ROOT)
@@ -333,3 +337,82 @@ def test_a_full_disk_during_conversion_is_named_and_the_rerun_resumes(two_rank_r
     assert "Traceback" not in full.stderr and not (tmp_path / "data").exists()
     run(convert)
     assert (tmp_path / "data" / "manifest.json").exists() and not staging.exists()
+
+
+def screen_copy(two_rank_run, tmp_path):
+    """The reference run's screen (tables and TIFFs), copied, and its image table."""
+    screen = tmp_path / "screen"
+    shutil.copytree(next((two_rank_run[0].parent / "data").glob("*_screen")), screen)
+    return screen, pd.read_csv(screen / "BBBC021_v1_image.csv", dtype=str)
+
+
+def tiff_of(screen, table, index, channel="DAPI"):
+    return (screen / "images" / table.loc[index, f"Image_PathName_{channel}"]
+            / table.loc[index, f"Image_FileName_{channel}"])
+
+
+def from_tables(screen, model_dir, *flags):
+    return [f"--image_table={screen / 'BBBC021_v1_image.csv'}",
+            f"--moa_table={screen / 'BBBC021_v1_moa.csv'}", f"--image_root={screen / 'images'}",
+            "--include_dmso", "--eval_fraction=0.5", "--per_rank_batch=4", "--log_every=1",
+            f"--model_dir={model_dir}", *flags]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_missing_tiffs_end_training_from_tables_in_one_line_on_every_rank(
+        two_rank_run, tmp_path, ranks):
+    screen, table = screen_copy(two_rank_run, tmp_path)
+    missing = [tiff_of(screen, table, 9), tiff_of(screen, table, 30, "Actin")]
+    for path in missing:
+        path.unlink()
+    result = fails([LAUNCH, "train", "--sockets", "1", "--cores-per-socket", "2",
+                    "--ranks-per-socket", str(ranks), "--",
+                    *from_tables(screen, tmp_path / "model", "--epochs=2")], timeout=60)
+    said = [line for line in result.stderr.splitlines() if line.startswith("train_mcnn.py: ")]
+    assert len(said) == ranks and len(set(said)) == 1, result.stderr[-3000:]
+    assert f"2 of its {3 * len(table)} files are missing or unreadable" in said[0]
+    assert f"row 11: {missing[0]} does not exist; row 32: {missing[1]} does not exist" in said[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "model" / "checkpoints").exists()
+
+
+def test_a_tiff_lost_while_training_from_tables_ends_the_run_in_one_line(two_rank_run, tmp_path):
+    screen, table = screen_copy(two_rank_run, tmp_path)
+    job = Run(from_tables(screen, tmp_path / "model", "--epochs=20"))
+    job.wait_for_step(1)
+    tiff_of(screen, table, 5).unlink()  # every field is read again each epoch
+    code, output, seconds = job.finish(timeout=60)
+    assert code != 0 and "Traceback" not in output, output[-3000:]
+    said = [line for line in output.splitlines() if line.startswith("train_mcnn.py: ")]
+    assert said and set(said) == {
+        f"train_mcnn.py: image table row 7: {tiff_of(screen, table, 5)} does not exist"}, said
+
+
+def test_a_resume_on_other_data_is_refused_and_changed_flags_are_said(two_rank_run, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(two_rank_run[0], model_dir)
+    data = tmp_path / "other"  # the same classes and fields, other intensity ranges
+    shutil.copytree(next((two_rank_run[0].parent / "data").glob("*_by-compound")), data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["intensity"]["all"][0][1] *= 2
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    recorded = (model_dir / "data_manifest.json").read_bytes()
+    args = [PYTHON, TRAIN, f"--data_dir={data}", f"--model_dir={model_dir}",
+            *[f for f in SMALL_RUN if not f.startswith("--synthetic_") and "image_" not in f],
+            "--per_rank_batch=8"]
+    refused = fails(args, cwd=ROOT)
+    assert "holds a run trained on other data than this run's: other intensity" in refused.stderr
+    assert "--resume_with_other_data" in refused.stderr
+    assert (model_dir / "data_manifest.json").read_bytes() == recorded
+
+    # Told so, it trains on: 2 more epochs at another rate, said at the start and recorded.
+    resumed = run([*args, "--resume_with_other_data", "--epochs=22", "--base_lr=0.01"], cwd=ROOT)
+    said = next(line for line in resumed.stdout.splitlines() if line.startswith("resuming"))
+    assert "flags changed since its last start: --base_lr 0.02 -> 0.01, " in said
+    assert "--epochs 20.0 -> 22.0" in said and f"--data_dir None -> {data}" in said
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["steps"] == 132 and summary["resumed_from_step"] == 120
+    assert summary["flags_changed_on_resume"]["epochs"] == ["20.0", "22.0"]
+    assert summary["flags_changed_on_resume"]["base_lr"] == ["0.02", "0.01"]
+    assert json.loads((model_dir / "data_manifest.json").read_text())["intensity"] == manifest[
+        "intensity"]
