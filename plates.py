@@ -52,10 +52,15 @@ def run_main(main):
     app.run(main_reporting_bad_input)
 
 
-def require_columns(table, columns, path):
+def require_columns(table, columns, path, flag_of=None):
+    """Raises InputError naming the `columns` `table` lacks, what it has, and (flag_of:
+    {column: flag}) the flag that names each."""
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise InputError(f"{path}: missing column(s) {missing}; it has {list(table.columns)}")
+        flag_of = flag_of or {}
+        named = [f"{c} (--{flag_of[c]} names it)" if c in flag_of else c for c in missing]
+        raise InputError(f"{path}: missing column(s) {', '.join(named)}; it has "
+                         f"{list(table.columns)}")
 
 
 def concentration_key(values):
@@ -67,12 +72,14 @@ def read_fields(image_table, image_root, channels, columns, moa_table=None, cont
                 include_control=False, missing_moa="skip"):
     """One row per field: table_row (its line in the image table, for messages and
     outputs), plate, well, compound, concentration, one path per channel (path_<channel>),
-    file (the first channel's, under image_root) and, with `moa_table`, moa."""
+    file (the first channel's, as the table names it) and, with `moa_table`, moa.
+    A PathName that is absolute (as CellProfiler writes them) is not under image_root."""
     images = pd.read_csv(image_table, dtype=str, keep_default_na=False)
-    path_columns = [columns["filename"].format(c) for c in channels] + [
-        columns["pathname"].format(c) for c in channels]
-    require_columns(images, [columns[k] for k in ("compound", "concentration", "plate", "well")]
-                    + path_columns, image_table)
+    flag_of = {columns[k].format(c): f"{k}_column" for k in ("filename", "pathname")
+               for c in channels}
+    flag_of.update({columns[k]: f"{k}_column" for k in ("compound", "concentration", "plate",
+                                                           "well")})
+    require_columns(images, list(flag_of), image_table, flag_of)
     if images.empty:
         raise InputError(f"{image_table}: no rows")
     fields = pd.DataFrame({
@@ -83,11 +90,13 @@ def read_fields(image_table, image_root, channels, columns, moa_table=None, cont
     })
     for channel in channels:
         fields[f"path_{channel}"] = [
-            os.path.join(image_root, folder, name) for folder, name in zip(
+            os.path.join(image_root or "", folder, name) for folder, name in zip(
                 images[columns["pathname"].format(channel)],
                 images[columns["filename"].format(channel)])]
     # A field's identity in outputs: the table's line and its first channel's file.
-    fields["file"] = [os.path.relpath(path, image_root) for path in fields[f"path_{channels[0]}"]]
+    first = channels[0]
+    fields["file"] = [os.path.join(folder, name) for folder, name in zip(
+        images[columns["pathname"].format(first)], images[columns["filename"].format(first)])]
     if moa_table is None:
         return fields
     return attach_moa(fields, moa_table, columns, control, include_control, missing_moa)
@@ -96,7 +105,8 @@ def read_fields(image_table, image_root, channels, columns, moa_table=None, cont
 def attach_moa(fields, moa_table, columns, control, include_control, missing_moa):
     moas = pd.read_csv(moa_table, dtype=str, keep_default_na=False)
     keys = [columns["moa_compound"], columns["moa_concentration"]]
-    require_columns(moas, keys + [columns["moa"]], moa_table)
+    require_columns(moas, keys + [columns["moa"]], moa_table, {
+        columns[k]: f"{k}_column" for k in ("moa_compound", "moa_concentration", "moa")})
     moas = moas.assign(_conc=concentration_key(moas[keys[1]]))
     duplicated = moas[moas.duplicated([keys[0], "_conc"], keep=False)]
     if not duplicated.empty:
@@ -358,12 +368,28 @@ DEFAULT_COLUMNS = {
     "plate": "Image_Metadata_Plate_DAPI", "well": "Image_Metadata_Well_DAPI",
     "moa_compound": "compound", "moa_concentration": "concentration", "moa": "moa",
 }
+# Image-table layouts (--table_layout): the columns of the public BBBC021 tables, or of
+# the CSV that CellProfiler's LoadData module reads (its compound and concentration
+# columns are whatever Metadata_ a lab adds; these are the usual names).
+TABLE_LAYOUTS = {
+    "bbbc021": DEFAULT_COLUMNS,
+    "cellprofiler": {**DEFAULT_COLUMNS, "filename": "FileName_{}", "pathname": "PathName_{}",
+                     "plate": "Metadata_Plate", "well": "Metadata_Well",
+                     "compound": "Metadata_Compound",
+                     "concentration": "Metadata_Concentration"},
+}
 
 
 def define_table_flags(flags):
     """The flags that describe plates and their tables (shared with predict.py)."""
     flags.DEFINE_string("image_table", None, "CSV, one row per field of view.")
-    flags.DEFINE_string("image_root", None, "Folder the table's PathName columns are under.")
+    flags.DEFINE_string("image_root", "", "Folder the table's PathName columns are under "
+                        "(not needed where they are absolute, as CellProfiler writes them).")
+    flags.DEFINE_enum("table_layout", "bbbc021", list(TABLE_LAYOUTS), "The image table's "
+                      "column names: bbbc021 (Image_FileName_<channel>, ...) or cellprofiler "
+                      "(LoadData: FileName_<channel>, PathName_<channel>, Metadata_Plate, "
+                      "Metadata_Well, Metadata_Compound, Metadata_Concentration); a "
+                      "--*_column flag overrides one.")
     flags.DEFINE_list("channels", list(BBBC021_CHANNELS),
                       "Channel names as in the file/path column names, in the order stacked.")
     for key, default in DEFAULT_COLUMNS.items():
@@ -373,8 +399,10 @@ def define_table_flags(flags):
 
 
 def table_columns(FLAGS):
-    return {key: FLAGS[f"{key}_column"].value for key in DEFAULT_COLUMNS
-            if f"{key}_column" in FLAGS}
+    """{key: column name}: --table_layout's, but for the --*_column flags given."""
+    layout = TABLE_LAYOUTS[FLAGS.table_layout]
+    return {key: FLAGS[f"{key}_column"].value if FLAGS[f"{key}_column"].present else layout[key]
+            for key in layout if f"{key}_column" in FLAGS}
 
 
 def define_conversion_flags(flags):

@@ -4,7 +4,9 @@
         --image_root DIR --output_dir DIR [--split compound|plate|random] [--include_dmso]
 
 The image table has one row per field of view and, per channel, a file name and a
-plate folder (root / PathName / FileName). The MoA table gives the mechanism of
+plate folder (root / PathName / FileName); --table_layout=cellprofiler reads
+CellProfiler's LoadData CSVs (FileName_<channel>, PathName_<channel>, absolute or
+under --image_root, Metadata_Plate, ...). The MoA table gives the mechanism of
 action of each treatment (compound, concentration). Fields of annotated treatments
 are read exactly (8- or 16-bit), stacked in --channels order, scaled to --dtype
 with robust per-plate (or per-channel) percentiles and written as shards, with a
@@ -110,7 +112,7 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
                              for c in classes]} for side in ("train", "eval")},
         "sources": {"image_table": os.path.abspath(image_table),
                     "moa_table": os.path.abspath(moa_table),
-                    "image_root": os.path.abspath(image_root),
+                    "image_root": os.path.abspath(image_root) if image_root else None,
                     "sha256": sources},
     }
     try:
@@ -171,6 +173,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("images_per_shard", 16, "Fields per TFRecord shard.")
     flags.DEFINE_integer("seed", 0, "Seed of the split and of the range sample.")
     flags.DEFINE_integer("workers", 0, "Processes reading and writing (0: every core).")
-    flags.mark_flags_as_required(["image_table", "moa_table", "image_root", "output_dir"])
+    flags.mark_flags_as_required(["image_table", "moa_table", "output_dir"])
     FLAGS = flags.FLAGS
     plates.run_main(main)

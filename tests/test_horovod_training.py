@@ -129,6 +129,24 @@ def test_a_new_plate_is_scaled_by_its_own_pixels_and_each_field_is_named(two_ran
     assert np.abs(bright - dimmed).max() < 0.05
 
 
+def test_prediction_reads_compressed_tiffs_as_uncompressed_ones(two_rank_run, tmp_path):
+    """LZW, as ImageJ/Fiji saves: the same probabilities as the plain TIFFs give."""
+    model_dir, _ = two_rank_run
+    plain = next((model_dir.parent / "data").glob("*_screen"))
+    packed = tmp_path / "screen"
+    shutil.copytree(plain, packed)
+    for path in packed.rglob("*.tif"):
+        tifffile.imwrite(path, tifffile.imread(path), compression="lzw")
+    predictions = []
+    for screen in (plain, packed):
+        output = tmp_path / f"{screen.name}.csv"
+        run([PYTHON, os.path.join(ROOT, "predict.py"), f"--model_dir={model_dir}",
+             f"--output={output}", f"--image_table={screen / 'BBBC021_v1_image.csv'}",
+             f"--image_root={screen / 'images'}"])
+        predictions.append(pd.read_csv(output))
+    pd.testing.assert_frame_equal(*predictions)
+
+
 def test_prediction_from_shards_matches_training_evaluation(two_rank_run, tmp_path):
     model_dir, _ = two_rank_run
     data_dir = next((model_dir.parent / "data").glob("*_by-compound"))
@@ -170,6 +188,12 @@ def test_training_straight_from_tiffs_and_tables(two_rank_run, tmp_path):
     assert "data " + str(screen / "BBBC021_v1_image.csv") in result.stdout
     manifest = json.loads((tmp_path / "model" / "data_manifest.json").read_text())
     assert manifest["channels"] == ["DAPI", "Tubulin", "Actin"] and manifest["intensity"]["plates"]
+    fields = pd.read_csv(tmp_path / "model" / "evaluation" / "fields.csv")
+    table = pd.read_csv(screen / "BBBC021_v1_image.csv", dtype=str)
+    named = table.loc[fields["table_row"] - 2]  # each held-out field, by its table line
+    assert fields["file"].tolist() == [os.path.join(folder, name) for folder, name in zip(
+        named["Image_PathName_DAPI"], named["Image_FileName_DAPI"])]
+    assert fields["well"].tolist() == named["Image_Metadata_Well_DAPI"].tolist()
 
 
 def test_speed_and_memory_options_train_on_two_ranks(two_rank_run, tmp_path):

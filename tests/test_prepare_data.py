@@ -217,7 +217,7 @@ def test_missing_columns_are_named(screen, tmp_path):
     copy = copy_screen(screen, tmp_path)
     table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
     table.drop(columns=["Image_FileName_Actin"]).to_csv(copy / synthetic_data.IMAGE_TABLE, index=False)
-    with pytest.raises(plates.InputError, match=r"missing column\(s\) \['Image_FileName_Actin'\]"):
+    with pytest.raises(plates.InputError, match=r"missing column\(s\) Image_FileName_Actin \(--filename_column names it\)"):
         convert(copy, tmp_path / "data")
 
 
@@ -272,3 +272,85 @@ def test_reading_tiffs_directly_gives_the_pixels_of_the_shards(screen, tmp_path,
         data_pipeline.read_manifest(str(tmp_path / "data")), "eval",
         data_pipeline.Feed(3, provenance=True)))
     assert by_field(direct) == from_shards and len(from_shards) > 0
+
+
+def rewritten_copy(screen, folder, dtype, compression=None):
+    """The screen with every TIFF rewritten at `dtype` (8 bits: the top 8 of 16) and
+    `compression` (tifffile's names; None: uncompressed)."""
+    copy = folder / "screen"
+    shutil.copytree(screen, copy)
+    for path in copy.rglob("*.tif"):
+        pixels = tifffile.imread(path)
+        pixels = (pixels >> 8).astype(np.uint8) if dtype == np.uint8 else pixels.astype(dtype)
+        tifffile.imwrite(path, pixels, compression=compression)
+    return copy
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("compression", ["lzw", "zlib", "zstd", "packbits"])
+def test_compressed_tiffs_convert_and_train_with_the_pixels_of_uncompressed_ones(
+        screen, tmp_path_factory, compression, dtype):
+    plain = rewritten_copy(screen, tmp_path_factory.mktemp("plain"), dtype)
+    packed = rewritten_copy(screen, tmp_path_factory.mktemp(compression), dtype, compression)
+    one = next(packed.rglob("*.tif"))
+    with tifffile.TiffFile(one) as tiff:  # really compressed, as the microscope wrote it
+        assert tiff.pages[0].compression.name.lower().replace("adobe_deflate", "zlib") == compression
+        assert tiff.pages[0].dtype == dtype
+    np.testing.assert_array_equal(tifffile.imread(one), tifffile.imread(plain / one.relative_to(packed)))
+
+    for copy in (plain, packed):
+        convert(copy, copy.parent / "data", include_control=True)
+    converted = [records(copy.parent / "data", "eval") for copy in (plain, packed)]
+    assert len(converted[0]) > 0 and all(
+        np.array_equal(a[0], b[0]) and a[1:] == b[1:] for a, b in zip(*converted))
+
+    fields, data = plates.prepare_fields(
+        image_table=str(packed / synthetic_data.IMAGE_TABLE),
+        moa_table=str(packed / synthetic_data.MOA_TABLE),
+        image_root=str(packed / synthetic_data.IMAGES), include_control=True)
+    direct = data_pipeline.make_tiff_dataset(fields[fields["split"] == "eval"],
+                                             {**data, "dtype": "uint8"}, data_pipeline.Feed(64))
+    assert sorted(image.numpy().tobytes() for images, _ in direct for image in images) == sorted(
+        image.tobytes() for image, _, _ in converted[1])
+
+
+def loaddata_twin(screen, path):
+    """The screen's image table as a CellProfiler LoadData CSV: absolute PathName_ columns,
+    Metadata_ columns, ImageNumber; written to `path`."""
+    table = pd.read_csv(screen / synthetic_data.IMAGE_TABLE, dtype=str)
+    columns = {"ImageNumber": range(1, len(table) + 1)}
+    for channel in plates.BBBC021_CHANNELS:
+        columns[f"FileName_{channel}"] = table[f"Image_FileName_{channel}"]
+        columns[f"PathName_{channel}"] = [str(screen / synthetic_data.IMAGES / folder)
+                                          for folder in table[f"Image_PathName_{channel}"]]
+    for name, bbbc021 in (("Plate", "Plate_DAPI"), ("Well", "Well_DAPI"),
+                          ("Compound", "Compound"), ("Concentration", "Concentration")):
+        columns[f"Metadata_{name}"] = table[f"Image_Metadata_{bbbc021}"]
+    pd.DataFrame(columns).to_csv(path, index=False)
+    return path
+
+
+def test_a_cellprofiler_loaddata_table_converts_to_the_shards_of_its_bbbc021_twin(
+        screen, tmp_path):
+    loaddata = loaddata_twin(screen, tmp_path / "load_data.csv")
+    command = [sys.executable, "prepare_data.py", "--table_layout=cellprofiler", "--images_per_shard=4",
+               f"--image_table={loaddata}", f"--moa_table={screen / synthetic_data.MOA_TABLE}",
+               "--include_dmso"]
+    subprocess.run([*command, f"--output_dir={tmp_path / 'loaddata'}"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    convert(screen, tmp_path / "bbbc021", include_control=True)
+    for split in ("train", "eval"):
+        twins = [records(tmp_path / name, split) for name in ("loaddata", "bbbc021")]
+        assert len(twins[0]) == len(twins[1]) > 0
+        for (image, label, where), (twin_image, twin_label, twin_where) in zip(*twins):
+            np.testing.assert_array_equal(image, twin_image)
+            assert label == twin_label and where["file"] == str(screen / "images" / twin_where["file"])
+            assert {k: v for k, v in where.items() if k != "file"} == {
+                k: v for k, v in twin_where.items() if k != "file"}
+
+    pd.read_csv(loaddata).drop(columns="Metadata_Compound").to_csv(loaddata, index=False)
+    refused = subprocess.run([*command, f"--output_dir={tmp_path / 'none'}"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert ("missing column(s) Metadata_Compound (--compound_column names it); it has "
+            "['ImageNumber', 'FileName_DAPI'") in refused.stderr
