@@ -160,7 +160,8 @@ def test_a_preempted_slurm_job_checkpoints_requeues_itself_and_resumes_to_the_en
         return job if job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED") else None
     job = wait_for(finished, 600, f"job {job_id} to end")
     text = output.read_text()
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, text[-3000:])
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", (job, text[-3000:],
+                                                                       slurm.logs())
 
     # The script passes SIGTERM on to ./launch, which passes it to every rank as SIGUSR1.
     stopped = re.search(r"SIGUSR1: stopped after step (\d+) and wrote (\S+); rerun the same "
