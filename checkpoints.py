@@ -20,8 +20,8 @@ import horovod.tensorflow as hvd
 import tensorflow as tf
 
 import data_pipeline
+import errors
 import mcnn_model
-import plates
 from run_log import log
 
 flags.DEFINE_integer("checkpoint_every", 1, "Checkpoint every this many epochs.")
@@ -235,7 +235,7 @@ def save_checkpoint(manager, model, step, lr):
             shutil.rmtree(partial, ignore_errors=True) if os.path.isdir(partial) else os.remove(
                 partial)
         reason = data_pipeline.error_text(e)
-        raise plates.OutputError(
+        raise errors.OutputError(
             f"could not write the checkpoint of step {step} in {manager.directory}: {reason}. "
             f"The previous checkpoint, {manager.latest_checkpoint or 'none'}, is intact; free "
             f"space or fix the folder, then rerun the same command to resume") from None
@@ -246,8 +246,8 @@ def export_finished(manager, model, model_dir):
     to export it later."""
     try:
         mcnn_model.export(model, model_dir)
-    except plates.OutputError as error:
-        raise plates.OutputError(
+    except errors.OutputError as error:
+        raise errors.OutputError(
             f"{error}. The finished run's checkpoint, {manager.latest_checkpoint}, is kept; "
             f"free space or fix the folder, then rerun the same command to export it "
             f"(predict.py uses the checkpoint meanwhile)") from None

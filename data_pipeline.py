@@ -23,7 +23,9 @@ import numpy as np
 import tf_env  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
 
+import errors
 import plates
+import tiffs
 
 MANIFEST = "manifest.json"
 FORMAT = "mcnn-tfrecord-v1"
@@ -170,35 +172,35 @@ def read_manifest(data_dir):
     folder and what is wrong."""
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.isdir(data_dir):
-        raise plates.InputError(f"data set folder {data_dir} does not exist")
+        raise errors.InputError(f"data set folder {data_dir} does not exist")
     if not os.path.isfile(path):
-        raise plates.InputError(f"{path} not found: {data_dir} is not an M-CNN data set "
+        raise errors.InputError(f"{path} not found: {data_dir} is not an M-CNN data set "
                                 f"(convert your images first, or omit the data flag for "
                                 f"synthetic data)")
     try:
         with open(path) as f:
             manifest = json.load(f)
     except json.JSONDecodeError as e:
-        raise plates.InputError(f"{path} is not valid JSON ({e}): was the conversion "
+        raise errors.InputError(f"{path} is not valid JSON ({e}): was the conversion "
                                 f"interrupted?")
     if manifest.get("format") != FORMAT:
-        raise plates.InputError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise errors.InputError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("dtype") not in DTYPES:
-        raise plates.InputError(f"{path}: dtype {manifest.get('dtype')!r} is not one of "
+        raise errors.InputError(f"{path}: dtype {manifest.get('dtype')!r} is not one of "
                                 f"{list(DTYPES)}")
     shape = manifest.get("image_shape")
     if not (isinstance(shape, list) and len(shape) == 3
             and all(isinstance(side, int) and side > 0 for side in shape)):
-        raise plates.InputError(f"{path}: image_shape {shape} is not [height, width, channels] "
+        raise errors.InputError(f"{path}: image_shape {shape} is not [height, width, channels] "
                                 f"of at least 1 each; convert the plates again")
     for split, info in manifest["splits"].items():
         for name in info["files"]:
             shard = os.path.join(data_dir, name)
             if not os.path.isfile(shard):
-                raise plates.InputError(f"{path} lists {name} in split {split!r}, "
+                raise errors.InputError(f"{path} lists {name} in split {split!r}, "
                                         f"but {shard} does not exist")
             if os.path.getsize(shard) == 0:
-                raise plates.InputError(f"{shard} is empty, but {path} lists it in split "
+                raise errors.InputError(f"{shard} is empty, but {path} lists it in split "
                                         f"{split!r}")
     return {**manifest, "source": data_dir}
 
@@ -256,15 +258,15 @@ def explain_data_loss(files, manifest, error):
     and records at fault."""
     _, problems = scan_shards(files, manifest)
     where = "; ".join(problems) or "no shard fails when read again"
-    return plates.InputError(f"{where}. Rerun with --skip_bad_records to skip such records "
+    return errors.InputError(f"{where}. Rerun with --skip_bad_records to skip such records "
                              f"(tf.data said: {error_text(error)})")
 
 
 def tiff_input_error(error):
-    """The plates.InputError that make_tiff_dataset's reader raised inside tf.data, out of
+    """The errors.InputError that make_tiff_dataset's reader raised inside tf.data, out of
     the TensorFlow error that carries it (with a Python traceback); None for others."""
     found = re.search(r"InputError: ([^\n]*)", error.message)
-    return plates.InputError(found.group(1).strip()) if found else None
+    return errors.InputError(found.group(1).strip()) if found else None
 
 
 def rank_files(files, rank, num_ranks):
@@ -385,20 +387,22 @@ def make_tiff_dataset(fields, manifest, feed):
     channels, dtype, shape = manifest["channels"], manifest["dtype"], manifest["image_shape"]
     class_index = {name: i for i, name in enumerate(manifest["classes"])}
 
-    def load(paths, plate, row):
-        image = plates.read_field([p.decode() for p in paths], int(row),
-                                  manifest.get("bin", 1), shape)
+    def load(paths, pages, plate, row):
+        image = tiffs.read_field([(p.decode(), int(k)) for p, k in zip(paths, pages)],
+                                  int(row), manifest.get("bin", 1), shape)
         return plates.scale_to(image, plates.ranges_for(plate.decode(), manifest["intensity"]),
                                np.dtype(dtype))
 
     def read(columns):
-        image = tf.numpy_function(load, [columns["paths"], columns["plate"], columns["row"]],
+        image = tf.numpy_function(load, [columns["paths"], columns["pages"], columns["plate"],
+                                         columns["row"]],
                                   DTYPES[dtype], stateful=False)
         image = tf.ensure_shape(image, shape)
         return image, columns["label"], {k: columns[k] for k in TEXT_FIELDS}
 
     ds = tf.data.Dataset.from_tensor_slices({
         "paths": np.stack([mine[f"path_{c}"].to_numpy(str) for c in channels], axis=1),
+        "pages": np.stack([mine[f"page_{c}"].to_numpy(np.int64) for c in channels], axis=1),
         "row": mine["table_row"].to_numpy(np.int64),
         "label": np.array([class_index[m] for m in mine["moa"]], np.int32),
         **{k: mine[k].to_numpy(str) for k in TEXT_FIELDS},

@@ -23,6 +23,7 @@ import tensorflow as tf
 import tf_keras
 
 import data_pipeline
+import errors
 import plates
 import run_log
 
@@ -290,7 +291,7 @@ def export(model, model_dir):
         shutil.rmtree(exported + ".previous", ignore_errors=True)
     except data_pipeline.WRITE_ERRORS as error:
         shutil.rmtree(exported + ".partial", ignore_errors=True)
-        raise plates.OutputError(
+        raise errors.OutputError(
             f"could not write {exported}: {data_pipeline.error_text(error)}") from None
 
 
@@ -330,7 +331,7 @@ def load_trained(model_dir, precision="float32", say=print):
         with open(manifest_path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as error:
-        raise plates.InputError(f"cannot read {manifest_path} ({error}): is {model_dir} the "
+        raise errors.InputError(f"cannot read {manifest_path} ({error}): is {model_dir} the "
                                 f"--model_dir of a train_mcnn.py run?") from None
     model = build_mcnn(tuple(manifest["image_shape"]), len(manifest["classes"]),
                        input_dtype=manifest["dtype"], precision=precision,
@@ -348,7 +349,7 @@ def load_trained(model_dir, precision="float32", say=print):
     for damaged, reason in failed:
         say(f"{damaged} does not restore ({reason})")
     if path is None:
-        raise plates.InputError(f"{model_dir} has no usable weights: {unreadable}, and no "
+        raise errors.InputError(f"{model_dir} has no usable weights: {unreadable}, and no "
                                 f"checkpoint in {folder} restores")
     say(f"{unreadable}: using the weights of {path}")
     return model, manifest

@@ -1,55 +1,25 @@
 """Plates as users have them: an image table with one row per field of view (a file
-and a plate folder per channel), an MoA table of treatments, and greyscale TIFFs.
+and a plate folder per channel, or one file per field), in BBBC021's or CellProfiler's
+layout, and an MoA table of treatments.
 
-Reads them (exactly, 8- or 16-bit), joins fields to their mechanism of action,
-divides them into train and held-out splits (splits.py), finds each plate's intensity ranges
-and scales fields with them. The converter (prepare_data.py), training straight
-from TIFFs (data_pipeline.py) and prediction (predict.py) all read plates here.
+Joins fields to their mechanism of action, divides them into train and held-out
+splits (splits.py), checks and reads their TIFFs (tiffs.py), finds each plate's
+intensity ranges and scales fields with them. The converter (prepare_data.py),
+training straight from TIFFs (data_pipeline.py) and prediction (predict.py) all read
+plates here.
 """
-from concurrent.futures import ThreadPoolExecutor
 import os
 import sys
-import traceback
 
-from absl import app
 import numpy as np
 import pandas as pd
-import tifffile
 
+from errors import InputError
 import splits
+import tiffs
 
 # Column names of the public BBBC021 tables; --*_column flags name others.
 BBBC021_CHANNELS = ("DAPI", "Tubulin", "Actin")
-
-
-class InputError(ValueError):
-    """Bad input: the message names the table, row or file at fault."""
-
-
-class OutputError(RuntimeError):
-    """A folder that cannot be written (a full disk, no permission): the message names
-    it, the reason, and what is kept."""
-
-
-def run_main(main):
-    """absl's app.run(main), but bad input, an unwritable folder, bad flags or a
-    diverging run end the program with their message alone, which names what is at
-    fault: a traceback, or absl's list of every flag, would only hide it.
-
-    A failed program ends at once, skipping exit handlers: Horovod's shutdown would
-    wait for ranks that are waiting in a collective for this one, and the job would
-    hang instead of mpirun ending it."""
-    def main_reporting_bad_input(argv):
-        try:
-            return main(argv)
-        except (InputError, OutputError, app.UsageError, FloatingPointError) as error:
-            print(f"{os.path.basename(sys.argv[0])}: {error}", file=sys.stderr, flush=True)
-        except Exception:  # a bug: its traceback, and the same prompt exit
-            traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    app.run(main_reporting_bad_input)
 
 
 def require_columns(table, columns, path, flag_of=None):
@@ -161,88 +131,12 @@ def report_unmatched_moa_rows(moas, keys, fields, moa_table):
           f"{'; '.join(listing)}", file=sys.stderr)
 
 
-def file_problem(path):
-    """Why `path` cannot be read as a TIFF ('does not exist', 'cannot be read: ...'),
-    from its header; None if it can."""
-    if not os.path.isfile(path):
-        return "does not exist"
-    try:
-        with tifffile.TiffFile(path) as tiff:
-            tiff.pages[0].shape
-    except Exception as error:  # tifffile raises many types for damaged files
-        return f"cannot be read: {error}"
-    return None
-
-
-def check_files(fields, channels, image_table, shown=20):
-    """Raises InputError listing every file of `fields` (read_fields rows) that is
-    missing or has no readable TIFF header: the first `shown` with their rows, and the
-    count, so that one pass finds them all before anything is written or trained."""
-    paths = [(row, path) for row, *paths in zip(
-        fields["table_row"], *(fields[f"path_{channel}"] for channel in channels)) for path in paths]
-    with ThreadPoolExecutor(8) as pool:  # file systems of clusters answer faster in parallel
-        found = pool.map(file_problem, [path for _, path in paths])
-        problems = [f"row {row}: {path} {problem}"
-                    for (row, path), problem in zip(paths, found) if problem]
-    if problems:
-        first = f" (the first {shown})" if len(problems) > shown else ""
-        raise InputError(f"{image_table}: {len(problems)} of its {len(paths)} files are "
-                         f"missing or unreadable{first}: " + "; ".join(problems[:shown]))
-
-
-def field_paths(row, channels):
-    """The TIFF of each channel of a field (a row of read_fields)."""
-    return [row[f"path_{channel}"] for channel in channels]
-
-
-def read_field(paths, row, binning=1, shape=None):
-    """The channels of one field stacked as (H, W, C): exactly as stored, or for
-    binning > 1 the mean of each binning x binning block (bin_field). With `shape`,
-    a field of another (binned) height and width is refused."""
-    planes = []
-    for path in paths:
-        try:
-            plane = tifffile.imread(path)
-        except FileNotFoundError:
-            raise InputError(f"image table row {row}: {path} does not exist") from None
-        except Exception as error:  # tifffile raises many types for damaged files
-            raise InputError(f"image table row {row}: cannot read {path}: {error}") from None
-        if plane.ndim != 2 or min(plane.shape) == 0:
-            raise InputError(f"image table row {row}: {path} is not a greyscale plane of at "
-                             f"least one pixel (shape {plane.shape})")
-        if planes and plane.shape != planes[0].shape:
-            raise InputError(f"image table row {row}: {path} is {plane.shape[0]} x "
-                             f"{plane.shape[1]}, but {paths[0]} is {planes[0].shape[0]} x "
-                             f"{planes[0].shape[1]}")
-        planes.append(plane)
-    field = bin_field(np.stack(planes, axis=-1), binning)
-    if shape is not None and field.shape[:2] != tuple(shape[:2]):
-        binned = f" (binned {binning} x {binning})" if binning > 1 else ""
-        raise InputError(f"image table row {row}: {paths[0]} makes a {field.shape[0]} x "
-                         f"{field.shape[1]} field{binned}, not {shape[0]} x {shape[1]} as the "
-                         f"others: a data set, and the fields a model predicts, are of one "
-                         f"size; convert (or predict) each size separately")
-    return field
-
-
-def bin_field(image, binning):
-    """The mean of each binning x binning block of `image` (H, W, C), in float64, so
-    exact for 8- and 16-bit pixels; the last rows and columns, if they fill no
-    whole block, are dropped (as ImageJ's Bin does). binning=1: `image` as it is."""
-    if binning == 1:
-        return image
-    height, width = (side // binning for side in image.shape[:2])
-    blocks = image[:height * binning, :width * binning].reshape(
-        height, binning, width, binning, image.shape[2])
-    return blocks.mean(axis=(1, 3), dtype=np.float64)
-
-
 def channel_percentiles(fields, channels, percentiles, sample_fields, seed, binning=1):
     """[[low, high] per channel] over up to `sample_fields` fields (pixels subsampled 4x4)."""
     rng = np.random.default_rng(seed)
     chosen = fields.iloc[sorted(rng.permutation(len(fields))[:sample_fields])]
     pixels = np.concatenate([
-        read_field(field_paths(r, channels), r["table_row"], binning)[::4, ::4].reshape(
+        tiffs.read_field(tiffs.field_planes(r, channels), r["table_row"], binning)[::4, ::4].reshape(
             -1, len(channels)) for _, r in chosen.iterrows()])
     lows = np.percentile(pixels, percentiles[0], axis=0)
     highs = np.percentile(pixels, percentiles[1], axis=0)
@@ -282,7 +176,7 @@ def channel_statistics(fields, channels, intensity, sample_fields, seed, binning
     rng = np.random.default_rng(seed)
     chosen = train.iloc[sorted(rng.permutation(len(train))[:sample_fields])]
     pixels = np.concatenate([
-        unit_scale(read_field(field_paths(r, channels), r["table_row"], binning)[::4, ::4],
+        unit_scale(tiffs.read_field(tiffs.field_planes(r, channels), r["table_row"], binning)[::4, ::4],
                    ranges_for(r["plate"], intensity)).reshape(-1, len(channels))
         for _, r in chosen.iterrows()])
     return {"mean": pixels.mean(axis=0, dtype=np.float64).tolist(),
@@ -314,7 +208,7 @@ def ranges_for(plate, intensity):
 def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS, columns=None,
                    split="compound", eval_fraction=0.2, include_control=False, control="DMSO",
                    missing_moa="skip", scaling="per_plate", percentiles=(0.1, 99.9),
-                   range_sample_fields=8, binning=1, seed=0):
+                   range_sample_fields=8, binning=1, channel_pages=None, seed=0):
     """(fields with their split, the data's description for its manifest: classes,
     channels, image_shape as trained on, field_shape as stored, bin, intensity,
     channel_statistics)."""
@@ -326,7 +220,7 @@ def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS
     fields = read_fields(image_table, image_root, list(channels),
                          {**DEFAULT_COLUMNS, **(columns or {})}, moa_table, control,
                          include_control, missing_moa)
-    check_files(fields, channels, image_table)
+    fields = tiffs.check_files(fields, channels, image_table, channel_pages)
     fields["split"] = splits.assign_split(fields, split, eval_fraction, seed)
     by_field = splits.split_by_field(fields, split)
     splits.announce_split_by_field(fields, by_field, control)
@@ -335,9 +229,9 @@ def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS
             raise InputError(f"--split={split} left no {side} fields "
                              f"({len(fields)} fields, --eval_fraction={eval_fraction})")
     first = fields.iloc[0]
-    height, width, _ = read_field(field_paths(first, channels), first["table_row"]).shape
+    height, width, _ = tiffs.read_field(tiffs.field_planes(first, channels), first["table_row"]).shape
     if min(height, width) < binning:
-        raise InputError(f"{image_table} row {first['row']}: {height} x {width} fields are "
+        raise InputError(f"{image_table} row {first['table_row']}: {height} x {width} fields are "
                          f"smaller than one bin of --bin={binning}")
     intensity = intensity_ranges(fields, list(channels), percentiles, scaling,
                                  range_sample_fields, seed, binning)
@@ -345,7 +239,7 @@ def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS
         "classes": sorted(fields["moa"].unique()), "channels": list(channels),
         "image_shape": [height // binning, width // binning, len(channels)],
         "field_shape": [int(height), int(width)], "bin": binning, "intensity": intensity,
-        "classes_split_by_field": by_field,
+        "classes_split_by_field": by_field, "channel_pages": channel_pages or None,
         "channel_statistics": channel_statistics(fields, list(channels), intensity,
                                                  range_sample_fields * 4, seed, binning)}
 
@@ -392,6 +286,10 @@ def define_table_flags(flags):
                       "--*_column flag overrides one.")
     flags.DEFINE_list("channels", list(BBBC021_CHANNELS),
                       "Channel names as in the file/path column names, in the order stacked.")
+    flags.DEFINE_list("channel_pages", [], "Fields stored one file per field, all channels "
+                      "inside (the same file in every channel's columns, or "
+                      "--filename_column without {}): the page of each of --channels, where "
+                      "the files do not name their channels (OME-TIFF, ImageJ labels do).")
     for key, default in DEFAULT_COLUMNS.items():
         if not key.startswith("moa"):
             flags.DEFINE_string(f"{key}_column", default, f"Image table column: {key}"
@@ -434,4 +332,5 @@ def conversion_options(FLAGS):
                 eval_fraction=FLAGS.eval_fraction, include_control=FLAGS.include_dmso,
                 control=FLAGS.control_moa, missing_moa=FLAGS.missing_moa,
                 scaling=FLAGS.scaling, percentiles=[float(p) for p in FLAGS.percentiles],
-                range_sample_fields=FLAGS.range_sample_fields, binning=FLAGS.bin)
+                range_sample_fields=FLAGS.range_sample_fields, binning=FLAGS.bin,
+                channel_pages=[int(p) for p in FLAGS.channel_pages])

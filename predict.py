@@ -23,8 +23,10 @@ import pandas as pd
 import tensorflow as tf
 
 import data_pipeline
+import errors
 import mcnn_model
 import plates
+import tiffs
 from run_log import log
 
 plates.define_table_flags(flags)
@@ -48,7 +50,8 @@ def table_batches(manifest):
                              f"{manifest.get('channels', manifest['image_shape'][2])}")
     fields = plates.read_fields(FLAGS.image_table, FLAGS.image_root, channels,
                                 plates.table_columns(FLAGS))
-    plates.check_files(fields, channels, FLAGS.image_table)
+    fields = tiffs.check_files(fields, channels, FLAGS.image_table, [
+        int(p) for p in FLAGS.channel_pages] or manifest.get("channel_pages"))
     intensity, new = plates.with_new_plates(manifest["intensity"], fields, channels,
                                             binning=manifest.get("bin", 1))
     if new:
@@ -61,7 +64,7 @@ def table_batches(manifest):
     for start in range(0, len(mine), FLAGS.batch_size):
         rows = mine.iloc[start:start + FLAGS.batch_size]
         images = [plates.scale_to(
-            plates.read_field(plates.field_paths(row, channels), row["table_row"],
+            tiffs.read_field(tiffs.field_planes(row, channels), row["table_row"],
                               manifest.get("bin", 1), manifest["image_shape"]),
             plates.ranges_for(row["plate"], intensity), dtype)
             for _, row in rows.iterrows()]
@@ -133,11 +136,11 @@ def write_csv(table, path):
     except OSError as error:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        raise plates.OutputError(f"could not write {path}: {error.strerror or error}. Nothing "
+        raise errors.OutputError(f"could not write {path}: {error.strerror or error}. Nothing "
                                  f"was written there; free space or fix the folder, then "
                                  f"rerun") from None
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["model_dir", "output"])
-    plates.run_main(main)
+    errors.run_main(main)

@@ -21,7 +21,9 @@ import os
 import time
 
 import data_pipeline
+import errors
 import plates
+import tiffs
 
 FIELDS_CSV = "fields.csv"
 
@@ -50,7 +52,7 @@ def write_shard(path, rows, data, dtype, class_index):
     `data` is the description of plates.prepare_fields."""
     def examples():
         for row in rows:
-            image = plates.read_field(plates.field_paths(row, data["channels"]), row["table_row"],
+            image = tiffs.read_field(tiffs.field_planes(row, data["channels"]), row["table_row"],
                                       data["bin"], data["image_shape"])
             scaled = plates.scale_to(image, plates.ranges_for(row["plate"], data["intensity"]),
                                      dtype)
@@ -68,24 +70,25 @@ def fingerprint(**inputs):
 def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC021_CHANNELS,
             columns=None, split="compound", eval_fraction=0.2, include_control=False,
             control="DMSO", missing_moa="skip", dtype="uint8", scaling="per_plate",
-            percentiles=(0.1, 99.9), range_sample_fields=8, binning=1, images_per_shard=16,
-            seed=0, workers=None, progress=print):
+            percentiles=(0.1, 99.9), range_sample_fields=8, binning=1, channel_pages=None,
+            images_per_shard=16, seed=0, workers=None, progress=print):
     """Converts plates to a data set in `output_dir`; returns its manifest."""
     columns = {**plates.DEFAULT_COLUMNS, **(columns or {})}
     channels = list(channels)
     if os.path.exists(os.path.join(output_dir, data_pipeline.MANIFEST)):
-        raise plates.InputError(f"{output_dir} already holds a data set; choose another "
+        raise errors.InputError(f"{output_dir} already holds a data set; choose another "
                                 f"--output_dir")
     fields, data = plates.prepare_fields(
         image_table, moa_table, image_root, channels, columns, split, eval_fraction,
         include_control, control, missing_moa, scaling, percentiles, range_sample_fields,
-        binning, seed)
+        binning, channel_pages, seed)
     classes = data["classes"]
     sources = {"image_table": file_sha256(image_table), "moa_table": file_sha256(moa_table)}
     staging = f"{os.path.abspath(output_dir)}.partial-" + fingerprint(
         sources=sources, image_root=os.path.abspath(image_root), channels=channels,
         columns=columns, split=split, eval_fraction=eval_fraction, control=control,
         include_control=include_control, dtype=dtype, intensity=data["intensity"],
+        channel_pages=channel_pages,
         binning=binning, images_per_shard=images_per_shard, seed=seed)
     plan = shard_plan(fields, images_per_shard)
     fields["shard"] = ""
@@ -116,7 +119,7 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
                     "sha256": sources},
     }
     try:
-        fields.drop(columns=[f"path_{c}" for c in channels]).to_csv(
+        fields.drop(columns=[f"{k}_{c}" for c in channels for k in ("path", "page")]).to_csv(
             os.path.join(staging, FIELDS_CSV), index=False)
         data_pipeline.finish_dataset(staging, output_dir, manifest)
     except OSError as error:
@@ -146,7 +149,7 @@ def write_shards(todo, fields, staging, data, dtype, class_index, workers, progr
 
 
 def cannot_write(staging, error):
-    return plates.OutputError(
+    return errors.OutputError(
         f"could not write to {staging}: {data_pipeline.error_text(error)}. The shards "
         f"written so far are kept there; free space or fix the folder, then rerun the same "
         f"command to resume")
@@ -175,4 +178,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("workers", 0, "Processes reading and writing (0: every core).")
     flags.mark_flags_as_required(["image_table", "moa_table", "output_dir"])
     FLAGS = flags.FLAGS
-    plates.run_main(main)
+    errors.run_main(main)

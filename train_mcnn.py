@@ -21,11 +21,11 @@ import tensorflow as tf
 
 import checkpoints
 import data_pipeline
+import errors
 import evaluation
 import lr_schedule
 import mcnn_model
 import optimization
-import plates
 import run_log
 from run_log import log
 import sizing
@@ -469,4 +469,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    plates.run_main(main)
+    errors.run_main(main)

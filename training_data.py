@@ -10,6 +10,7 @@ import horovod.tensorflow as hvd
 import tensorflow as tf
 
 import data_pipeline
+import errors
 import mcnn_model
 import plates
 import prepare_data
@@ -166,12 +167,12 @@ def named_data_errors(batches, manifest, split):
 def input_standardization(manifest):
     """The per-channel {"mean": [C], "std": [C]} (of pixels scaled to [0, 1]) the model
     standardizes its input with, or None (--input_scaling=unit); recorded in the model
-    dir's data manifest. Raises plates.InputError for a data set converted without
+    dir's data manifest. Raises errors.InputError for a data set converted without
     channel statistics."""
     if FLAGS.input_scaling == "unit":
         return None
     if "channel_statistics" not in manifest:
-        raise plates.InputError(
+        raise errors.InputError(
             f"{manifest['source']}: its manifest has no channel statistics (converted before "
             f"they were recorded) for --input_scaling=standardize; convert it again, or "
             f"train with --input_scaling=unit")

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import data_pipeline
-import plates
+import errors
 
 SHAPE = (128, 160, 3)
 
@@ -123,12 +123,12 @@ def test_label_outside_the_classes_names_its_file(tmp_path):
 
 
 def test_missing_manifest_or_shard_is_a_clear_error(tmp_path, small_set):
-    with pytest.raises(plates.InputError, match="manifest.json not found"):
+    with pytest.raises(errors.InputError, match="manifest.json not found"):
         data_pipeline.read_manifest(str(tmp_path))
     broken = tmp_path / "broken"
     data_pipeline.write_dataset(broken, {"eval": numbered_images(5)}, ["a", "b", "c"], SHAPE, 4)
     os.remove(broken / "eval-00001.tfrecord")
-    with pytest.raises(plates.InputError, match="eval-00001.tfrecord"):
+    with pytest.raises(errors.InputError, match="eval-00001.tfrecord"):
         data_pipeline.read_manifest(str(broken))
 
 
@@ -141,7 +141,7 @@ def test_manifest_inconsistent_with_its_shards_is_a_clear_error(tmp_path):
     (broken / "manifest.json").write_text('{"format": "mcnn-tfrecord-v1", "spl')
     with pytest.raises(ValueError, match="manifest.json is not valid JSON"):
         data_pipeline.read_manifest(str(broken))
-    with pytest.raises(plates.InputError, match="does not exist"):
+    with pytest.raises(errors.InputError, match="does not exist"):
         data_pipeline.read_manifest(str(tmp_path / "nowhere"))
 
 

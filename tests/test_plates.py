@@ -4,8 +4,10 @@ import pandas as pd
 import pytest
 import tifffile
 
+import errors
 import plates
 import splits
+import tiffs
 
 COLUMNS = {**plates.DEFAULT_COLUMNS, "filename": "File_{}", "pathname": "Path_{}"}
 
@@ -33,31 +35,31 @@ def test_fields_join_their_moa_on_the_concentration_as_a_number(tmp_path):
     fields = plates.read_fields(images, str(tmp_path), ["DNA"], COLUMNS, moas)
     assert fields["moa"].tolist() == ["Microtubule stabilizers"] * 2
     assert fields["table_row"].tolist() == [2, 3]  # line numbers in the table, for messages
-    assert plates.read_field([fields["path_DNA"][1]], 3)[..., 0].tolist() == [[1, 1], [1, 1]]
-    with pytest.raises(plates.InputError, match="row 7: .*nowhere.tif does not exist"):
-        plates.read_field([str(tmp_path / "nowhere.tif")], 7)
+    assert tiffs.read_field([(fields["path_DNA"][1], -1)], 3)[..., 0].tolist() == [[1, 1], [1, 1]]
+    with pytest.raises(errors.InputError, match="row 7: .*nowhere.tif does not exist"):
+        tiffs.read_field([(str(tmp_path / "nowhere.tif"), -1)], 7)
 
 
 def test_binning_averages_whole_blocks_exactly_and_drops_the_rest():
     image = np.array([[65535, 65534, 7], [65533, 65535, 7], [9, 9, 9]], np.uint16)[..., None]
-    binned = plates.bin_field(image, 2)
+    binned = tiffs.bin_field(image, 2)
     assert binned.shape == (1, 1, 1) and binned[0, 0, 0] == (65535 + 65534 + 65533 + 65535) / 4
-    assert plates.bin_field(image, 1) is image
+    assert tiffs.bin_field(image, 1) is image
     planes = np.arange(4 * 6 * 5, dtype=np.uint16).reshape(4, 6, 5)
-    np.testing.assert_array_equal(plates.bin_field(planes, 2)[1, 2],
+    np.testing.assert_array_equal(tiffs.bin_field(planes, 2)[1, 2],
                                   planes[2:4, 4:6].reshape(4, 5).mean(0))
 
 
 def test_a_field_of_another_size_or_without_pixels_is_named(tmp_path):
     tifffile.imwrite(tmp_path / "wide.tif", np.zeros((4, 6), np.uint16))
     tifffile.imwrite(tmp_path / "empty.tif", np.zeros((0, 6), np.uint16))
-    assert plates.read_field([str(tmp_path / "wide.tif")], 2, 2, (2, 3, 1)).shape == (2, 3, 1)
-    with pytest.raises(plates.InputError, match=r"row 2: .*wide.tif makes a 4 x 6 field, "
+    assert tiffs.read_field([(str(tmp_path / "wide.tif"), -1)], 2, 2, (2, 3, 1)).shape == (2, 3, 1)
+    with pytest.raises(errors.InputError, match=r"row 2: .*wide.tif makes a 4 x 6 field, "
                                                 r"not 4 x 4 as the others"):
-        plates.read_field([str(tmp_path / "wide.tif")], 2, 1, (4, 4, 1))
-    with pytest.raises(plates.InputError, match=r"row 3: .*empty.tif is not a greyscale plane "
+        tiffs.read_field([(str(tmp_path / "wide.tif"), -1)], 2, 1, (4, 4, 1))
+    with pytest.raises(errors.InputError, match=r"row 3: .*empty.tif is not a greyscale plane "
                                                 r"of at least one pixel"):
-        plates.read_field([str(tmp_path / "empty.tif")], 3)
+        tiffs.read_field([(str(tmp_path / "empty.tif"), -1)], 3)
 
 
 def test_the_split_by_compound_keeps_each_compound_on_one_side():

@@ -11,6 +11,7 @@ import pytest
 import tifffile
 
 import data_pipeline
+import errors
 import plates
 import prepare_data
 import synthetic_data
@@ -133,7 +134,7 @@ def test_missing_tiff_names_row_and_file_and_leaves_no_data_set(screen, tmp_path
     table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
     victim = copy / "images" / table.loc[20, "Image_PathName_Actin"] / table.loc[20, "Image_FileName_Actin"]
     victim.unlink()
-    with pytest.raises(plates.InputError, match=rf"row 22: {victim} does not exist"):
+    with pytest.raises(errors.InputError, match=rf"row 22: {victim} does not exist"):
         convert(copy, tmp_path / "data", include_control=True)
     assert not (tmp_path / "data").exists()
 
@@ -204,12 +205,12 @@ def test_unreadable_tiff_and_mismatched_channel_are_named(screen, tmp_path):
     table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
     broken = copy / "images" / table.loc[0, "Image_PathName_DAPI"] / table.loc[0, "Image_FileName_DAPI"]
     broken.write_bytes(b"not a tiff at all")
-    with pytest.raises(plates.InputError, match=rf"row 2: {broken} cannot be read"):
+    with pytest.raises(errors.InputError, match=rf"row 2: {broken} cannot be read"):
         convert(copy, tmp_path / "a", include_control=True)
     shutil.copy(screen / broken.relative_to(copy), broken)
     small = copy / "images" / table.loc[3, "Image_PathName_Tubulin"] / table.loc[3, "Image_FileName_Tubulin"]
     tifffile.imwrite(small, np.zeros((64, 128), np.uint16))
-    with pytest.raises(plates.InputError, match=rf"row 5: {small} is 64 x 128, but .* is 128 x 128"):
+    with pytest.raises(errors.InputError, match=rf"row 5: {small} is 64 x 128, but .* is 128 x 128"):
         convert(copy, tmp_path / "b", include_control=True)
 
 
@@ -217,7 +218,7 @@ def test_missing_columns_are_named(screen, tmp_path):
     copy = copy_screen(screen, tmp_path)
     table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
     table.drop(columns=["Image_FileName_Actin"]).to_csv(copy / synthetic_data.IMAGE_TABLE, index=False)
-    with pytest.raises(plates.InputError, match=r"missing column\(s\) Image_FileName_Actin \(--filename_column names it\)"):
+    with pytest.raises(errors.InputError, match=r"missing column\(s\) Image_FileName_Actin \(--filename_column names it\)"):
         convert(copy, tmp_path / "data")
 
 
@@ -229,7 +230,7 @@ def test_treatments_without_moa_are_listed_then_skipped_or_refused(screen, tmp_p
     err = capsys.readouterr().err
     assert "Skipping 4 fields: 2 treatment(s)" in err and "dna-damage-1 @ 1.0 (2 fields)" in err
     assert sum(manifest["splits"][s]["count"] for s in ("train", "eval")) == 12
-    with pytest.raises(plates.InputError, match=r"2 treatment\(s\) .*dna-damage-1 @ 1.0"):
+    with pytest.raises(errors.InputError, match=r"2 treatment\(s\) .*dna-damage-1 @ 1.0"):
         convert(copy, tmp_path / "strict", missing_moa="error")
 
 
@@ -237,14 +238,14 @@ def test_empty_result_is_an_error(screen, tmp_path):
     copy = copy_screen(screen, tmp_path)
     pd.DataFrame({"compound": ["x"], "concentration": ["1"], "moa": ["m"]}).to_csv(
         copy / synthetic_data.MOA_TABLE, index=False)
-    with pytest.raises(plates.InputError, match="no labelled fields"):
+    with pytest.raises(errors.InputError, match="no labelled fields"):
         convert(copy, tmp_path / "data")
     assert not (tmp_path / "data").exists()
 
 
 def test_an_existing_data_set_is_not_overwritten(screen, tmp_path):
     convert(screen, tmp_path / "data")
-    with pytest.raises(plates.InputError, match="already holds a data set"):
+    with pytest.raises(errors.InputError, match="already holds a data set"):
         convert(screen, tmp_path / "data")
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["format"]
 
@@ -354,3 +355,74 @@ def test_a_cellprofiler_loaddata_table_converts_to_the_shards_of_its_bbbc021_twi
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert ("missing column(s) Metadata_Compound (--compound_column names it); it has "
             "['ImageNumber', 'FileName_DAPI'") in refused.stderr
+
+
+def one_file_per_field(screen, folder, write):
+    """The screen with each field's channels in one file, `write(path, (DAPI, Tubulin,
+    Actin) planes)`, named in every channel's columns."""
+    copy = folder / "screen"
+    shutil.copytree(screen, copy)
+    table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
+    for index in range(len(table)):
+        planes = [tifffile.imread(copy / "images" / table.loc[index, f"Image_PathName_{c}"]
+                                  / table.loc[index, f"Image_FileName_{c}"])
+                  for c in plates.BBBC021_CHANNELS]
+        name = f"field{index}.tif"
+        write(copy / "images" / table.loc[index, "Image_PathName_DAPI"] / name, planes)
+        for channel in plates.BBBC021_CHANNELS:
+            table.loc[index, f"Image_FileName_{channel}"] = name
+            table.loc[index, f"Image_PathName_{channel}"] = table.loc[index, "Image_PathName_DAPI"]
+    table.to_csv(copy / synthetic_data.IMAGE_TABLE, index=False)
+    return copy
+
+
+def ome_tiff(names, order):
+    def write(path, planes):
+        tifffile.imwrite(path, np.stack([planes[i] for i in order]), ome=True,
+                         metadata={"axes": "CYX", "Channel": {"Name": names}})
+    return write
+
+
+def imagej_hyperstack(path, planes):
+    tifffile.imwrite(path, np.stack(planes), imagej=True,
+                     metadata={"axes": "CYX", "Labels": list(plates.BBBC021_CHANNELS)})
+
+
+def plain_pages(path, planes):  # Tubulin, Actin, DAPI: --channel_pages=2,0,1
+    tifffile.imwrite(path, np.stack([planes[1], planes[2], planes[0]]), photometric="minisblack")
+
+
+@pytest.mark.parametrize("write, channel_pages", [
+    (ome_tiff(["Actin", "DAPI", "Tubulin"], [2, 0, 1]), None),  # named, in another order
+    (imagej_hyperstack, None), (plain_pages, [2, 0, 1])])
+def test_one_file_per_field_converts_to_the_shards_of_one_file_per_channel(
+        screen, tmp_path, write, channel_pages):
+    copy = one_file_per_field(screen, tmp_path, write)
+    manifest = convert(copy, tmp_path / "pages", include_control=True,
+                       channel_pages=channel_pages)
+    assert manifest["channel_pages"] == channel_pages
+    convert(screen, tmp_path / "files", include_control=True)
+    for split in ("train", "eval"):
+        twins = [records(tmp_path / name, split) for name in ("pages", "files")]
+        assert len(twins[0]) == len(twins[1]) > 0
+        for (image, label, where), (twin_image, twin_label, twin_where) in zip(*twins):
+            np.testing.assert_array_equal(image, twin_image)
+            assert (label, where["table_row"]) == (twin_label, twin_where["table_row"])
+
+
+def test_a_file_that_does_not_hold_the_channels_is_refused_before_work(screen, tmp_path):
+    copy = one_file_per_field(screen, tmp_path, ome_tiff(["DNA", "Tub", "Act"], [0, 1, 2]))
+    table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
+    result = subprocess.run([sys.executable, "prepare_data.py", "--include_dmso",
+                             f"--image_table={copy / synthetic_data.IMAGE_TABLE}",
+                             f"--moa_table={copy / synthetic_data.MOA_TABLE}",
+                             f"--image_root={copy / synthetic_data.IMAGES}",
+                             f"--output_dir={tmp_path / 'data'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    said = [line for line in result.stderr.splitlines() if line.startswith("prepare_data.py: ")]
+    assert result.returncode == 1 and len(said) == 1 and "Traceback" not in result.stderr
+    first = copy / "images" / table.loc[0, "Image_PathName_DAPI"] / "field0.tif"
+    assert (f"row 2: {first} holds 3 pages named ['DNA', 'Tub', 'Act'], not the --channels "
+            "DAPI,Tubulin,Actin: name them as the file does, or give --channel_pages") in said[0]
+    assert f"{len(table)} of its {len(table)} files are missing or unreadable" in said[0]
+    assert not (tmp_path / "data").exists()
