@@ -139,6 +139,21 @@ def test_missing_tiff_names_row_and_file_and_leaves_no_data_set(screen, tmp_path
     assert not (tmp_path / "data").exists()
 
 
+def refusal_of_prepare_data(screen, output_dir):
+    """The one line prepare_data.py ends with on `screen` (it must fail, and without a
+    traceback)."""
+    result = subprocess.run([sys.executable, "prepare_data.py", "--include_dmso",
+                             f"--image_table={screen / synthetic_data.IMAGE_TABLE}",
+                             f"--moa_table={screen / synthetic_data.MOA_TABLE}",
+                             f"--image_root={screen / synthetic_data.IMAGES}",
+                             f"--output_dir={output_dir}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    said = [line for line in result.stderr.splitlines() if line.startswith("prepare_data.py: ")]
+    assert result.returncode == 1 and len(said) == 1 and "Traceback" not in result.stderr, (
+        result.stderr[-3000:])
+    return said
+
+
 def test_every_missing_or_unreadable_file_is_listed_before_anything_is_written(screen, tmp_path):
     copy = copy_screen(screen, tmp_path)
     table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
@@ -147,14 +162,7 @@ def test_every_missing_or_unreadable_file_is_listed_before_anything_is_written(s
     for path in files[:21]:
         path.unlink()
     files[21].write_bytes(b"II*\0 cut short")
-    result = subprocess.run([sys.executable, "prepare_data.py", "--include_dmso",
-                             f"--image_table={copy / synthetic_data.IMAGE_TABLE}",
-                             f"--moa_table={copy / synthetic_data.MOA_TABLE}",
-                             f"--image_root={copy / synthetic_data.IMAGES}",
-                             f"--output_dir={tmp_path / 'data'}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    said = [line for line in result.stderr.splitlines() if line.startswith("prepare_data.py: ")]
-    assert result.returncode == 1 and len(said) == 1 and "Traceback" not in result.stderr
+    said = refusal_of_prepare_data(copy, tmp_path / "data")
     assert f"22 of its {len(files)} files are missing or unreadable (the first 20): " in said[0]
     assert f"row 2: {files[0]} does not exist; row 2: {files[1]} does not exist" in said[0]
     assert str(files[19]) in said[0] and str(files[20]) not in said[0]
@@ -413,14 +421,7 @@ def test_one_file_per_field_converts_to_the_shards_of_one_file_per_channel(
 def test_a_file_that_does_not_hold_the_channels_is_refused_before_work(screen, tmp_path):
     copy = one_file_per_field(screen, tmp_path, ome_tiff(["DNA", "Tub", "Act"], [0, 1, 2]))
     table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
-    result = subprocess.run([sys.executable, "prepare_data.py", "--include_dmso",
-                             f"--image_table={copy / synthetic_data.IMAGE_TABLE}",
-                             f"--moa_table={copy / synthetic_data.MOA_TABLE}",
-                             f"--image_root={copy / synthetic_data.IMAGES}",
-                             f"--output_dir={tmp_path / 'data'}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    said = [line for line in result.stderr.splitlines() if line.startswith("prepare_data.py: ")]
-    assert result.returncode == 1 and len(said) == 1 and "Traceback" not in result.stderr
+    said = refusal_of_prepare_data(copy, tmp_path / "data")
     first = copy / "images" / table.loc[0, "Image_PathName_DAPI"] / "field0.tif"
     assert (f"row 2: {first} holds 3 pages named ['DNA', 'Tub', 'Act'], not the --channels "
             "DAPI,Tubulin,Actin: name them as the file does, or give --channel_pages") in said[0]
