@@ -175,3 +175,11 @@ class GradientNoiseScale:
         if self.norm2 is None or self.norm2 <= 0:
             return None
         return self.trace / self.norm2
+
+
+def weights_in_sync(model):
+    """True when all ranks hold the same weights, as averaged gradients guarantee (a
+    check of the allreduce, run at the end of training)."""
+    fingerprint = tf.stack([tf.reduce_sum(tf.cast(v, tf.float64)) for v in model.weights])
+    everyone = hvd.allgather(fingerprint[tf.newaxis], name="weights_fingerprint")
+    return bool(tf.reduce_all(everyone == everyone[0]))

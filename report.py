@@ -14,10 +14,9 @@ import os
 import tf_env  # noqa: F401  (before TensorFlow)
 from absl import app, flags
 import matplotlib
+import tensorflow as tf
 
-matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from plots import plt, save
 
 flags.DEFINE_string("model_dir", None, "A train_mcnn.py --model_dir to plot.")
 flags.DEFINE_list("benchmarks", [], "benchmark.py JSON files to plot.")
@@ -96,13 +95,6 @@ def plot_memory(benchmarks, path):
     ax.grid(alpha=0.3)
     ax.legend()
     save(figure, path)
-
-
-def save(figure, path):
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    print(f"wrote {path}")
 
 
 def main(argv):

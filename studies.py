@@ -24,13 +24,10 @@ import pandas as pd
 
 import tf_env  # noqa: F401  (before TensorFlow)
 from absl import app, flags
-import matplotlib
 
-matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
-
-import lr_schedule  # noqa: E402
-import time_to_accuracy  # noqa: E402
+import lr_schedule
+from plots import plt, save
+import time_to_accuracy
 
 flags.DEFINE_list("recipe_dirs", [], "Folders of time-to-accuracy runs, one per recipe "
                   "(benchmark.py --parts=time_to_accuracy --model_dir=FOLDER).")
@@ -229,13 +226,6 @@ def plot_batch_study(table, best, fitted, path):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     save(figure, path)
-
-
-def save(figure, path):
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    print(f"wrote {path}")
 
 
 def main(argv):

@@ -74,14 +74,11 @@ def read_pages(path):
     """All channel pages of the TIFF at `path`, as (pages, H, W), exactly as stored."""
     with tifffile.TiffFile(path) as tiff:
         series = tiff.series[0]
-        page_axis(series)  # refuses more than one axis besides rows and columns
-        kept = [(axis, size) for axis, size in zip(series.axes, series.shape)
-                if axis in "YX" or size > 1]
-        pixels = series.asarray().reshape([size for _, size in kept])
-    if pixels.ndim == 2:
-        return pixels[np.newaxis]
-    return np.moveaxis(pixels, [axis for axis, _ in kept].index(
-        next(axis for axis, _ in kept if axis not in "YX")), 0)
+        axis = page_axis(series)
+        pixels = series.asarray()
+    height, width = (series.shape[series.axes.index(side)] for side in "YX")
+    pages = pixels if axis is None else np.moveaxis(pixels, axis, 0)
+    return pages.reshape(-1, height, width)
 
 
 def file_problem(path, channels=None, given_pages=None):

@@ -137,15 +137,6 @@ def build_model(image_shape, num_classes, input_dtype, standardization=None):
                                  FLAGS.initializer)
 
 
-# ---------------------------------------------------------------- one step
-
-def weights_in_sync(model):
-    """True when all ranks hold the same weights, as averaged gradients guarantee."""
-    fingerprint = tf.stack([tf.reduce_sum(tf.cast(v, tf.float64)) for v in model.weights])
-    everyone = hvd.allgather(fingerprint[tf.newaxis], name="weights_fingerprint")
-    return bool(tf.reduce_all(everyone == everyone[0]))
-
-
 # ---------------------------------------------------------------- the training loop
 
 @dataclasses.dataclass
@@ -347,7 +338,7 @@ def write_summary(run, outcome, start_step, seconds, in_sync):
 def finish(run, outcome, start_step):
     """Rank 0 exports the model and writes the summary; every rank checks the weights."""
     seconds = time.time() - run.started
-    in_sync = weights_in_sync(run.model)
+    in_sync = optimization.weights_in_sync(run.model)
     if hvd.rank() == 0:
         log(f"Held-out results at the end (split: "
             f"{run.manifest.get('split', {}).get('by', 'as given')}): "

@@ -323,6 +323,17 @@ def test_compressed_tiffs_convert_and_train_with_the_pixels_of_uncompressed_ones
         image.tobytes() for image, _, _ in converted[1])
 
 
+def record_twins(data_dir, twin_dir):
+    """[(record, twin's record)] of two data sets of the same fields, split by split in
+    shard order; each split has records, as many in both."""
+    pairs = []
+    for split in ("train", "eval"):
+        twins = [records(folder, split) for folder in (data_dir, twin_dir)]
+        assert len(twins[0]) == len(twins[1]) > 0
+        pairs += zip(*twins)
+    return pairs
+
+
 def loaddata_twin(screen, path):
     """The screen's image table as a CellProfiler LoadData CSV: absolute PathName_ columns,
     Metadata_ columns, ImageNumber; written to `path`."""
@@ -348,14 +359,12 @@ def test_a_cellprofiler_loaddata_table_converts_to_the_shards_of_its_bbbc021_twi
     subprocess.run([*command, f"--output_dir={tmp_path / 'loaddata'}"], cwd=ROOT, check=True,
                    capture_output=True, timeout=300)
     convert(screen, tmp_path / "bbbc021", include_control=True)
-    for split in ("train", "eval"):
-        twins = [records(tmp_path / name, split) for name in ("loaddata", "bbbc021")]
-        assert len(twins[0]) == len(twins[1]) > 0
-        for (image, label, where), (twin_image, twin_label, twin_where) in zip(*twins):
-            np.testing.assert_array_equal(image, twin_image)
-            assert label == twin_label and where["file"] == str(screen / "images" / twin_where["file"])
-            assert {k: v for k, v in where.items() if k != "file"} == {
-                k: v for k, v in twin_where.items() if k != "file"}
+    for (image, label, where), (twin_image, twin_label, twin_where) in record_twins(
+            tmp_path / "loaddata", tmp_path / "bbbc021"):
+        np.testing.assert_array_equal(image, twin_image)
+        assert label == twin_label and where["file"] == str(screen / "images" / twin_where["file"])
+        assert {k: v for k, v in where.items() if k != "file"} == {
+            k: v for k, v in twin_where.items() if k != "file"}
 
     pd.read_csv(loaddata).drop(columns="Metadata_Compound").to_csv(loaddata, index=False)
     refused = subprocess.run([*command, f"--output_dir={tmp_path / 'none'}"], cwd=ROOT,
@@ -410,12 +419,10 @@ def test_one_file_per_field_converts_to_the_shards_of_one_file_per_channel(
                        channel_pages=channel_pages)
     assert manifest["channel_pages"] == channel_pages
     convert(screen, tmp_path / "files", include_control=True)
-    for split in ("train", "eval"):
-        twins = [records(tmp_path / name, split) for name in ("pages", "files")]
-        assert len(twins[0]) == len(twins[1]) > 0
-        for (image, label, where), (twin_image, twin_label, twin_where) in zip(*twins):
-            np.testing.assert_array_equal(image, twin_image)
-            assert (label, where["table_row"]) == (twin_label, twin_where["table_row"])
+    for (image, label, where), (twin_image, twin_label, twin_where) in record_twins(
+            tmp_path / "pages", tmp_path / "files"):
+        np.testing.assert_array_equal(image, twin_image)
+        assert (label, where["table_row"]) == (twin_label, twin_where["table_row"])
 
 
 def test_a_file_that_does_not_hold_the_channels_is_refused_before_work(screen, tmp_path):
