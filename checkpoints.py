@@ -21,6 +21,7 @@ import tensorflow as tf
 
 import data_pipeline
 import errors
+import illumination
 import mcnn_model
 from run_log import log
 
@@ -38,7 +39,7 @@ FLAGS = flags.FLAGS
 
 # What a run leaves in its model dir besides flags.txt; --overwrite deletes them.
 RUN_OUTPUTS = (mcnn_model.CHECKPOINTS, mcnn_model.SAVED_MODEL, mcnn_model.DATA_MANIFEST,
-               "tensorboard", "evaluation", "summary.json")
+               illumination.ILLUMINATION_DIR, "tensorboard", "evaluation", "summary.json")
 
 
 @flags.multi_flags_validator(["resume", "overwrite"],
@@ -96,9 +97,11 @@ def data_the_weights_fit(data_manifest):
 
 
 def pixels_of(data_manifest):
-    """Where a run's fields come from and how their pixels are scaled: the sources (the
-    tables and their checksums, or the folder) and the intensity ranges."""
+    """Where a run's fields come from and how their pixels are corrected and scaled:
+    the sources (the tables and their checksums, or the folder), the illumination
+    correction and the intensity ranges."""
     return {"sources": data_manifest.get("sources", data_manifest.get("source")),
+            "illumination": illumination.settings(data_manifest.get("illumination")),
             "intensity": data_manifest.get("intensity")}
 
 
@@ -117,7 +120,9 @@ def check_same_data(model_dir, data_manifest):
                    for key in here if there[key] != here[key]]
     if not differences and not FLAGS.resume_with_other_data:
         there, here = pixels_of(recorded), pixels_of(data_manifest)
-        differences = [f"other {key} ({here[key] if key == 'sources' else 'other ranges'})"
+        said = {"sources": here["sources"], "illumination": "other functions",
+                "intensity": "other ranges"}
+        differences = [f"other {key} ({said[key]})"
                        for key in here if there[key] != here[key]]
         if differences:
             raise app.UsageError(

@@ -24,8 +24,8 @@ import tf_env  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
 
 import errors
+import illumination
 import plates
-import tiffs
 
 MANIFEST = "manifest.json"
 FORMAT = "mcnn-tfrecord-v1"
@@ -202,7 +202,8 @@ def read_manifest(data_dir):
             if os.path.getsize(shard) == 0:
                 raise errors.InputError(f"{shard} is empty, but {path} lists it in split "
                                         f"{split!r}")
-    return {**manifest, "source": data_dir}
+    return {**manifest, "source": data_dir,
+            "illumination": illumination.load(manifest.get("illumination"), data_dir)}
 
 
 def split_files(manifest, split, rank=0, num_ranks=1):
@@ -377,9 +378,9 @@ def augmented_batches(ds, feed):
 
 def make_tiff_dataset(fields, manifest, feed):
     """Like make_dataset, but straight from plates: `fields` (plates.prepare_fields rows)
-    are read from their TIFFs, binned and scaled inside tf.data with the manifest's
-    channels, bin, intensity ranges, classes and dtype. No conversion step, at the cost of decoding
-    TIFFs every epoch."""
+    are read from their TIFFs, binned, corrected and scaled inside tf.data with the
+    manifest's channels, bin, illumination functions, intensity ranges, classes and
+    dtype. No conversion step, at the cost of decoding TIFFs every epoch."""
     mine = fields.iloc[feed.rank::feed.num_ranks]
     if mine.empty:
         raise ValueError(f"{len(fields)} fields for {feed.num_ranks} ranks: rank {feed.rank} "
@@ -388,10 +389,8 @@ def make_tiff_dataset(fields, manifest, feed):
     class_index = {name: i for i, name in enumerate(manifest["classes"])}
 
     def load(paths, pages, plate, row):
-        image = tiffs.read_field([(p.decode(), int(k)) for p, k in zip(paths, pages)],
-                                  int(row), manifest.get("bin", 1), shape)
-        return plates.scale_to(image, plates.ranges_for(plate.decode(), manifest["intensity"]),
-                               np.dtype(dtype))
+        return plates.prepared_field([(p.decode(), int(k)) for p, k in zip(paths, pages)],
+                                     int(row), plate.decode(), manifest, dtype)
 
     def read(columns):
         image = tf.numpy_function(load, [columns["paths"], columns["pages"], columns["plate"],

@@ -24,6 +24,7 @@ import tf_keras
 
 import data_pipeline
 import errors
+import illumination
 import plates
 import run_log
 
@@ -252,19 +253,22 @@ def mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute, s
 
 def record_data(model_dir, data_manifest):
     """Writes the manifest of a run's training data (classes, channels, field size,
-    binning, intensity ranges, and the input_standardization the model was built with),
-    which prediction and a resumed run need, with the padding the model applies;
-    atomically."""
+    binning, illumination functions (as images in the model dir), intensity ranges,
+    and the input_standardization the model was built with), which prediction and a
+    resumed run need, with the padding the model applies; atomically."""
     height, width = data_manifest["image_shape"][:2]
     record = {**data_manifest, "padded_to": list(padded_size(height, width)),
-              "padding": [list(sides) for sides in padding(height, width)]}
+              "padding": [list(sides) for sides in padding(height, width)],
+              "illumination": illumination.save(data_manifest.get("illumination"), model_dir,
+                                                data_manifest.get("channels", []))}
     run_log.write_json(os.path.join(model_dir, DATA_MANIFEST), record)
 
 
 def describe_input(data_manifest):
     """What happens to the data's fields before the columns, in words: binning,
-    padding, standardization."""
+    illumination correction, padding, standardization."""
     return [note for note in (plates.describe_binning(data_manifest),
+                              illumination.describe(data_manifest.get("illumination")),
                               describe_padding(*data_manifest["image_shape"][:2]),
                               describe_standardization(data_manifest)) if note]
 
@@ -333,6 +337,7 @@ def load_trained(model_dir, precision="float32", say=print):
     except (OSError, ValueError) as error:
         raise errors.InputError(f"cannot read {manifest_path} ({error}): is {model_dir} the "
                                 f"--model_dir of a train_mcnn.py run?") from None
+    manifest["illumination"] = illumination.load(manifest.get("illumination"), model_dir)
     model = build_mcnn(tuple(manifest["image_shape"]), len(manifest["classes"]),
                        input_dtype=manifest["dtype"], precision=precision,
                        standardization=manifest.get("input_standardization"))

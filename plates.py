@@ -3,8 +3,9 @@ and a plate folder per channel, or one file per field), in BBBC021's or CellProf
 layout, and an MoA table of treatments.
 
 Joins fields to their mechanism of action, divides them into train and held-out
-splits (splits.py), checks and reads their TIFFs (tiffs.py), finds each plate's
-intensity ranges and scales fields with them. The converter (prepare_data.py),
+splits (splits.py), checks and reads their TIFFs (tiffs.py), corrects their illumination
+where asked (illumination.py), finds each plate's intensity ranges and scales fields
+with them. The converter (prepare_data.py),
 training straight from TIFFs (data_pipeline.py) and prediction (predict.py) all read
 plates here.
 """
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from errors import InputError
+import illumination
 import splits
 import tiffs
 
@@ -131,26 +133,53 @@ def report_unmatched_moa_rows(moas, keys, fields, moa_table):
           f"{'; '.join(listing)}", file=sys.stderr)
 
 
-def channel_percentiles(fields, channels, percentiles, sample_fields, seed, binning=1):
-    """[[low, high] per channel] over up to `sample_fields` fields (pixels subsampled 4x4)."""
+def corrected_field(planes, table_row, plate, binning=1, correction=None, shape=None):
+    """One field (H, W, C): its planes (tiffs.field_planes) read and binned
+    (tiffs.read_field, which refuses another `shape`) and, with `correction` (an
+    illumination.estimate), divided by its plate's illumination function."""
+    field = tiffs.read_field(planes, table_row, binning, shape)
+    return illumination.correct(field, plate, correction) if correction else field
+
+
+def field_reader(channels, binning=1, correction=None):
+    """read(row): the corrected_field of a read_fields row."""
+    return lambda row: corrected_field(tiffs.field_planes(row, channels), row["table_row"],
+                                       row["plate"], binning, correction)
+
+
+def prepared_field(planes, table_row, plate, data, dtype):
+    """A field as it is trained on and predicted: read, binned and corrected as `data`
+    (a data set's description or manifest) says, and scaled to `dtype` with its
+    plate's intensity ranges."""
+    field = corrected_field(planes, table_row, plate, data.get("bin", 1),
+                            data.get("illumination"), data["image_shape"])
+    return scale_to(field, ranges_for(plate, data["intensity"]), np.dtype(dtype))
+
+
+def sampled_pixels(fields, read, sample_fields, seed):
+    """(pixels, channels) of up to `sample_fields` of `fields`, each `read`
+    (field_reader) and subsampled 4 x 4."""
     rng = np.random.default_rng(seed)
     chosen = fields.iloc[sorted(rng.permutation(len(fields))[:sample_fields])]
-    pixels = np.concatenate([
-        tiffs.read_field(tiffs.field_planes(r, channels), r["table_row"], binning)[::4, ::4].reshape(
-            -1, len(channels)) for _, r in chosen.iterrows()])
+    planes = [read(row)[::4, ::4] for _, row in chosen.iterrows()]
+    return np.concatenate([plane.reshape(-1, plane.shape[-1]) for plane in planes])
+
+
+def channel_percentiles(fields, read, percentiles, sample_fields, seed):
+    """[[low, high] per channel] over up to `sample_fields` fields (sampled_pixels)."""
+    pixels = sampled_pixels(fields, read, sample_fields, seed)
     lows = np.percentile(pixels, percentiles[0], axis=0)
     highs = np.percentile(pixels, percentiles[1], axis=0)
     return [[float(lo), float(max(hi, lo + 1))] for lo, hi in zip(lows, highs)]
 
 
-def intensity_ranges(fields, channels, percentiles, scaling, sample_fields, seed, binning=1):
+def intensity_ranges(fields, read, percentiles, scaling, sample_fields, seed):
     """{"all": ranges, "plates": {plate: ranges}} (plates only with per_plate scaling)."""
     ranges = {"scaling": scaling, "percentiles": list(percentiles),
-              "all": channel_percentiles(fields, channels, percentiles, sample_fields * 4, seed,
-                                         binning)}
+              "all": channel_percentiles(fields, read, percentiles, sample_fields * 4, seed)}
     if scaling == "per_plate":
-        ranges["plates"] = {plate: channel_percentiles(members, channels, percentiles,
-                                                       sample_fields, seed, binning)
+        ranges["plates"] = {plate: channel_percentiles(members, read, percentiles,
+                                                       sample_fields, seed)
                             for plate, members in fields.groupby("plate", sort=True)}
     return ranges
 
@@ -166,38 +195,42 @@ def scale_to(image, ranges, dtype):
     return (unit_scale(image, ranges) * np.iinfo(dtype).max + 0.5).astype(dtype)
 
 
-def channel_statistics(fields, channels, intensity, sample_fields, seed, binning=1):
+def channel_statistics(fields, read, intensity, sample_fields, seed):
     """{"mean": [...], "std": [...], "fields": n}: each channel's mean and standard
-    deviation over up to `sample_fields` training fields (pixels subsampled 4 x 4), as
-    scaled for training (unit_scale with their plate's ranges: 0 is the low
-    percentile, 1 the high). The model standardizes its input with them
-    (train_mcnn.py --input_scaling=standardize); held-out fields are not looked at."""
+    deviation over up to `sample_fields` training fields (sampled_pixels), as scaled
+    for training (unit_scale with their plate's ranges: 0 is the low percentile, 1
+    the high). The model standardizes its input with them (train_mcnn.py
+    --input_scaling=standardize); held-out fields are not looked at."""
     train = fields[fields["split"] == "train"]
-    rng = np.random.default_rng(seed)
-    chosen = train.iloc[sorted(rng.permutation(len(train))[:sample_fields])]
-    pixels = np.concatenate([
-        unit_scale(tiffs.read_field(tiffs.field_planes(r, channels), r["table_row"], binning)[::4, ::4],
-                   ranges_for(r["plate"], intensity)).reshape(-1, len(channels))
-        for _, r in chosen.iterrows()])
+    pixels = sampled_pixels(train, lambda row: unit_scale(
+        read(row), ranges_for(row["plate"], intensity)), sample_fields, seed)
     return {"mean": pixels.mean(axis=0, dtype=np.float64).tolist(),
             "std": np.maximum(pixels.std(axis=0, dtype=np.float64), 1e-3).tolist(),
-            "fields": len(chosen)}
+            "fields": min(len(train), sample_fields)}
 
 
-def with_new_plates(intensity, fields, channels, sample_fields=8, seed=0, binning=1):
-    """(intensity, new plates): a run's recorded intensity ranges (a manifest's), with
-    ranges for the plates of `fields` it has none for, found from their own pixels as
-    prepare_fields finds a plate's. A plate imaged brighter or dimmer than the training
-    plates is scaled as they were, not by their pooled ranges. Per-channel scaling
-    (one range for all plates) is kept as it is."""
-    known = intensity.get("plates", {})
-    new = sorted(set(fields["plate"]) - set(known))
-    if intensity.get("scaling") != "per_plate" or not new:
-        return intensity, []
-    own = {plate: channel_percentiles(fields[fields["plate"] == plate], channels,
-                                      intensity["percentiles"], sample_fields, seed, binning)
-           for plate in new}
-    return {**intensity, "plates": {**known, **own}}, new
+def with_new_plates(data, fields, sample_fields=8, seed=0):
+    """(data, new plates): a run's data description (a manifest) with illumination
+    functions and intensity ranges for the plates of `fields` it has none for,
+    found from their own pixels as prepare_fields finds a plate's. A plate imaged
+    brighter or dimmer, or under other light, than the training plates is corrected
+    and scaled as they were, not by theirs. Per-channel scaling (one range for all
+    plates) is kept as it is."""
+    intensity, correction = data["intensity"], data.get("illumination")
+    channels, binning = data["channels"], data.get("bin", 1)
+    lit = []
+    if correction:
+        correction, lit = illumination.with_new_plates(correction, fields, channels, binning)
+    unranged = []
+    if intensity.get("scaling") == "per_plate":
+        unranged = sorted(set(fields["plate"]) - set(intensity["plates"]))
+        read = field_reader(channels, binning, correction)
+        intensity = {**intensity, "plates": {**intensity["plates"], **{
+            plate: channel_percentiles(fields[fields["plate"] == plate], read,
+                                       intensity["percentiles"], sample_fields, seed)
+            for plate in unranged}}}
+    return ({**data, "intensity": intensity, "illumination": correction},
+            sorted(set(lit) | set(unranged)))
 
 
 def ranges_for(plate, intensity):
@@ -208,15 +241,20 @@ def ranges_for(plate, intensity):
 def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS, columns=None,
                    split="compound", eval_fraction=0.2, include_control=False, control="DMSO",
                    missing_moa="skip", scaling="per_plate", percentiles=(0.1, 99.9),
-                   range_sample_fields=8, binning=1, channel_pages=None, seed=0):
+                   range_sample_fields=8, binning=1, channel_pages=None, illumination_method="none",
+                   illumination_sigma=0.0, illumination_fields=0, seed=0):
     """(fields with their split, the data's description for its manifest: classes,
-    channels, image_shape as trained on, field_shape as stored, bin, intensity,
-    channel_statistics)."""
+    channels, image_shape as trained on, field_shape as stored, bin, illumination
+    (illumination.estimate with functions, or None), intensity, channel_statistics).
+    Raises InputError naming the table, row, file or argument at fault."""
     if not channels:
         raise InputError("no channels: --channels names the image table's channels, "
                          "at least one (for BBBC021: DAPI,Tubulin,Actin)")
     if binning < 1:
         raise InputError(f"--bin={binning}: the bin is at least 1 (1: no binning)")
+    if illumination_method not in illumination.METHODS:
+        raise InputError(f"--illumination={illumination_method}: one of "
+                         f"{', '.join(illumination.METHODS)}")
     fields = read_fields(image_table, image_root, list(channels),
                          {**DEFAULT_COLUMNS, **(columns or {})}, moa_table, control,
                          include_control, missing_moa)
@@ -233,15 +271,18 @@ def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS
     if min(height, width) < binning:
         raise InputError(f"{image_table} row {first['table_row']}: {height} x {width} fields are "
                          f"smaller than one bin of --bin={binning}")
-    intensity = intensity_ranges(fields, list(channels), percentiles, scaling,
-                                 range_sample_fields, seed, binning)
+    correction = None if illumination_method == "none" else illumination.estimate(
+        fields, list(channels), binning, illumination_sigma, illumination_fields, seed)
+    read = field_reader(list(channels), binning, correction)
+    intensity = intensity_ranges(fields, read, percentiles, scaling, range_sample_fields, seed)
     return fields, {
         "classes": sorted(fields["moa"].unique()), "channels": list(channels),
         "image_shape": [height // binning, width // binning, len(channels)],
-        "field_shape": [int(height), int(width)], "bin": binning, "intensity": intensity,
-        "classes_split_by_field": by_field, "channel_pages": channel_pages or None,
-        "channel_statistics": channel_statistics(fields, list(channels), intensity,
-                                                 range_sample_fields * 4, seed, binning)}
+        "field_shape": [int(height), int(width)], "bin": binning, "illumination": correction,
+        "intensity": intensity, "classes_split_by_field": by_field,
+        "channel_pages": channel_pages or None,
+        "channel_statistics": channel_statistics(fields, read, intensity,
+                                                 range_sample_fields * 4, seed)}
 
 
 def describe_binning(data):
@@ -322,6 +363,14 @@ def define_conversion_flags(flags):
     flags.DEFINE_integer("range_sample_fields", 8, "Fields per plate read to find the ranges.")
     flags.DEFINE_integer("bin", 1, "Average each N x N block of pixels (2: 2160 x 2160 fields "
                          "train as 1080 x 1080, at about a quarter of the compute).", lower_bound=1)
+    flags.DEFINE_enum("illumination", "none", illumination.METHODS, "per_plate: divide each "
+                      "field by its plate's illumination function per channel (CellProfiler's "
+                      "recipe: the mean of the plate's fields, Gaussian-smoothed, mean 1), "
+                      "saved as images beside the data set and with the model.")
+    flags.DEFINE_float("illumination_sigma", 0.0, "The smoothing Gaussian's sigma in pixels "
+                       "of the (binned) field; 0: an eighth of its shorter side.", lower_bound=0)
+    flags.DEFINE_integer("illumination_fields", 0, "Fields averaged per plate (a random "
+                         "sample); 0: all of them, as CellProfiler does.", lower_bound=0)
 
 
 def conversion_options(FLAGS):
@@ -333,4 +382,7 @@ def conversion_options(FLAGS):
                 control=FLAGS.control_moa, missing_moa=FLAGS.missing_moa,
                 scaling=FLAGS.scaling, percentiles=[float(p) for p in FLAGS.percentiles],
                 range_sample_fields=FLAGS.range_sample_fields, binning=FLAGS.bin,
-                channel_pages=[int(p) for p in FLAGS.channel_pages])
+                channel_pages=[int(p) for p in FLAGS.channel_pages],
+                illumination_method=FLAGS.illumination,
+                illumination_sigma=FLAGS.illumination_sigma,
+                illumination_fields=FLAGS.illumination_fields)

@@ -8,9 +8,9 @@ Writes one row per field (plate, well, compound, concentration, predicted MoA, t
 probability of each class) to --output, and one row per treatment (majority vote
 of its fields, mean probabilities) beside it as *_treatments.csv; a field is named
 by its image-table line (table_row) and first channel's file. TIFFs are binned as
-the training data was, and scaled with the intensity ranges recorded for their
-plate, or, for a plate not seen in training, with its own (as the conversion finds
-them); the model pads fields itself. Launched with
+the training data was, corrected by the illumination function and scaled with the
+intensity ranges recorded for their plate, or, for a plate not seen in training, by
+its own (as the conversion finds them); the model pads fields itself. Launched with
 several ranks (./launch train --program predict.py -- ...), each predicts its share.
 """
 import os
@@ -52,22 +52,20 @@ def table_batches(manifest):
                                 plates.table_columns(FLAGS))
     fields = tiffs.check_files(fields, channels, FLAGS.image_table, [
         int(p) for p in FLAGS.channel_pages] or manifest.get("channel_pages"))
-    intensity, new = plates.with_new_plates(manifest["intensity"], fields, channels,
-                                            binning=manifest.get("bin", 1))
+    data, new = plates.with_new_plates(manifest, fields)
     if new:
+        own = " illumination functions and" if data.get("illumination") else ""
         log(f"{len(new)} plate(s) not seen in training ({', '.join(new[:5])}"
-            f"{', ...' if len(new) > 5 else ''}) scaled by their own intensity ranges (percentiles "
-            f"{intensity['percentiles']} of up to 8 fields each), as the conversion scales "
-            f"each plate; the others by the ranges recorded in training")
+            f"{', ...' if len(new) > 5 else ''}) corrected and scaled by their own{own} "
+            f"intensity ranges (percentiles {data['intensity']['percentiles']} of up to 8 "
+            f"fields each), as the conversion does each plate; the others by those recorded "
+            f"in training")
     mine = fields.iloc[hvd.rank()::hvd.size()]
-    dtype = np.dtype(manifest["dtype"])
     for start in range(0, len(mine), FLAGS.batch_size):
         rows = mine.iloc[start:start + FLAGS.batch_size]
-        images = [plates.scale_to(
-            tiffs.read_field(tiffs.field_planes(row, channels), row["table_row"],
-                              manifest.get("bin", 1), manifest["image_shape"]),
-            plates.ranges_for(row["plate"], intensity), dtype)
-            for _, row in rows.iterrows()]
+        images = [plates.prepared_field(tiffs.field_planes(row, channels), row["table_row"],
+                                        row["plate"], data, manifest["dtype"])
+                  for _, row in rows.iterrows()]
         yield np.stack(images), rows[PROVENANCE].reset_index(drop=True)
 
 

@@ -8,9 +8,11 @@ plate folder (root / PathName / FileName); --table_layout=cellprofiler reads
 CellProfiler's LoadData CSVs (FileName_<channel>, PathName_<channel>, absolute or
 under --image_root, Metadata_Plate, ...). The MoA table gives the mechanism of
 action of each treatment (compound, concentration). Fields of annotated treatments
-are read exactly (8- or 16-bit), stacked in --channels order, scaled to --dtype
-with robust per-plate (or per-channel) percentiles and written as shards, with a
-manifest and fields.csv saying which split each field went to. The output appears
+are read exactly (8- or 16-bit), stacked in --channels order, divided by their
+plate's illumination function where --illumination=per_plate (illumination.py; the
+functions are saved as images in the data set's illumination/ folder), scaled to
+--dtype with robust per-plate (or per-channel) percentiles and written as shards,
+with a manifest and fields.csv saying which split each field went to. The output appears
 only when complete; a rerun with the same inputs and flags resumes where it stopped.
 """
 import concurrent.futures
@@ -22,6 +24,7 @@ import time
 
 import data_pipeline
 import errors
+import illumination
 import plates
 import tiffs
 
@@ -52,11 +55,9 @@ def write_shard(path, rows, data, dtype, class_index):
     `data` is the description of plates.prepare_fields."""
     def examples():
         for row in rows:
-            image = tiffs.read_field(tiffs.field_planes(row, data["channels"]), row["table_row"],
-                                      data["bin"], data["image_shape"])
-            scaled = plates.scale_to(image, plates.ranges_for(row["plate"], data["intensity"]),
-                                     dtype)
-            yield scaled, class_index[row["moa"]], {
+            image = plates.prepared_field(tiffs.field_planes(row, data["channels"]),
+                                          row["table_row"], row["plate"], data, dtype)
+            yield image, class_index[row["moa"]], {
                 k: str(row[k]) for k in data_pipeline.TEXT_FIELDS}
 
     data_pipeline.write_shard(path, examples())
@@ -71,6 +72,7 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
             columns=None, split="compound", eval_fraction=0.2, include_control=False,
             control="DMSO", missing_moa="skip", dtype="uint8", scaling="per_plate",
             percentiles=(0.1, 99.9), range_sample_fields=8, binning=1, channel_pages=None,
+            illumination_method="none", illumination_sigma=0.0, illumination_fields=0,
             images_per_shard=16, seed=0, workers=None, progress=print):
     """Converts plates to a data set in `output_dir`; returns its manifest."""
     columns = {**plates.DEFAULT_COLUMNS, **(columns or {})}
@@ -81,14 +83,14 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
     fields, data = plates.prepare_fields(
         image_table, moa_table, image_root, channels, columns, split, eval_fraction,
         include_control, control, missing_moa, scaling, percentiles, range_sample_fields,
-        binning, channel_pages, seed)
+        binning, channel_pages, illumination_method, illumination_sigma, illumination_fields, seed)
     classes = data["classes"]
     sources = {"image_table": file_sha256(image_table), "moa_table": file_sha256(moa_table)}
     staging = f"{os.path.abspath(output_dir)}.partial-" + fingerprint(
         sources=sources, image_root=os.path.abspath(image_root), channels=channels,
         columns=columns, split=split, eval_fraction=eval_fraction, control=control,
         include_control=include_control, dtype=dtype, intensity=data["intensity"],
-        channel_pages=channel_pages,
+        illumination=illumination.settings(data["illumination"]), channel_pages=channel_pages,
         binning=binning, images_per_shard=images_per_shard, seed=seed)
     plan = shard_plan(fields, images_per_shard)
     fields["shard"] = ""
@@ -100,13 +102,15 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
     class_index = {name: i for i, name in enumerate(classes)}
     try:
         os.makedirs(staging, exist_ok=True)
+        recorded_illumination = illumination.save(data["illumination"], staging, channels)
     except OSError as error:
         raise cannot_write(staging, error) from None
     write_shards(todo, fields, staging, data, dtype, class_index,
                  workers or len(os.sched_getaffinity(0)), progress)
 
     manifest = {
-        "format": data_pipeline.FORMAT, **data, "dtype": dtype,
+        "format": data_pipeline.FORMAT, **data, "illumination": recorded_illumination,
+        "dtype": dtype,
         "split": {"by": split, "eval_fraction": eval_fraction, "seed": seed},
         "splits": {side: {
             "files": [n for n, _ in plan if n.startswith(side)],

@@ -56,8 +56,9 @@ BBBC021_NAMES = ("DAPI", "Tubulin", "Actin")  # CHANNELS as the BBBC021 tables n
 IMAGE_TABLE, MOA_TABLE, IMAGES = "BBBC021_v1_image.csv", "BBBC021_v1_moa.csv", "images"
 
 
-def render_field(height, width, phenotype, rng):
-    """One field of view as float32 (height, width, 3) in about [0, 1]."""
+def render_field(height, width, phenotype, rng, even_illumination=False):
+    """One field of view as float32 (height, width, 3) in about [0, 1]; lit as through
+    a microscope (brighter in the middle, tilted), or evenly."""
     scale = np.sqrt(height * width / REFERENCE_AREA)
     p = {k: v * scale if k in ("radius", "nucleus") else v for k, v in phenotype.items()}
     field = np.zeros((height, width, 3), np.float32)
@@ -69,6 +70,8 @@ def render_field(height, width, phenotype, rng):
                          np.linspace(-1, 1, width, dtype=np.float32), indexing="ij")
     tilt = rng.uniform(-0.15, 0.15, size=2)
     illumination = 1.0 - 0.25 * (yy ** 2 + xx ** 2) / 2 + tilt[0] * yy + tilt[1] * xx
+    if even_illumination:
+        illumination = np.ones_like(illumination)
     exposure = rng.uniform(0.75, 1.25, size=3).astype(np.float32)
     field = field * illumination[..., None] * exposure + rng.uniform(0.02, 0.06, size=3)
     field += rng.normal(0.0, 0.025, size=field.shape).astype(np.float32)
@@ -179,10 +182,10 @@ def treated_phenotype(moa, strength, quirk):
             for q, name in zip(quirk, control)}
 
 
-def write_field(root, height, width, field, seed, index):
+def write_field(root, height, width, field, seed, index, even_illumination=False):
     """Renders one field and writes its three 16-bit TIFFs; returns their file names."""
     rng = np.random.default_rng([seed, 1, index])
-    image = render_field(height, width, field["phenotype"], rng)
+    image = render_field(height, width, field["phenotype"], rng, even_illumination)
     plate_gain = 0.8 + 0.1 * (int(field["plate"][-2:]) % 5)  # plates differ in brightness
     pixels = np.clip(300 + image * 12000 * plate_gain, 0, 65535).astype(np.uint16)
     names = []
@@ -194,9 +197,11 @@ def write_field(root, height, width, field, seed, index):
 
 
 def write_screen(output_dir, height, width, num_classes=len(CLASSES), compounds_per_class=3,
-                 fields_per_treatment=4, plates=PLATES, seed=0, workers=None):
+                 fields_per_treatment=4, plates=PLATES, seed=0, workers=None,
+                 even_illumination=False):
     """Writes a screen in the BBBC021 layout: one folder per plate of single-channel
-    16-bit TIFFs, plus BBBC021_v1_image.csv and BBBC021_v1_moa.csv. Atomically."""
+    16-bit TIFFs, plus BBBC021_v1_image.csv and BBBC021_v1_moa.csv. Atomically.
+    even_illumination: every field lit evenly (no vignetting, no tilt)."""
     fields = plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, seed)
     staging = f"{output_dir}.partial-{os.getpid()}"
     for plate in sorted({f["plate"] for f in fields}):
@@ -205,7 +210,7 @@ def write_screen(output_dir, height, width, num_classes=len(CLASSES), compounds_
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         names = list(pool.map(write_field, *zip(*[
-            (os.path.join(staging, IMAGES), height, width, f, seed, i)
+            (os.path.join(staging, IMAGES), height, width, f, seed, i, even_illumination)
             for i, f in enumerate(fields)]), chunksize=4))
     pd.DataFrame([{
         "TableNumber": 1, "ImageNumber": i + 1,

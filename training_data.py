@@ -44,6 +44,7 @@ flags.DEFINE_bool("skip_bad_records", False, "Check every record first and train
 # Or straight from plates (TIFFs + tables), with no conversion step: see prepare_data.py.
 plates.define_conversion_flags(flags)
 FLAGS = flags.FLAGS
+PLATES_ONLY = ("bin", "illumination", "illumination_sigma", "illumination_fields")
 SYNTHETIC_ONLY = ("image_height", "image_width", "synthetic_classes",
                   "synthetic_compounds_per_class", "synthetic_fields_per_treatment")
 
@@ -70,9 +71,12 @@ def open_data(seed):
     """(manifest, batches(split, feed)) for the synthetic screen, a data set or plates."""
     if FLAGS.data_dir and FLAGS.image_table:
         raise app.UsageError("give --data_dir or --image_table, not both")
-    if FLAGS["bin"].present and not FLAGS.image_table:
-        raise app.UsageError("--bin applies to plates read with --image_table; a data set "
-                             "was binned when it was converted (its manifest says how)")
+    given = [name for name in PLATES_ONLY if FLAGS[name].present]
+    if given and not FLAGS.image_table:
+        raise app.UsageError(f"--{', --'.join(given)} appl{'ies' if len(given) == 1 else 'y'} "
+                             f"to plates read with --image_table; "
+                             f"a data set was binned and corrected when it was converted (its "
+                             f"manifest says how)")
     if FLAGS.image_table:
         return open_plates(seed)
     if FLAGS.data_dir:

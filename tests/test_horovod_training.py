@@ -117,7 +117,7 @@ def test_a_new_plate_is_scaled_by_its_own_pixels_and_each_field_is_named(two_ran
     result = run([PYTHON, os.path.join(ROOT, "predict.py"), f"--model_dir={model_dir}",
                   f"--output={output}", f"--image_table={screen / 'two_plates.csv'}",
                   f"--image_root={screen / 'images'}"])
-    assert f"1 plate(s) not seen in training ({plate}-dim) scaled by their own" in result.stdout
+    assert f"1 plate(s) not seen in training ({plate}-dim) corrected and scaled by their own" in result.stdout
     fields = pd.read_csv(output)
     assert fields["table_row"].tolist() == list(range(2, 2 + 2 * len(original)))
     assert fields["file"].tolist() == [os.path.join(folder, name) for folder, name in zip(

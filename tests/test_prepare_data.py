@@ -258,12 +258,13 @@ def test_an_existing_data_set_is_not_overwritten(screen, tmp_path):
     assert json.loads((tmp_path / "data" / "manifest.json").read_text())["format"]
 
 
-@pytest.mark.parametrize("binning", [1, 2])
-def test_reading_tiffs_directly_gives_the_pixels_of_the_shards(screen, tmp_path, binning):
+@pytest.mark.parametrize("binning, illumination", [(1, "none"), (2, "none"), (2, "per_plate")])
+def test_reading_tiffs_directly_gives_the_pixels_of_the_shards(screen, tmp_path, binning,
+                                                                illumination):
     options = dict(image_table=str(screen / synthetic_data.IMAGE_TABLE),
                    moa_table=str(screen / synthetic_data.MOA_TABLE),
                    image_root=str(screen / synthetic_data.IMAGES), include_control=True,
-                   binning=binning)
+                   binning=binning, illumination_method=illumination)
     manifest = prepare_data.convert(output_dir=str(tmp_path / "data"), images_per_shard=4,
                                     workers=2, progress=lambda _: None, **options)
     assert manifest["image_shape"] == [128 // binning, 128 // binning, 3]

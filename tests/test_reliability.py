@@ -194,6 +194,8 @@ def test_a_truncated_shard_is_named_or_skipped_and_counted(two_rank_run, tmp_pat
     (["--data_dir=DATA", "--image_height=256"], "apply to synthetic data only"),
     (["--data_dir=DATA", "--image_table=table.csv"], "give --data_dir or --image_table, not both"),
     (["--data_dir=DATA", "--bin=2"], "--bin applies to plates read with --image_table"),
+    (["--data_dir=DATA", "--illumination=per_plate"],
+     "--illumination applies to plates read with --image_table"),
 ])
 def test_bad_flags_are_clear_errors(two_rank_run, tmp_path, flags, message):
     cache = two_rank_run[0].parent / "data"
