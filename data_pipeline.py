@@ -25,7 +25,7 @@ import tensorflow as tf
 
 import errors
 import illumination
-import plates
+import intensity
 
 MANIFEST = "manifest.json"
 FORMAT = "mcnn-tfrecord-v1"
@@ -389,7 +389,7 @@ def make_tiff_dataset(fields, manifest, feed):
     class_index = {name: i for i, name in enumerate(manifest["classes"])}
 
     def load(paths, pages, plate, row):
-        return plates.prepared_field([(p.decode(), int(k)) for p, k in zip(paths, pages)],
+        return intensity.prepared_field([(p.decode(), int(k)) for p, k in zip(paths, pages)],
                                      int(row), plate.decode(), manifest, dtype)
 
     def read(columns):

@@ -1,4 +1,5 @@
-"""Held-out results in the biologists' terms: per field, per MoA class, per treatment.
+"""Held-out results in the biologists' terms: per field, per MoA class, per treatment,
+and NSC / NSCB of the treatments' profiles (profiles.py).
 
 A treatment is one compound at one concentration; its prediction is the majority
 vote of its fields (ties go to the class listed first), as in the MoA literature.
@@ -12,7 +13,10 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-TREATMENT = ["compound", "concentration"]
+import profiles
+
+TREATMENT = profiles.TREATMENT
+NSC_FIGURES = [k for key in profiles.NSC_FIGURES for k in (key, key + "_queries")]
 
 
 def per_class_table(labels, predictions, classes):
@@ -73,8 +77,10 @@ def summarize(fields, classes, split_by_field=()):
     return metrics
 
 
-def write_report(folder, fields, metrics, classes, step=None):
-    """confusion.csv, per_class.csv, treatments.csv, fields.csv and metrics.json."""
+def write_report(folder, fields, metrics, classes, step=None, field_profiles=None):
+    """confusion.csv, per_class.csv, treatments.csv, fields.csv (with each class's
+    probability) and metrics.json; with `field_profiles` (fields x features), also
+    profiles.csv (each field's) and treatment_profiles.csv (each treatment's mean)."""
     os.makedirs(folder, exist_ok=True)
     metrics["confusion"].to_csv(os.path.join(folder, "confusion.csv"))
     metrics["per_class"].to_csv(os.path.join(folder, "per_class.csv"), index=False)
@@ -89,7 +95,17 @@ def write_report(folder, fields, metrics, classes, step=None):
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump({"step": step, **{k: metrics[k] for k in (
             "fields", "accuracy", "treatments", "treatment_accuracy", "split_by_field",
-            "accuracy_by_compound") if k in metrics}}, f, indent=2)
+            "accuracy_by_compound", *NSC_FIGURES) if k in metrics}}, f, indent=2)
+    if field_profiles is not None:
+        tables = profiles.profile_tables(
+            fields.assign(moa=[classes[k] for k in fields["label"]]), field_profiles)
+        for name, table in zip(profiles.PROFILE_CSVS, tables):
+            table.to_csv(os.path.join(folder, name), index=False, float_format="%.6g")
+
+
+def format_nsc(metrics):
+    """'NSC 0.83 (12 held-out treatments), NSCB ..., NSC of all ...', or '' without."""
+    return "; ".join(f"{name} {value}" for name, value in profiles.describe_nsc(metrics))
 
 
 def format_per_class(metrics):
@@ -98,27 +114,91 @@ def format_per_class(metrics):
     by_compound = metrics.get("accuracy_by_compound")
     honest = (f"; without {', '.join(apart)} (split by field): field accuracy "
               + (f"{by_compound:.4f}" if by_compound is not None else "none left")) if apart else ""
+    nsc = f"\n{format_nsc(metrics)}" if "nsc" in metrics else ""
     return (f"field accuracy {metrics['accuracy']:.4f} ({metrics['fields']} fields), "
             f"treatment accuracy {metrics['treatment_accuracy']:.4f} "
-            f"({metrics['treatments']} treatments){honest}\n{table}")
+            f"({metrics['treatments']} treatments){honest}{nsc}\n{table}")
 
 
 def make_predict(model, image_shape, dtype):
+    """predict(images) -> (logits (N, classes), profiles (N, 512)), both float32: the
+    model's output and its profiles.LAYER's."""
+    both = tf.keras.Model(model.inputs, [model.output, model.get_layer(profiles.LAYER).output])
+
     @tf.function(input_signature=[tf.TensorSpec((None, *image_shape), dtype)])
     def predict(images):
-        return tf.argmax(model(images, training=False), axis=-1, output_type=tf.int32)
+        logits, features = both(images, training=False)
+        return tf.cast(logits, tf.float32), tf.cast(features, tf.float32)
     return predict
 
 
-def evaluate(predict, batches, classes, split_by_field=()):
-    """Metrics of the whole held-out split (summarize): each rank predicts its own
-    `batches` (images, labels, provenance), and Horovod gathers every field's result on
-    all ranks."""
-    mine = []
+def predicted_fields(predict, batches, classes, name="fields"):
+    """(fields, profiles) of every rank's `batches` (images, labels, provenance),
+    gathered on all ranks: a frame of label, prediction, p_<class> and provenance per
+    field, and their profiles (fields x features)."""
+    mine, features = [], []
     for images, labels, provenance in batches:
-        columns = {"label": labels.numpy(), "prediction": predict(images).numpy(),
+        logits, profile = predict(images)
+        probabilities = tf.nn.softmax(logits).numpy()
+        columns = {"label": labels.numpy(), "prediction": probabilities.argmax(axis=1),
+                   **{f"p_{c}": probabilities[:, k] for k, c in enumerate(classes)},
                    **{k: [v.decode() for v in provenance[k].numpy()] for k in provenance}}
         mine.append(pd.DataFrame(columns))
-    everyone = hvd.allgather_object(pd.concat(mine) if mine else None, name="eval_fields")
-    fields = pd.concat([part for part in everyone if part is not None], ignore_index=True)
-    return fields, summarize(fields, classes, split_by_field)
+        features.append(profile.numpy())
+    part = (pd.concat(mine), np.concatenate(features)) if mine else None
+    everyone = [p for p in hvd.allgather_object(part, name=name) if p is not None]
+    return (pd.concat([f for f, _ in everyone], ignore_index=True),
+            np.concatenate([p for _, p in everyone]))
+
+
+def nsc_figures(held_out, held_out_profiles, training, training_profiles, classes,
+                control=None, batches=None):
+    """NSC, NSCB and NSC of all treatments (profiles.nsc_metrics) of the held-out fields
+    and the training fields' treatments; `batches`: {plate: batch} where recorded."""
+    fields = pd.concat([held_out.assign(split="eval"), training.assign(split="train")],
+                       ignore_index=True)
+    treatments, means = profiles.treatment_profiles(
+        fields, np.concatenate([held_out_profiles, training_profiles]), batches)
+    return profiles.nsc_metrics(treatments, means,
+                                classes.index(control) if control in classes else None)
+
+
+def evaluate(predict, batches, classes, split_by_field=(), reference=None, control=None,
+             plate_batches=None):
+    """(fields, their profiles, metrics) of the whole held-out split (summarize): each
+    rank predicts its own `batches`, and Horovod gathers every field's result on all
+    ranks. With `reference` (the training split's batches, as `batches`), the metrics
+    have NSC, NSCB and NSC of all treatments too (nsc_figures)."""
+    fields, field_profiles = predicted_fields(predict, batches, classes, "eval_fields")
+    metrics = summarize(fields, classes, split_by_field)
+    if reference is not None:
+        training, training_profiles = predicted_fields(predict, reference, classes,
+                                                       "train_fields")
+        metrics.update(nsc_figures(fields, field_profiles, training, training_profiles,
+                                   classes, control, plate_batches))
+    return fields, field_profiles, metrics
+
+
+def example_fields(predict, batches, num_classes, per_class=4, longest_side=640):
+    """[(image, true, predicted, probability of the prediction)]: up to `per_class`
+    fields of each true class from `batches` (images, labels, provenance), the wrong
+    ones first, up to half; images thinned by a whole stride to `longest_side` or less
+    (for pictures, so that a grid of full-size fields fits in memory)."""
+    right = [[] for _ in range(num_classes)]
+    wrong = [[] for _ in range(num_classes)]
+    for images, labels, _ in batches:
+        logits, _ = predict(images)
+        probabilities = tf.nn.softmax(logits).numpy()
+        stride = max(1, -(-max(images.shape[1:3]) // longest_side))
+        for image, true, p in zip(images.numpy(), labels.numpy(), probabilities):
+            kept = (right if p.argmax() == true else wrong)[true]
+            if len(kept) < per_class:
+                kept.append((image[::stride, ::stride], int(true), int(p.argmax()),
+                             float(p.max())))
+        if all(len(r) + len(w) >= 2 * per_class for r, w in zip(right, wrong)):
+            break
+    chosen = []
+    for r, w in zip(right, wrong):
+        wrong_ones = min(len(w), max(per_class // 2, per_class - len(r)))
+        chosen += w[:wrong_ones] + r[:per_class - wrong_ones]
+    return chosen

@@ -3,11 +3,10 @@ and a plate folder per channel, or one file per field), in BBBC021's or CellProf
 layout, and an MoA table of treatments.
 
 Joins fields to their mechanism of action, divides them into train and held-out
-splits (splits.py), checks and reads their TIFFs (tiffs.py), corrects their illumination
-where asked (illumination.py), finds each plate's intensity ranges and scales fields
-with them. The converter (prepare_data.py),
-training straight from TIFFs (data_pipeline.py) and prediction (predict.py) all read
-plates here.
+splits (splits.py), checks their TIFFs (tiffs.py), estimates their illumination functions
+where asked (illumination.py) and each plate's intensity ranges (intensity.py). The
+converter (prepare_data.py), training straight from TIFFs (data_pipeline.py) and
+prediction (predict.py) all read plates here.
 """
 import os
 import sys
@@ -17,6 +16,7 @@ import pandas as pd
 
 from errors import InputError
 import illumination
+import intensity
 import splits
 import tiffs
 
@@ -44,7 +44,8 @@ def read_fields(image_table, image_root, channels, columns, moa_table=None, cont
                 include_control=False, missing_moa="skip"):
     """One row per field: table_row (its line in the image table, for messages and
     outputs), plate, well, compound, concentration, one path per channel (path_<channel>),
-    file (the first channel's, as the table names it) and, with `moa_table`, moa.
+    file (the first channel's, as the table names it), batch where columns name one,
+    and, with `moa_table`, moa.
     A PathName that is absolute (as CellProfiler writes them) is not under image_root."""
     images = pd.read_csv(image_table, dtype=str, keep_default_na=False)
     flag_of = {columns[k].format(c): f"{k}_column" for k in ("filename", "pathname")
@@ -65,6 +66,10 @@ def read_fields(image_table, image_root, channels, columns, moa_table=None, cont
             os.path.join(image_root or "", folder, name) for folder, name in zip(
                 images[columns["pathname"].format(channel)],
                 images[columns["filename"].format(channel)])]
+    if columns.get("batch"):
+        require_columns(images, [columns["batch"]], image_table,
+                        {columns["batch"]: "batch_column"})
+        fields["batch"] = images[columns["batch"]]
     # A field's identity in outputs: the table's line and its first channel's file.
     first = channels[0]
     fields["file"] = [os.path.join(folder, name) for folder, name in zip(
@@ -133,111 +138,6 @@ def report_unmatched_moa_rows(moas, keys, fields, moa_table):
           f"{'; '.join(listing)}", file=sys.stderr)
 
 
-def corrected_field(planes, table_row, plate, binning=1, correction=None, shape=None):
-    """One field (H, W, C): its planes (tiffs.field_planes) read and binned
-    (tiffs.read_field, which refuses another `shape`) and, with `correction` (an
-    illumination.estimate), divided by its plate's illumination function."""
-    field = tiffs.read_field(planes, table_row, binning, shape)
-    return illumination.correct(field, plate, correction) if correction else field
-
-
-def field_reader(channels, binning=1, correction=None):
-    """read(row): the corrected_field of a read_fields row."""
-    return lambda row: corrected_field(tiffs.field_planes(row, channels), row["table_row"],
-                                       row["plate"], binning, correction)
-
-
-def prepared_field(planes, table_row, plate, data, dtype):
-    """A field as it is trained on and predicted: read, binned and corrected as `data`
-    (a data set's description or manifest) says, and scaled to `dtype` with its
-    plate's intensity ranges."""
-    field = corrected_field(planes, table_row, plate, data.get("bin", 1),
-                            data.get("illumination"), data["image_shape"])
-    return scale_to(field, ranges_for(plate, data["intensity"]), np.dtype(dtype))
-
-
-def sampled_pixels(fields, read, sample_fields, seed):
-    """(pixels, channels) of up to `sample_fields` of `fields`, each `read`
-    (field_reader) and subsampled 4 x 4."""
-    rng = np.random.default_rng(seed)
-    chosen = fields.iloc[sorted(rng.permutation(len(fields))[:sample_fields])]
-    planes = [read(row)[::4, ::4] for _, row in chosen.iterrows()]
-    return np.concatenate([plane.reshape(-1, plane.shape[-1]) for plane in planes])
-
-
-def channel_percentiles(fields, read, percentiles, sample_fields, seed):
-    """[[low, high] per channel] over up to `sample_fields` fields (sampled_pixels)."""
-    pixels = sampled_pixels(fields, read, sample_fields, seed)
-    lows = np.percentile(pixels, percentiles[0], axis=0)
-    highs = np.percentile(pixels, percentiles[1], axis=0)
-    return [[float(lo), float(max(hi, lo + 1))] for lo, hi in zip(lows, highs)]
-
-
-def intensity_ranges(fields, read, percentiles, scaling, sample_fields, seed):
-    """{"all": ranges, "plates": {plate: ranges}} (plates only with per_plate scaling)."""
-    ranges = {"scaling": scaling, "percentiles": list(percentiles),
-              "all": channel_percentiles(fields, read, percentiles, sample_fields * 4, seed)}
-    if scaling == "per_plate":
-        ranges["plates"] = {plate: channel_percentiles(members, read, percentiles,
-                                                       sample_fields, seed)
-                            for plate, members in fields.groupby("plate", sort=True)}
-    return ranges
-
-
-def unit_scale(image, ranges):
-    """Maps each channel's [low, high] to [0, 1] (float32), clipping outside."""
-    low, high = np.asarray(ranges, np.float32).T
-    return np.clip((image.astype(np.float32) - low) / (high - low), 0.0, 1.0)
-
-
-def scale_to(image, ranges, dtype):
-    """Maps each channel's [low, high] to the full range of `dtype`, clipping outside."""
-    return (unit_scale(image, ranges) * np.iinfo(dtype).max + 0.5).astype(dtype)
-
-
-def channel_statistics(fields, read, intensity, sample_fields, seed):
-    """{"mean": [...], "std": [...], "fields": n}: each channel's mean and standard
-    deviation over up to `sample_fields` training fields (sampled_pixels), as scaled
-    for training (unit_scale with their plate's ranges: 0 is the low percentile, 1
-    the high). The model standardizes its input with them (train_mcnn.py
-    --input_scaling=standardize); held-out fields are not looked at."""
-    train = fields[fields["split"] == "train"]
-    pixels = sampled_pixels(train, lambda row: unit_scale(
-        read(row), ranges_for(row["plate"], intensity)), sample_fields, seed)
-    return {"mean": pixels.mean(axis=0, dtype=np.float64).tolist(),
-            "std": np.maximum(pixels.std(axis=0, dtype=np.float64), 1e-3).tolist(),
-            "fields": min(len(train), sample_fields)}
-
-
-def with_new_plates(data, fields, sample_fields=8, seed=0):
-    """(data, new plates): a run's data description (a manifest) with illumination
-    functions and intensity ranges for the plates of `fields` it has none for,
-    found from their own pixels as prepare_fields finds a plate's. A plate imaged
-    brighter or dimmer, or under other light, than the training plates is corrected
-    and scaled as they were, not by theirs. Per-channel scaling (one range for all
-    plates) is kept as it is."""
-    intensity, correction = data["intensity"], data.get("illumination")
-    channels, binning = data["channels"], data.get("bin", 1)
-    lit = []
-    if correction:
-        correction, lit = illumination.with_new_plates(correction, fields, channels, binning)
-    unranged = []
-    if intensity.get("scaling") == "per_plate":
-        unranged = sorted(set(fields["plate"]) - set(intensity["plates"]))
-        read = field_reader(channels, binning, correction)
-        intensity = {**intensity, "plates": {**intensity["plates"], **{
-            plate: channel_percentiles(fields[fields["plate"] == plate], read,
-                                       intensity["percentiles"], sample_fields, seed)
-            for plate in unranged}}}
-    return ({**data, "intensity": intensity, "illumination": correction},
-            sorted(set(lit) | set(unranged)))
-
-
-def ranges_for(plate, intensity):
-    """The ranges a field of `plate` is scaled with (the overall ones for unseen plates)."""
-    return intensity.get("plates", {}).get(plate, intensity["all"])
-
-
 def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS, columns=None,
                    split="compound", eval_fraction=0.2, include_control=False, control="DMSO",
                    missing_moa="skip", scaling="per_plate", percentiles=(0.1, 99.9),
@@ -273,16 +173,32 @@ def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS
                          f"smaller than one bin of --bin={binning}")
     correction = None if illumination_method == "none" else illumination.estimate(
         fields, list(channels), binning, illumination_sigma, illumination_fields, seed)
-    read = field_reader(list(channels), binning, correction)
-    intensity = intensity_ranges(fields, read, percentiles, scaling, range_sample_fields, seed)
+    read = intensity.field_reader(list(channels), binning, correction)
+    ranges = intensity.intensity_ranges(fields, read, percentiles, scaling, range_sample_fields,
+                                        seed)
     return fields, {
         "classes": sorted(fields["moa"].unique()), "channels": list(channels),
+        "control": control, "plate_batches": plate_batches(fields, image_table),
         "image_shape": [height // binning, width // binning, len(channels)],
         "field_shape": [int(height), int(width)], "bin": binning, "illumination": correction,
-        "intensity": intensity, "classes_split_by_field": by_field,
+        "intensity": ranges, "classes_split_by_field": by_field,
         "channel_pages": channel_pages or None,
-        "channel_statistics": channel_statistics(fields, read, intensity,
-                                                 range_sample_fields * 4, seed)}
+        "channel_statistics": intensity.channel_statistics(fields, read, ranges,
+                                                           range_sample_fields * 4, seed)}
+
+
+def plate_batches(fields, image_table):
+    """{plate: batch} from the fields' batch column, or None without one. Raises
+    InputError naming a plate the table puts in more than one batch."""
+    if "batch" not in fields:
+        return None
+    batches = fields.groupby("plate", sort=True)["batch"].unique()
+    for plate, names in batches.items():
+        if len(names) > 1:
+            raise InputError(f"{image_table}: plate {plate} is in batches "
+                             f"{', '.join(sorted(names))} (--batch_column): a plate is "
+                             f"imaged in one batch")
+    return {plate: names[0] for plate, names in batches.items()}
 
 
 def describe_binning(data):
@@ -302,6 +218,7 @@ DEFAULT_COLUMNS = {
     "compound": "Image_Metadata_Compound", "concentration": "Image_Metadata_Concentration",
     "plate": "Image_Metadata_Plate_DAPI", "well": "Image_Metadata_Well_DAPI",
     "moa_compound": "compound", "moa_concentration": "concentration", "moa": "moa",
+    "batch": "",  # none: NSCB's batch is the plate's week (profiles.batch_of)
 }
 # Image-table layouts (--table_layout): the columns of the public BBBC021 tables, or of
 # the CSV that CellProfiler's LoadData module reads (its compound and concentration
@@ -332,9 +249,12 @@ def define_table_flags(flags):
                       "--filename_column without {}): the page of each of --channels, where "
                       "the files do not name their channels (OME-TIFF, ImageJ labels do).")
     for key, default in DEFAULT_COLUMNS.items():
-        if not key.startswith("moa"):
+        if not key.startswith("moa") and key != "batch":
             flags.DEFINE_string(f"{key}_column", default, f"Image table column: {key}"
                                 + (" ({} is the channel)" if "{}" in default else "") + ".")
+    flags.DEFINE_string("batch_column", "", "Image table column of each plate's batch, "
+                        "which NSCB keeps apart; default: the week of a BBBC021 plate name "
+                        "(Week4_27481: Week4), else the plate.")
 
 
 def table_columns(FLAGS):

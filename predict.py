@@ -6,8 +6,9 @@
 
 Writes one row per field (plate, well, compound, concentration, predicted MoA, the
 probability of each class) to --output, and one row per treatment (majority vote
-of its fields, mean probabilities) beside it as *_treatments.csv; a field is named
-by its image-table line (table_row) and first channel's file. TIFFs are binned as
+of its fields, mean probabilities) beside it as *_treatments.csv, and with --profiles
+each field's and treatment's profile (profiles.py); a field is named by its
+image-table line (table_row) and first channel's file. TIFFs are binned as
 the training data was, corrected by the illumination function and scaled with the
 intensity ranges recorded for their plate, or, for a plate not seen in training, by
 its own (as the conversion finds them); the model pads fields itself. Launched with
@@ -24,8 +25,11 @@ import tensorflow as tf
 
 import data_pipeline
 import errors
+import evaluation
+import intensity
 import mcnn_model
 import plates
+import profiles
 import tiffs
 from run_log import log
 
@@ -35,6 +39,9 @@ flags.DEFINE_string("split", "eval", "With --data_dir: the split to predict.")
 flags.DEFINE_string("output", None, "CSV to write, one row per field.")
 flags.DEFINE_integer("batch_size", 4, "Fields per forward pass per rank.")
 flags.DEFINE_string("model_dir", None, "The --model_dir of a train_mcnn.py run.")
+flags.DEFINE_bool("profiles", False, "Also write each field's profile (the fc_512 layer's "
+                  "512 values, which the classifier reads) and each treatment's mean, "
+                  "beside --output as *_profiles.csv and *_treatment_profiles.csv.")
 flags.DEFINE_enum("precision", "auto", tf_env.PRECISIONS,
                   "Compute precision, whatever the model was trained in; auto: "
                   "mixed_bfloat16 where the CPU has native bf16.")
@@ -52,7 +59,7 @@ def table_batches(manifest):
                                 plates.table_columns(FLAGS))
     fields = tiffs.check_files(fields, channels, FLAGS.image_table, [
         int(p) for p in FLAGS.channel_pages] or manifest.get("channel_pages"))
-    data, new = plates.with_new_plates(manifest, fields)
+    data, new = intensity.with_new_plates(manifest, fields)
     if new:
         own = " illumination functions and" if data.get("illumination") else ""
         log(f"{len(new)} plate(s) not seen in training ({', '.join(new[:5])}"
@@ -63,7 +70,7 @@ def table_batches(manifest):
     mine = fields.iloc[hvd.rank()::hvd.size()]
     for start in range(0, len(mine), FLAGS.batch_size):
         rows = mine.iloc[start:start + FLAGS.batch_size]
-        images = [plates.prepared_field(tiffs.field_planes(row, channels), row["table_row"],
+        images = [intensity.prepared_field(tiffs.field_planes(row, channels), row["table_row"],
                                         row["plate"], data, manifest["dtype"])
                   for _, row in rows.iterrows()]
         yield np.stack(images), rows[PROVENANCE].reset_index(drop=True)
@@ -82,13 +89,17 @@ def shard_batches(manifest):
                                     for k in PROVENANCE})
 
 
-def predict_fields(model, batches, classes):
-    parts = []
+def predict_fields(predict, batches, classes):
+    """(fields with predicted_moa and p_<class>, their profiles) of this rank's
+    batches, or None without any."""
+    parts, features = [], []
     for images, provenance in batches:
-        probabilities = tf.nn.softmax(model(images, training=False)).numpy()
+        logits, profile = predict(images)
+        probabilities = tf.nn.softmax(logits).numpy()
         part = provenance.assign(predicted_moa=[classes[k] for k in probabilities.argmax(1)])
         parts.append(part.join(pd.DataFrame(probabilities, columns=[f"p_{c}" for c in classes])))
-    return pd.concat(parts, ignore_index=True) if parts else None
+        features.append(profile.numpy())
+    return (pd.concat(parts, ignore_index=True), np.concatenate(features)) if parts else None
 
 
 def treatments(fields, classes):
@@ -116,20 +127,29 @@ def main(argv):
     for note in mcnn_model.describe_input(manifest):
         log(note)
     batches = shard_batches(manifest) if FLAGS.data_dir else table_batches(manifest)
-    everyone = hvd.allgather_object(predict_fields(model, batches, classes), name="predictions")
+    predict = evaluation.make_predict(model, manifest["image_shape"],
+                                      data_pipeline.DTYPES[manifest["dtype"]])
+    everyone = [part for part in hvd.allgather_object(
+        predict_fields(predict, batches, classes), name="predictions") if part is not None]
     if hvd.rank() != 0:
         return
-    fields = pd.concat([p for p in everyone if p is not None], ignore_index=True)
-    by_treatment = os.path.splitext(FLAGS.output)[0] + "_treatments.csv"
+    fields = pd.concat([f for f, _ in everyone], ignore_index=True)
+    stem = os.path.splitext(FLAGS.output)[0]
     write_csv(fields, FLAGS.output)
-    write_csv(treatments(fields, classes), by_treatment)
-    print(f"{len(fields)} fields -> {FLAGS.output}; treatments -> {by_treatment}")
+    write_csv(treatments(fields, classes), stem + "_treatments.csv")
+    print(f"{len(fields)} fields -> {FLAGS.output}; treatments -> {stem}_treatments.csv")
+    if FLAGS.profiles:
+        tables = profiles.profile_tables(fields, np.concatenate([p for _, p in everyone]))
+        for name, table in zip(profiles.PROFILE_CSVS, tables):
+            write_csv(table, f"{stem}_{name}", float_format="%.6g")
+        print(f"profiles ({profiles.LAYER}) -> {stem}_{profiles.PROFILE_CSVS[0]}, "
+              f"{stem}_{profiles.PROFILE_CSVS[1]}")
 
 
-def write_csv(table, path):
-    """Writes `table` to `path` whole or not at all."""
+def write_csv(table, path, **options):
+    """Writes `table` to `path` whole or not at all (`options`: DataFrame.to_csv's)."""
     try:
-        table.to_csv(path + ".tmp", index=False)
+        table.to_csv(path + ".tmp", index=False, **options)
         os.replace(path + ".tmp", path)
     except OSError as error:
         if os.path.exists(path + ".tmp"):

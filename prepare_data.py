@@ -25,6 +25,7 @@ import time
 import data_pipeline
 import errors
 import illumination
+import intensity
 import plates
 import tiffs
 
@@ -55,7 +56,7 @@ def write_shard(path, rows, data, dtype, class_index):
     `data` is the description of plates.prepare_fields."""
     def examples():
         for row in rows:
-            image = plates.prepared_field(tiffs.field_planes(row, data["channels"]),
+            image = intensity.prepared_field(tiffs.field_planes(row, data["channels"]),
                                           row["table_row"], row["plate"], data, dtype)
             yield image, class_index[row["moa"]], {
                 k: str(row[k]) for k in data_pipeline.TEXT_FIELDS}

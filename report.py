@@ -4,7 +4,9 @@
     python report.py --benchmarks=bench_fp32.json,bench_bf16.json --output_dir=plots
 
 From a model dir's TensorBoard logs: loss, learning rate and held-out accuracy
-against the step (training.png). From benchmark.py's JSON files: images/s against
+against the step (training.png); from its evaluation/ folder, the pictures of its
+last evaluation and their page (evaluation_pictures.py: index.html), with held-out
+fields of its data set where that is still there. From benchmark.py's JSON files: images/s against
 ranks (scaling.png) and peak memory against the per-rank batch (memory.png), one
 line per file and precision.
 """
@@ -14,8 +16,14 @@ import os
 import tf_env  # noqa: F401  (before TensorFlow)
 from absl import app, flags
 import matplotlib
+import pandas as pd
 import tensorflow as tf
 
+import data_pipeline
+import errors
+import evaluation
+import evaluation_pictures
+import mcnn_model
 from plots import plt, save
 
 flags.DEFINE_string("model_dir", None, "A train_mcnn.py --model_dir to plot.")
@@ -97,6 +105,41 @@ def plot_memory(benchmarks, path):
     save(figure, path)
 
 
+def draw_evaluation(model_dir, output_dir):
+    """evaluation_pictures of a finished run's last evaluation into `output_dir`; the
+    page's path. Example fields come from its data set, if it was one and is there."""
+    folder = os.path.join(model_dir, "evaluation")
+    try:
+        with open(os.path.join(folder, "metrics.json")) as f:
+            metrics = json.load(f)
+        with open(os.path.join(model_dir, "summary.json")) as f:
+            summary = json.load(f)
+        metrics["confusion"] = pd.read_csv(os.path.join(folder, "confusion.csv"), index_col=0)
+        metrics["per_class"] = pd.read_csv(os.path.join(folder, "per_class.csv"))
+    except OSError as error:
+        raise errors.InputError(f"{model_dir} is not a finished train_mcnn.py run: "
+                                f"{error.strerror}: {error.filename}") from None
+    classes = summary["classes"]
+    return evaluation_pictures.draw(
+        output_dir, os.path.basename(os.path.normpath(model_dir)), metrics,
+        summary.get("eval_history", []), example_fields(model_dir, summary, classes), classes,
+        tables=folder)
+
+
+def example_fields(model_dir, summary, classes):
+    """evaluation.example_fields of the run's data set's held-out split, or [] where the
+    run read TIFFs or its data set is gone."""
+    if not os.path.isfile(os.path.join(summary["data"], data_pipeline.MANIFEST)):
+        print(f"{summary['data']} is not a data set (any more): no example fields")
+        return []
+    model, _ = mcnn_model.load_trained(model_dir)
+    manifest = data_pipeline.read_manifest(summary["data"])
+    predict = evaluation.make_predict(model, manifest["image_shape"],
+                                      data_pipeline.DTYPES[manifest["dtype"]])
+    batches = data_pipeline.make_dataset(manifest, "eval", data_pipeline.Feed(8, provenance=True))
+    return evaluation.example_fields(predict, iter(batches), len(classes))
+
+
 def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
@@ -105,6 +148,7 @@ def main(argv):
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     if FLAGS.model_dir:
         plot_training(FLAGS.model_dir, os.path.join(FLAGS.output_dir, "training.png"))
+        print(f"wrote {draw_evaluation(FLAGS.model_dir, FLAGS.output_dir)}")
     if FLAGS.benchmarks:
         benchmarks = []
         for path in FLAGS.benchmarks:
@@ -115,4 +159,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run_main(main)

@@ -46,6 +46,7 @@ def train_to_target(training_flags, precision, seed, model_dir):
     command = [os.path.join(HERE, "launch"), "train", "--", *training_flags,
                f"--precision={precision}", f"--seed={seed}", f"--model_dir={model_dir}",
                f"--target_accuracy={FLAGS.target}", f"--eval_every={FLAGS.target_eval_every}",
+               "--nonsc",  # the target is field accuracy: no profiling of the training split
                "--noresume", "--overwrite"]
     command_path = os.path.join(model_dir, "command.txt")
     if not ran_before(command, command_path):

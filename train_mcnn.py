@@ -23,6 +23,7 @@ import checkpoints
 import data_pipeline
 import errors
 import evaluation
+import evaluation_pictures
 import lr_schedule
 import mcnn_model
 import optimization
@@ -73,6 +74,9 @@ flags.DEFINE_string("model_dir", os.path.join("runs", "mcnn"),
 flags.DEFINE_integer("log_every", 10, "Print progress every this many steps.")
 flags.DEFINE_float("eval_every", 1, "Evaluate on the held-out split every this many epochs "
                    "(may be fractional: 0.25 evaluates four times an epoch).")
+flags.DEFINE_bool("nsc", True, "NSC and NSCB (profiles.py) at every evaluation, which "
+                  "profiles the training split too (a forward pass over it, about a third of "
+                  "an epoch's compute); --nonsc: at the last step's evaluation only.")
 flags.DEFINE_float("target_accuracy", 0.0, "Stop once held-out field accuracy reaches this, "
                    "and record the epochs, steps, images and seconds it took (0: never).")
 FLAGS = flags.FLAGS
@@ -235,28 +239,42 @@ def log_progress(run, step, window, outcome):
 
 def evaluate_and_report(run, step, eval_data, outcome):
     started = time.time()
-    batches = training_data.named_data_errors(iter(eval_data), run.manifest, "eval")
-    fields, metrics = evaluation.evaluate(run.predict, batches, run.manifest["classes"],
-                                          run.manifest.get("classes_split_by_field", ()))
+    fields, profiles, metrics = evaluation.evaluate(
+        run.predict, training_data.named_data_errors(iter(eval_data), run.manifest, "eval"),
+        run.manifest["classes"], run.manifest.get("classes_split_by_field", ()),
+        nsc_reference(run, step), run.manifest.get("control", "DMSO"),
+        run.manifest.get("plate_batches"))
     outcome.eval_seconds += time.time() - started
     epoch, accuracy = step / run.steps_per_epoch, metrics["accuracy"]
     outcome.metrics = metrics
     seconds = time.time() - run.started
+    nsc = {k: metrics[k] for k in ("nsc", "nscb") if k in metrics}
     outcome.history.append({"step": step, "epoch": round(epoch, 3), "accuracy": accuracy,
-                            "treatment_accuracy": metrics["treatment_accuracy"],
+                            "treatment_accuracy": metrics["treatment_accuracy"], **nsc,
                             "seconds": round(seconds, 2)})
     log(f"epoch {epoch:.2f}: held-out accuracy {accuracy:.4f} on {metrics['fields']} fields, "
-        f"{metrics['treatment_accuracy']:.4f} on {metrics['treatments']} treatments")
+        f"{metrics['treatment_accuracy']:.4f} on {metrics['treatments']} treatments"
+        + (f"; {evaluation.format_nsc(metrics)}" if nsc else ""))
     run_log.write_scalars(run.writer, step, eval_accuracy=accuracy,
-                          eval_treatment_accuracy=metrics["treatment_accuracy"])
-    if hvd.rank() == 0:
-        evaluation.write_report(os.path.join(FLAGS.model_dir, "evaluation"), fields, metrics,
-                                run.manifest["classes"], step)
+                          eval_treatment_accuracy=metrics["treatment_accuracy"],
+                          **{f"eval_{k}": v for k, v in nsc.items() if v is not None})
     if FLAGS.target_accuracy and accuracy >= FLAGS.target_accuracy:
         outcome.target = reached_target(step, epoch, seconds, outcome)
         log(f"target accuracy {FLAGS.target_accuracy:g} reached at epoch {epoch:.2f} (step "
             f"{step}, {outcome.target['images']:,} images) after {seconds:.1f} s, "
             f"{outcome.target['train_seconds']:.1f} s of it training: stopping")
+    if hvd.rank() == 0:
+        last = step == run.total_steps or outcome.target
+        evaluation.write_report(os.path.join(FLAGS.model_dir, "evaluation"), fields, metrics,
+                                run.manifest["classes"], step, profiles if last else None)
+
+
+def nsc_reference(run, step):
+    """The training split's batches, unaugmented, for NSC at this evaluation, or None."""
+    if not (FLAGS.nsc or step == run.total_steps):
+        return None
+    train = run.make_data("train", training_data.feed(FLAGS.per_rank_batch, provenance=True))
+    return training_data.named_data_errors(iter(train), run.manifest, "train")
 
 
 def reached_target(step, epoch, seconds, outcome):
@@ -326,6 +344,7 @@ def write_summary(run, outcome, start_step, seconds, in_sync):
         "classes": run.manifest["classes"],
         "final_treatment_accuracy": metrics["treatment_accuracy"],
         "final_accuracy_by_compound": metrics.get("accuracy_by_compound"),
+        **{f"final_{k}": metrics[k] for k in evaluation.NSC_FIGURES if k in metrics},
         "classes_split_by_field": metrics["split_by_field"],
         "split": run.manifest.get("split", {}).get("by"),
         "eval_history": outcome.history,
@@ -344,6 +363,7 @@ def finish(run, outcome, start_step):
             f"{run.manifest.get('split', {}).get('by', 'as given')}): "
             f"{evaluation.format_per_class(outcome.metrics)}")
         path = write_summary(run, outcome, start_step, seconds, in_sync)
+        log(f"Pictures of the evaluation: {draw_evaluation(run, outcome)}")
         checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
         log(f"Done in {seconds:.1f} s: held-out accuracy {outcome.metrics['accuracy']:.4f} "
             f"({outcome.metrics['fields']} images). Summary: {path}; TensorBoard: "
@@ -352,6 +372,17 @@ def finish(run, outcome, start_step):
     if not in_sync:
         raise RuntimeError("ranks ended with different weights: gradients were not averaged "
                            "(is tf.keras Keras 3, which Horovod does not hook?)")
+
+
+def draw_evaluation(run, outcome):
+    """Rank 0: evaluation_pictures of the last evaluation, with held-out fields of its
+    own share as examples; the page's path."""
+    classes = run.manifest["classes"]
+    eval_data = run.make_data("eval", training_data.feed(FLAGS.per_rank_batch, provenance=True))
+    examples = evaluation.example_fields(run.predict, iter(eval_data), len(classes))
+    return evaluation_pictures.draw(
+        os.path.join(FLAGS.model_dir, "evaluation"), os.path.basename(
+            os.path.normpath(FLAGS.model_dir)), outcome.metrics, outcome.history, examples, classes)
 
 
 def already_finished(run):

@@ -1,7 +1,9 @@
+import numpy as np
 import pandas as pd
 import pytest
 
 import evaluation
+import evaluation_pictures
 
 CLASSES = ["A", "B", "C"]
 
@@ -62,3 +64,37 @@ def test_classes_split_by_field_are_reported_apart(tmp_path):
     evaluation.write_report(tmp_path, example(), metrics, CLASSES)
     assert '"accuracy_by_compound": 0.5' in (tmp_path / "metrics.json").read_text()
     assert "accuracy_by_compound" not in evaluation.summarize(example(), CLASSES)
+
+
+def test_profiles_are_written_per_field_and_per_treatment(tmp_path):
+    fields = example().assign(plate="Week1_01", well="B02")
+    field_profiles = np.arange(10 * 4, dtype=np.float32).reshape(10, 4)
+    evaluation.write_report(tmp_path, fields, evaluation.summarize(fields, CLASSES), CLASSES,
+                            field_profiles=field_profiles)
+    profiles = pd.read_csv(tmp_path / "profiles.csv")
+    assert profiles.columns.tolist() == ["plate", "well", "compound", "concentration", "moa",
+                                         "f0", "f1", "f2", "f3"]
+    by_treatment = pd.read_csv(tmp_path / "treatment_profiles.csv").set_index("compound")
+    assert by_treatment.loc["t1", "fields"] == 3 and by_treatment.loc["t1", "moa"] == "A"
+    np.testing.assert_allclose(by_treatment.loc["t1", ["f0", "f1", "f2", "f3"]].to_numpy(float),
+                               field_profiles[:3].mean(axis=0))
+
+
+def test_the_evaluation_page_shows_every_picture(tmp_path):
+    fields = example()
+    metrics = evaluation.summarize(fields, CLASSES)
+    metrics.update(nsc=0.75, nsc_queries=4, nscb=None, nscb_queries=0, nsc_all=0.5,
+                   nsc_all_queries=8)
+    history = [{"epoch": 1, "accuracy": 0.4, "treatment_accuracy": 0.5, "nsc": 0.5},
+               {"epoch": 2, "accuracy": 0.6, "treatment_accuracy": 0.75, "nsc": 0.75}]
+    rng = np.random.default_rng(0)
+    examples = [(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8), k % 3, (k + k // 3) % 3, 0.9)
+                for k in range(9)]
+    evaluation.write_report(tmp_path, fields, metrics, CLASSES)
+    page = evaluation_pictures.draw(tmp_path, "a run", metrics, history, examples, CLASSES)
+    text = open(page).read()
+    for picture in ("accuracy.png", "confusion.png", "per_class.png", "fields.png"):
+        assert f'src="{picture}"' in text and (tmp_path / picture).stat().st_size > 10_000
+    assert "<td>0.7500 (4 held-out treatments)</td>" in text
+    assert "<td>none (no treatment of another batch)</td>" in text
+    assert '<a href="fields.csv">fields.csv</a>' in text

@@ -78,7 +78,7 @@ def test_prediction_csv_from_tables_on_two_ranks(two_rank_run, tmp_path):
     screen = next((model_dir.parent / "data").glob("*_screen"))
     output = tmp_path / "predictions.csv"
     launch_two_ranks(os.path.join(ROOT, "predict.py"), [
-        f"--model_dir={model_dir}", f"--output={output}",
+        f"--model_dir={model_dir}", f"--output={output}", "--profiles",
         f"--image_table={screen / 'BBBC021_v1_image.csv'}", f"--image_root={screen / 'images'}"])
     fields = pd.read_csv(output)
     table = pd.read_csv(screen / "BBBC021_v1_image.csv")
@@ -93,6 +93,9 @@ def test_prediction_csv_from_tables_on_two_ranks(two_rank_run, tmp_path):
     assert len(treatments) == table.groupby(
         ["Image_Metadata_Compound", "Image_Metadata_Concentration"]).ngroups
     assert treatments["fields"].sum() == len(table)
+    profiles = pd.read_csv(tmp_path / "predictions_profiles.csv")
+    assert len(profiles) == len(table) and "f511" in profiles and "f512" not in profiles
+    assert len(pd.read_csv(tmp_path / "predictions_treatment_profiles.csv")) == len(treatments)
 
 
 def test_a_new_plate_is_scaled_by_its_own_pixels_and_each_field_is_named(two_rank_run, tmp_path):
@@ -117,7 +120,8 @@ def test_a_new_plate_is_scaled_by_its_own_pixels_and_each_field_is_named(two_ran
     result = run([PYTHON, os.path.join(ROOT, "predict.py"), f"--model_dir={model_dir}",
                   f"--output={output}", f"--image_table={screen / 'two_plates.csv'}",
                   f"--image_root={screen / 'images'}"])
-    assert f"1 plate(s) not seen in training ({plate}-dim) corrected and scaled by their own" in result.stdout
+    assert (f"1 plate(s) not seen in training ({plate}-dim) corrected and scaled by their "
+            f"own") in result.stdout
     fields = pd.read_csv(output)
     assert fields["table_row"].tolist() == list(range(2, 2 + 2 * len(original)))
     assert fields["file"].tolist() == [os.path.join(folder, name) for folder, name in zip(
@@ -216,10 +220,41 @@ def test_speed_and_memory_options_train_on_two_ranks(two_rank_run, tmp_path):
     assert "= global batch 48; lars;" in result.stdout
 
 
-def test_report_draws_the_training_curves(two_rank_run, tmp_path):
+def test_report_draws_the_training_curves_and_the_evaluation(two_rank_run, tmp_path):
     run([os.path.join(ROOT, ".venv", "bin", "python"), os.path.join(ROOT, "report.py"),
          f"--model_dir={two_rank_run[0]}", f"--output_dir={tmp_path}"])
     assert plt.imread(tmp_path / "training.png").shape[1] > 1000
+    page = (tmp_path / "index.html").read_text()
+    for picture in ("accuracy.png", "confusion.png", "per_class.png", "fields.png"):
+        assert f'src="{picture}"' in page and plt.imread(tmp_path / picture).shape[1] > 500
+    assert 'href="' + os.path.relpath(two_rank_run[0] / "evaluation" / "fields.csv",
+                                      tmp_path) + '"' in page
+
+
+def test_the_evaluation_has_profiles_nsc_and_pictures(two_rank_run):
+    """NSC of the held-out compounds' treatments (one per MoA, at two concentrations),
+    every evaluation; NSCB has no other batch (the synthetic plates are all of Week1)."""
+    model_dir, stdout = two_rank_run
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["final_nsc_queries"] == 4 and 0 <= summary["final_nsc"] <= 1
+    assert summary["final_nscb"] is None and summary["final_nscb_queries"] == 0
+    assert summary["final_nsc_all_queries"] == 8
+    assert all("nsc" in h for h in summary["eval_history"])
+    assert "NSCB none (no treatment of another batch)" in stdout
+    assert len(scalar_series(model_dir / "tensorboard", "eval_nsc")) == 20
+    folder = model_dir / "evaluation"
+    fields = pd.read_csv(folder / "fields.csv")
+    classes = summary["classes"]
+    np.testing.assert_allclose(fields[[f"p_{c}" for c in classes]].sum(axis=1), 1, rtol=1e-5)
+    profiles = pd.read_csv(folder / "profiles.csv")
+    assert len(profiles) == 48 and [c for c in profiles if c.startswith("f")][-1] == "f511"
+    by_treatment = pd.read_csv(folder / "treatment_profiles.csv")
+    assert by_treatment["fields"].sum() == 48
+    one = by_treatment.iloc[0]
+    mine = profiles[(profiles["compound"] == one["compound"])
+                    & (profiles["concentration"] == one["concentration"])]
+    np.testing.assert_allclose(mine["f7"].mean(), one["f7"], rtol=1e-4, atol=1e-6)
+    assert "fields.png" in (folder / "index.html").read_text()
 
 
 @pytest.mark.parametrize("binding", ["none", "socket"])

@@ -5,6 +5,7 @@ import pytest
 import tifffile
 
 import errors
+import intensity
 import plates
 import splits
 import tiffs
@@ -77,8 +78,8 @@ def test_the_split_by_compound_keeps_each_compound_on_one_side():
 
 def test_scaling_maps_the_range_to_the_dtype_and_unseen_plates_take_the_overall_range():
     image = np.array([[[100], [550], [1000], [5000]]], np.uint16)
-    scaled = plates.scale_to(image, [[100, 1000]], np.uint8)
+    scaled = intensity.scale_to(image, [[100, 1000]], np.uint8)
     assert scaled[0, :, 0].tolist() == [0, 128, 255, 255]
-    intensity = {"all": [[0, 1]], "plates": {"P1": [[5, 6]]}}
-    assert plates.ranges_for("P1", intensity) == [[5, 6]]
-    assert plates.ranges_for("P9", intensity) == [[0, 1]]
+    ranges = {"all": [[0, 1]], "plates": {"P1": [[5, 6]]}}
+    assert intensity.ranges_for("P1", ranges) == [[5, 6]]
+    assert intensity.ranges_for("P9", ranges) == [[0, 1]]

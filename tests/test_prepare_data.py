@@ -12,6 +12,7 @@ import tifffile
 
 import data_pipeline
 import errors
+import intensity
 import plates
 import prepare_data
 import synthetic_data
@@ -78,7 +79,7 @@ def test_pixels_round_trip_within_the_scaling(screen, tmp_path):
                          for name in (r.Image_FileName_DAPI, r.Image_FileName_Tubulin,
                                       r.Image_FileName_Actin)], -1) for r in candidates]
         assert raw[0].dtype == np.uint16
-        expected = [plates.scale_to(r, manifest["intensity"]["plates"][prov["plate"]],
+        expected = [intensity.scale_to(r, manifest["intensity"]["plates"][prov["plate"]],
                                           np.uint8) for r in raw]
         assert any(np.array_equal(image, e) for e in expected)
         checked += 1
@@ -435,3 +436,20 @@ def test_a_file_that_does_not_hold_the_channels_is_refused_before_work(screen, t
             "DAPI,Tubulin,Actin: name them as the file does, or give --channel_pages") in said[0]
     assert f"{len(table)} of its {len(table)} files are missing or unreadable" in said[0]
     assert not (tmp_path / "data").exists()
+
+
+def test_a_batch_column_names_each_plates_batch_for_nscb(screen, tmp_path):
+    copy = copy_screen(screen, tmp_path)
+    table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
+    table["Batch"] = table["Image_Metadata_Plate_DAPI"].map(
+        {"Week1_Synth01": "run-a", "Week1_Synth02": "run-b"})
+    table.to_csv(copy / synthetic_data.IMAGE_TABLE, index=False)
+    manifest = convert(copy, tmp_path / "data", columns={"batch": "Batch"}, include_control=True)
+    assert manifest["plate_batches"] == {"Week1_Synth01": "run-a", "Week1_Synth02": "run-b"}
+    assert manifest["control"] == "DMSO"
+
+    table.loc[0, "Batch"] = "run-b"  # a field of plate 1 in the other batch
+    table.to_csv(copy / synthetic_data.IMAGE_TABLE, index=False)
+    with pytest.raises(errors.InputError, match="plate Week1_Synth01 is in batches run-a, "
+                                                 "run-b .--batch_column.: a plate is imaged"):
+        convert(copy, tmp_path / "again", columns={"batch": "Batch"}, include_control=True)
