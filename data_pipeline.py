@@ -24,7 +24,6 @@ import tf_env  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
 
 import errors
-import illumination
 import intensity
 
 MANIFEST = "manifest.json"
@@ -202,8 +201,7 @@ def read_manifest(data_dir):
             if os.path.getsize(shard) == 0:
                 raise errors.InputError(f"{shard} is empty, but {path} lists it in split "
                                         f"{split!r}")
-    return {**manifest, "source": data_dir,
-            "illumination": illumination.load(manifest.get("illumination"), data_dir)}
+    return {**manifest, "source": data_dir}
 
 
 def split_files(manifest, split, rank=0, num_ranks=1):

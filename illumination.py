@@ -157,13 +157,16 @@ def file_stem(plate, taken):
     return name
 
 
-def save(correction, folder, channels):
+def save(correction, folder, channels, source=None):
     """Writes each plate's function to `folder`/ILLUMINATION_DIR as a float32 TIFF
     (channels as pages, named) and a PNG; returns the correction as a manifest
-    records it: the functions replaced by their files (relative to `folder`).
+    records it: the functions replaced by their files (relative to `folder`). A
+    correction as a manifest records it is read from its data set `source` first.
     Raises OSError where the folder cannot be written."""
     if not correction:
         return None
+    if any("function" not in entry for entry in correction["plates"].values()):
+        correction = load(correction, source)
     os.makedirs(os.path.join(folder, ILLUMINATION_DIR), exist_ok=True)
     recorded, taken = {}, set()
     for plate, entry in correction["plates"].items():

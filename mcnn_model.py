@@ -260,7 +260,8 @@ def record_data(model_dir, data_manifest):
     record = {**data_manifest, "padded_to": list(padded_size(height, width)),
               "padding": [list(sides) for sides in padding(height, width)],
               "illumination": illumination.save(data_manifest.get("illumination"), model_dir,
-                                                data_manifest.get("channels", []))}
+                                                data_manifest.get("channels", []),
+                                                data_manifest.get("source"))}
     run_log.write_json(os.path.join(model_dir, DATA_MANIFEST), record)
 
 

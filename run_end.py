@@ -1,0 +1,112 @@
+"""The end of a training run: the held-out results printed, summary.json, the
+evaluation drawn (evaluation_pictures.py), the model exported, the ranks' weights
+checked alike; and a rerun of a finished run. train_mcnn.py's Run and Outcome are what
+it reads."""
+import dataclasses
+import os
+import sys
+import time
+
+from absl import flags
+import horovod.tensorflow as hvd
+
+import checkpoints
+import evaluation
+import evaluation_pictures
+import mcnn_model
+import optimization
+import run_log
+import training_data
+from run_log import log
+
+FLAGS = flags.FLAGS
+
+
+def write_summary(run, outcome, start_step, seconds, in_sync, flag_modules):
+    """summary.json, written whole or not at all; its flags are those of `flag_modules`."""
+    global_batch, timer, metrics = outcome.global_batch, outcome.timer, outcome.metrics
+    images_per_sec = timer.steps * global_batch / timer.seconds if timer.steps else None
+    summary = {
+        "time_to_train_s": round(seconds, 2),
+        "target_accuracy": FLAGS.target_accuracy or None,
+        "time_to_target": ({"reached": bool(outcome.target), **(outcome.target or {})}
+                           if FLAGS.target_accuracy else None),
+        "final_accuracy": metrics["accuracy"],
+        "eval_images": metrics["fields"],
+        "images_per_sec": images_per_sec,
+        "images_per_sec_per_rank": images_per_sec and images_per_sec / hvd.size(),
+        "ranks": hvd.size(),
+        "nodes": hvd.cross_size(),
+        "ranks_per_node": hvd.local_size(),
+        "threads_per_rank": dataclasses.asdict(run.threads),
+        "ranks_in_sync": in_sync,
+        "resumed_from_step": start_step,
+        "flags_changed_on_resume": run.changed_on_resume,
+        "bad_records_skipped": run.manifest.get("bad_records_skipped", 0),
+        "global_batch": global_batch,
+        "accumulate_steps": FLAGS.accumulate_steps,
+        "peak_lr": run.schedule.peak_lr,
+        "gradient_noise_scale": outcome.noise.value,
+        "critical_batch": outcome.noise.value and round(outcome.noise.value),
+        # Its parts: a |G|^2 at or below 0 means the noise swamps the gradient at these
+        # batch sizes, and B_noise is beyond them.
+        "gradient_norm2_estimate": outcome.noise.norm2,
+        "gradient_noise_trace_estimate": outcome.noise.trace,
+        "steps": outcome.step,
+        "epochs": round(outcome.step / run.steps_per_epoch, 3),
+        "data": run.manifest["source"],
+        "image_shape": run.manifest["image_shape"],
+        "bin": run.manifest.get("bin", 1),
+        "padded_to": list(mcnn_model.padded_size(*run.manifest["image_shape"][:2])),
+        "classes": run.manifest["classes"],
+        "final_treatment_accuracy": metrics["treatment_accuracy"],
+        "final_accuracy_by_compound": metrics.get("accuracy_by_compound"),
+        **{f"final_{k}": metrics[k] for k in evaluation.NSC_FIGURES if k in metrics},
+        "classes_split_by_field": metrics["split_by_field"],
+        "split": run.manifest.get("split", {}).get("by"),
+        "eval_history": outcome.history,
+        "flags": {f.name: f.value for module in flag_modules
+                  for f in FLAGS.get_key_flags_for_module(module)},
+    }
+    return run_log.write_json(os.path.join(FLAGS.model_dir, "summary.json"), summary)
+
+
+def finish(run, outcome, start_step, flag_modules):
+    """Rank 0 exports the model, writes the summary and draws the evaluation; every rank
+    checks the weights."""
+    seconds = time.time() - run.started
+    in_sync = optimization.weights_in_sync(run.model)
+    if hvd.rank() == 0:
+        log(f"Held-out results at the end (split: "
+            f"{run.manifest.get('split', {}).get('by', 'as given')}): "
+            f"{evaluation.format_per_class(outcome.metrics)}")
+        path = write_summary(run, outcome, start_step, seconds, in_sync, flag_modules)
+        log(f"Pictures of the evaluation: {draw_evaluation(run, outcome)}")
+        checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
+        log(f"Done in {seconds:.1f} s: held-out accuracy {outcome.metrics['accuracy']:.4f} "
+            f"({outcome.metrics['fields']} images). Summary: {path}; TensorBoard: "
+            f"{os.path.join(os.path.dirname(sys.executable), 'tensorboard')} --logdir "
+            f"{os.path.join(FLAGS.model_dir, 'tensorboard')}")
+    if not in_sync:
+        raise RuntimeError("ranks ended with different weights: gradients were not averaged "
+                           "(is tf.keras Keras 3, which Horovod does not hook?)")
+
+
+def draw_evaluation(run, outcome):
+    """Rank 0: evaluation_pictures of the last evaluation, with held-out fields of its
+    own share as examples; the page's path."""
+    classes = run.manifest["classes"]
+    eval_data = run.make_data("eval", training_data.feed(FLAGS.per_rank_batch, provenance=True))
+    examples = evaluation.example_fields(run.predict, iter(eval_data), len(classes))
+    return evaluation_pictures.draw(
+        os.path.join(FLAGS.model_dir, "evaluation"), os.path.basename(
+            os.path.normpath(FLAGS.model_dir)), outcome.metrics, outcome.history, examples, classes)
+
+
+def already_finished(run):
+    """A rerun of a finished run: nothing to train; the export, if it failed before."""
+    log(f"{FLAGS.model_dir} has finished its {run.total_steps} steps; nothing to do "
+        f"(raise --epochs to train on, or --noresume --overwrite to start afresh)")
+    if hvd.rank() == 0 and not os.path.isdir(os.path.join(FLAGS.model_dir,
+                                                           mcnn_model.SAVED_MODEL)):
+        checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
