@@ -79,7 +79,8 @@ def corner_to_centre(field):
 
 def functions(data_dir):
     """{plate: (H, W, C) illumination function over the whole field} of a data set."""
-    correction = data_pipeline.read_manifest(str(data_dir))["illumination"]
+    recorded = data_pipeline.read_manifest(str(data_dir))["illumination"]
+    correction = illumination.load(recorded, str(data_dir))
     return {plate: illumination.full_size(entry["function"], SIDE, SIDE, correction["step"])
             for plate, entry in correction["plates"].items()}
 
