@@ -18,8 +18,10 @@ timed runs after warm-up:
 - columns: forward and backward of each scale column alone: GFLOP/s and share of
   the time, which shows where the step falls short of the roofline;
 - input: the input pipeline alone, from TFRecords and straight from TIFFs;
-- memory, onednn, scaling: sweeps in processes of their own: peak memory at
-  several batches and its slope per image; oneDNN off against on; 1 rank x every
+- memory, onednn, scaling: sweeps in processes of their own: a training rank's peak
+  memory phase by phase (runtime, model state, steps alone, input pipeline) at
+  several batches, a fixed part and a part per image fitted to them, and the fit's
+  prediction checked at a larger batch (memory_probe.py); oneDNN off against on; 1 rank x every
   core against one rank per core placed by ./launch (scaling efficiency, the time
   of one allreduce of all gradients, and how much of it the step hides);
 - time_to_accuracy (not by default: it trains to --target once per seed): epochs,
@@ -27,7 +29,6 @@ timed runs after warm-up:
 """
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,8 +42,10 @@ import tensorflow as tf
 
 import data_pipeline
 import mcnn_model
+import memory_probe
 import optimization
 import plates
+import rank_memory
 import synthetic_data
 import threads
 import time_to_accuracy
@@ -53,7 +56,10 @@ flags.DEFINE_list("parts", ["roofline", "train", "columns", "input", "memory", "
                             "scaling"], "What to measure.")
 flags.DEFINE_list("precisions", None, "Precisions to measure (float32, mixed_bfloat16); "
                   "default: float32, and mixed_bfloat16 too where the CPU has native bf16.")
-flags.DEFINE_list("memory_batches", ["1", "2", "4"], "Per-rank batches for the memory slope.")
+flags.DEFINE_list("memory_batches", ["1", "2", "4"], "Per-rank batches the memory fit is made "
+                  "from.")
+flags.DEFINE_integer("memory_check_batch", 8, "A per-rank batch, outside --memory_batches, at "
+                     "which the memory fit's prediction is measured (0: none).", lower_bound=0)
 flags.DEFINE_integer("steps", 5, "Timed training steps per repeat.")
 flags.DEFINE_integer("input_batches", 20, "Timed input batches per repeat (input alone).")
 flags.DEFINE_integer("repeats", 3, "Timed repeats; figures are their medians.")
@@ -95,7 +101,7 @@ def train_throughput(manifest, make_data):
     classes = manifest["classes"]
     model = train_mcnn.build_model(tuple(manifest["image_shape"]), len(classes),
                                    data_pipeline.DTYPES[manifest["dtype"]])
-    optimizer = tf.keras.optimizers.SGD(0.001, momentum=FLAGS.momentum, nesterov=True)
+    optimizer = optimization.make_optimizer(0.001)
     train_step = optimization.make_train_step(model, optimizer, len(classes))
     pipeline = iter(make_data("train", training_batches()))
     in_memory = next(pipeline)
@@ -130,7 +136,7 @@ def train_throughput(manifest, make_data):
         "images_per_sec_per_rank": images / pipeline_s,
         "pipeline_vs_memory_ratio": memory_s / pipeline_s,
         "achieved_gflops": train_gflop * images / memory_s,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+        "peak_rss_gb": rank_memory.peak_rss_gb(),
     }
 
 
@@ -213,7 +219,7 @@ def run_part(command, env=None):
 
 # What run_part and the sweeps set themselves in the processes they start.
 SET_BY_SWEEPS = frozenset({"parts", "output", "steps", "repeats", "per_rank_batch",
-                           "memory_batches", "input_batches", "precision", "precisions"})
+                           "memory_batches", "memory_check_batch", "input_batches", "precision", "precisions"})
 
 
 def passed_flags(leave_out=SET_BY_SWEEPS):
@@ -230,14 +236,10 @@ def training_flags():
 
 
 def memory_sweep():
-    """Peak memory at several per-rank batches, each in a process of its own, and its
-    slope per image."""
-    batches = [int(b) for b in FLAGS.memory_batches]
-    memory = [run_part(benchmark_process() + [f"--per_rank_batch={b}"])["peak_rss_gb"]
-              for b in batches]
-    fit = statistics.linear_regression(batches, memory)
-    return {"peak_rss_gb_by_batch": dict(zip(batches, memory)),
-            "memory_gb_per_image": fit.slope, "memory_gb_fixed": fit.intercept}
+    """A training rank's peak memory, phase by phase, over --memory_batches and checked
+    at --memory_check_batch (memory_probe.sweep)."""
+    return memory_probe.sweep([int(b) for b in FLAGS.memory_batches], FLAGS.memory_check_batch,
+                              FLAGS.precision, training_flags())
 
 
 def onednn_sweep():
@@ -381,8 +383,9 @@ def main(argv):
     for precision in precisions():
         FLAGS.precision, FLAGS.per_rank_batch = precision, requested_batch
         if manifest:
-            FLAGS.per_rank_batch = train_mcnn.choose_per_rank_batch(
-                manifest["image_shape"], manifest["splits"]["train"]["count"] // hvd.size())
+            FLAGS.per_rank_batch = rank_memory.choose_per_rank_batch(
+                FLAGS.per_rank_batch, train_mcnn.memory_estimate(manifest),
+                manifest["splits"]["train"]["count"] // hvd.size())
         results[precision] = {"precision": precision, "recompute": FLAGS.recompute,
                               **measure(manifest, make_data)}
     if {"float32", "mixed_bfloat16"} <= results.keys() and "train" in FLAGS.parts:

@@ -356,8 +356,10 @@ def make_dataset(manifest, split, feed, good_records=None):
     if feed.training:
         ds = ds.shuffle(len(files), seed=feed.seed + feed.rank,
                         reshuffle_each_iteration=True).repeat()
-    ds = ds.interleave(read_file, cycle_length=min(len(files), 4), block_length=1,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=not feed.training)
+    # Read in turn, not in parallel: parallel readers each buffer parsed full-size fields
+    # (0.25 GB more at 1024 x 1280), while one reader parses about 130 full-size
+    # uint8 fields/s on one core, far more than a rank trains (docs/benchmark.md).
+    ds = ds.interleave(read_file, cycle_length=min(len(files), 4), block_length=1)
     if feed.training:
         ds = ds.shuffle(feed.shuffle_buffer, seed=feed.seed + feed.rank)
     return augmented_batches(ds, feed)

@@ -207,6 +207,19 @@ def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, data_format="channel
         tf.keras.mixed_precision.set_global_policy(previous)
 
 
+def parameter_count(image_shape, num_classes):
+    """The parameters of build_mcnn(image_shape, num_classes), without building it: each
+    column's three 5x5 convolutions, the 1x1 merge, fc_512 (whose input grows with the
+    padded field) and the logits."""
+    channels = image_shape[2]
+    height, width = padded_size(*image_shape[:2])
+    columns = sum(KERNEL_SIZE ** 2 * (channels + (CONVS_PER_SCALE - 1) * filters) * filters
+                  + CONVS_PER_SCALE * filters for filters in FILTERS_PER_SCALE)
+    merge = (sum(FILTERS_PER_SCALE) + 1) * MERGE_FILTERS
+    hidden = ((height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE) * MERGE_FILTERS + 1) * HIDDEN_UNITS
+    return columns + merge + hidden + (HIDDEN_UNITS + 1) * num_classes
+
+
 def scale_input(x, input_dtype, standardization=None):
     """Pixels as stored to what the columns see: pixels / the dtype's largest value
     (integer dtypes; [0, 1]), then, with `standardization`, (x - mean) / std per channel.

@@ -111,7 +111,24 @@ def make_optimizer(learning_rate):
     if FLAGS.optimizer == "adamw":
         return tf.keras.optimizers.AdamW(learning_rate, weight_decay=FLAGS.weight_decay,
                                          beta_1=FLAGS.momentum)
-    return tf.keras.optimizers.SGD(learning_rate, momentum=FLAGS.momentum, nesterov=True)
+    return FusedSGD(learning_rate, momentum=FLAGS.momentum, nesterov=True)
+
+
+class FusedSGD(tf.keras.optimizers.SGD):
+    """Keras's SGD with momentum (Nesterov's, as the authors'), its update done in place
+    by one fused kernel per weight tensor: accum = momentum x accum - rate x g, then
+    w += accum (or, Nesterov, w += momentum x accum - rate x g), the formula of Keras's
+    SGD and of its legacy fused optimizer. Keras's own update builds each product as a
+    new tensor, several copies of `fc_512`'s 42M weights at once at full size."""
+
+    def update_step(self, gradient, variable):
+        if isinstance(gradient, tf.IndexedSlices) or not self.momentums:
+            return super().update_step(gradient, variable)
+        accumulator = self.momentums[self._index_dict[self._var_key(variable)]]
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=variable.handle, accum=accumulator.handle,
+            lr=tf.cast(self.learning_rate, variable.dtype), grad=gradient,
+            momentum=tf.cast(self.momentum, variable.dtype), use_nesterov=self.nesterov)
 
 
 class LARS(tf.keras.optimizers.Optimizer):

@@ -90,18 +90,27 @@ def plot_scaling(benchmarks, path):
 
 
 def plot_memory(benchmarks, path):
+    """A training rank's peak against its per-rank batch: the step alone with the fitted
+    line, and with the input pipeline (memory_probe.py's phases)."""
     figure, ax = plt.subplots(figsize=(5, 3.8))
     for figures in benchmarks:
         if "peak_rss_gb_by_batch" not in figures:
             continue
-        batches, memory = zip(*sorted((int(b), gb)
-                                      for b, gb in figures["peak_rss_gb_by_batch"].items()))
-        ax.plot(batches, memory, marker="o",
-                label=f"{label(figures)}: {figures['memory_gb_per_image']:.2f} GB/image")
-    ax.set(title="peak memory of one rank", xlabel="per-rank batch (full-size images)",
-           ylabel="GB (RSS)")
+        whole = sorted((int(b), gb) for b, gb in figures["peak_rss_gb_by_batch"].items())
+        line, = ax.plot(*zip(*whole), marker="o", label=f"{label(figures)}: with input")
+        if "step_peak_gb_by_batch" in figures:
+            step = sorted((int(b), gb) for b, gb in figures["step_peak_gb_by_batch"].items())
+            ax.plot(*zip(*step), marker="s", linestyle="none", color=line.get_color(),
+                    label=f"step alone: {figures['memory_gb_fixed']:.2f} GB + "
+                          f"{figures['memory_gb_per_image']:.2f} GB/image")
+            batches = [0, step[-1][0]]
+            ax.plot(batches, [figures["memory_gb_fixed"] + figures["memory_gb_per_image"] * b
+                              for b in batches], linestyle=":", color=line.get_color())
+    ax.set(title="peak memory of one training rank", xlabel="per-rank batch",
+           ylabel="GB (peak RSS)")
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     save(figure, path)
 
 

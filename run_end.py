@@ -15,6 +15,7 @@ import evaluation
 import evaluation_pictures
 import mcnn_model
 import optimization
+import rank_memory
 import run_log
 import training_data
 from run_log import log
@@ -22,8 +23,9 @@ from run_log import log
 FLAGS = flags.FLAGS
 
 
-def write_summary(run, outcome, start_step, seconds, in_sync, flag_modules):
-    """summary.json, written whole or not at all; its flags are those of `flag_modules`."""
+def write_summary(run, outcome, start_step, seconds, in_sync, peaks, flag_modules):
+    """summary.json, written whole or not at all; its flags are those of `flag_modules`;
+    `peaks` is each rank's peak resident memory in GB."""
     global_batch, timer, metrics = outcome.global_batch, outcome.timer, outcome.metrics
     images_per_sec = timer.steps * global_batch / timer.seconds if timer.steps else None
     summary = {
@@ -39,6 +41,9 @@ def write_summary(run, outcome, start_step, seconds, in_sync, flag_modules):
         "nodes": hvd.cross_size(),
         "ranks_per_node": hvd.local_size(),
         "threads_per_rank": dataclasses.asdict(run.threads),
+        "peak_rss_gb_by_rank": peaks,
+        "memory_expected_gb": run.memory.gb(FLAGS.per_rank_batch),
+        "memory_expected_parts_gb": run.memory.parts(FLAGS.per_rank_batch),
         "ranks_in_sync": in_sync,
         "resumed_from_step": start_step,
         "flags_changed_on_resume": run.changed_on_resume,
@@ -76,11 +81,15 @@ def finish(run, outcome, start_step, flag_modules):
     checks the weights."""
     seconds = time.time() - run.started
     in_sync = optimization.weights_in_sync(run.model)
+    peaks = hvd.allgather_object(round(rank_memory.peak_rss_gb(), 3), name="peak_rss_gb")
     if hvd.rank() == 0:
         log(f"Held-out results at the end (split: "
             f"{run.manifest.get('split', {}).get('by', 'as given')}): "
             f"{evaluation.format_per_class(outcome.metrics)}")
-        path = write_summary(run, outcome, start_step, seconds, in_sync, flag_modules)
+        log(f"peak memory of a rank: {max(peaks):.2f} GB"
+            + (f" (the least {min(peaks):.2f})" if len(peaks) > 1 else "")
+            + f"; expected {run.memory.gb(FLAGS.per_rank_batch):.2f} GB")
+        path = write_summary(run, outcome, start_step, seconds, in_sync, peaks, flag_modules)
         log(f"Pictures of the evaluation: {draw_evaluation(run, outcome)}")
         checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
         log(f"Done in {seconds:.1f} s: held-out accuracy {outcome.metrics['accuracy']:.4f} "

@@ -1,16 +1,13 @@
-"""How large a run this machine affords: the per-rank batch its memory holds
-(--per_rank_batch=auto), and the epochs and image size that fit a time budget
-(--time_budget_minutes, the demo's).
+"""How long a run this machine affords: the epochs and image size that fit a time
+budget (--time_budget_minutes, the demo's). The batch its memory holds is
+rank_memory.py's.
 
-Memory: a rank's peak is a fixed part (runtime, weights, gradients, momentum) and
-a part per image of its batch, measured by `benchmark.py --parts=memory`.
-Time: a full-size step takes 0.3 s an image on a CPU with AMX and 1.3-2.5 s on an
+A full-size step takes 0.3 s an image on a CPU with AMX and 1.3-2.5 s on an
 AVX2-only one, so no one set of epochs fits every machine. A throwaway copy of the
 model trains a few steps on random images; from that rate the run keeps the
 largest image size (of the synthetic screen) at which MIN_EPOCHS fit the budget,
 and then trains as many epochs as fit.
 """
-import math
 import os
 import time
 
@@ -18,7 +15,6 @@ import tf_env  # noqa: F401  (before TensorFlow)
 from absl import app, flags
 import horovod.tensorflow as hvd
 import numpy as np
-import psutil
 import tensorflow as tf
 
 import mcnn_model
@@ -28,72 +24,6 @@ flags.DEFINE_float("time_budget_minutes", 0, "Train for about this long: the epo
                    "the synthetic screen the image size, follow from the speed of a few steps "
                    "measured first (0: --epochs as given).")
 FLAGS = flags.FLAGS
-
-
-class BatchParser(flags.ArgumentParser):
-    """train_mcnn.py's --per_rank_batch: a positive integer, or 'auto' (the largest
-    batch that fits memory: choose_per_rank_batch)."""
-    syntactic_help = "a positive integer or 'auto'"
-
-    def parse(self, argument):
-        if argument == "auto":
-            return argument
-        value = int(argument)
-        if value < 1:
-            raise ValueError(f"must be at least 1, got {value}")
-        return value
-
-    def flag_type(self):
-        return "int or 'auto'"
-
-# Peak memory of a training rank at 1024 x 1280 x 3 (docs/performance.md).
-MEMORY_FIXED_GB = 2.6
-MEMORY_PER_FULL_SIZE_IMAGE_GB = {  # (precision, recompute)
-    ("float32", False): 0.48, ("float32", True): 0.07,
-    ("mixed_bfloat16", False): 0.20, ("mixed_bfloat16", True): 0.07,
-}
-FULL_SIZE_PIXELS = 1024 * 1280 * 3
-MEMORY_SAFETY = 0.9  # of the memory the rank may use
-
-
-
-def memory_gb(image_shape, batch, precision, recompute):
-    """Estimated peak memory of a training rank with this per-rank batch (the model
-    computes at the padded size)."""
-    pixels = math.prod(mcnn_model.padded_size(*image_shape[:2])) * image_shape[2]
-    per_image = MEMORY_PER_FULL_SIZE_IMAGE_GB[precision, recompute]
-    return MEMORY_FIXED_GB + batch * per_image * pixels / FULL_SIZE_PIXELS
-
-
-def usable_memory_gb():
-    """MEMORY_SAFETY of this rank's share of the memory available on its node."""
-    return MEMORY_SAFETY * psutil.virtual_memory().available / 2 ** 30 / hvd.local_size()
-
-
-def largest_batch(image_shape, most, usable_gb, precision, recompute):
-    """The largest per-rank batch, up to `most`, whose estimate fits `usable_gb` (at least 1)."""
-    batch = 1
-    while batch < most and memory_gb(image_shape, batch + 1, precision, recompute) <= usable_gb:
-        batch += 1
-    return batch
-
-
-def choose_per_rank_batch(requested, image_shape, most, precision, recompute):
-    """`requested`, or for 'auto' the largest batch that fits (up to `most`); warns when
-    the batch asked for will not fit."""
-    usable = usable_memory_gb()
-    if requested == "auto":
-        batch = largest_batch(image_shape, most, usable, precision, recompute)
-        log(f"--per_rank_batch=auto: {batch} images per rank, estimated "
-            f"{memory_gb(image_shape, batch, precision, recompute):.1f} GB of this rank's "
-            f"{usable:.1f} GB")
-        return batch
-    needs = memory_gb(image_shape, requested, precision, recompute)
-    if needs > usable:
-        log(f"WARNING: --per_rank_batch={requested} needs about {needs:.1f} GB per rank, more "
-            f"than the {usable:.1f} GB each of the {hvd.local_size()} ranks on this node can "
-            f"use; expect it to be killed. --recompute or a smaller batch would fit.")
-    return requested
 
 
 MIN_EPOCHS = 8  # fewer learn the synthetic screen poorly (docs/performance.md)

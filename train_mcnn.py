@@ -27,6 +27,7 @@ import lr_schedule
 import mcnn_model
 import optimization
 import run_end
+import rank_memory
 import run_log
 from run_log import log
 import sizing
@@ -35,7 +36,7 @@ import training_data
 
 
 # Optimisation (the authors' recipe by default)
-flags.DEFINE(sizing.BatchParser(), "per_rank_batch", 8, "Images per rank per step, or "
+flags.DEFINE(rank_memory.BatchParser(), "per_rank_batch", 8, "Images per rank per step, or "
              "'auto': the most that fit this rank's share of the node's memory.",
              serializer=flags.ArgumentSerializer())
 flags.DEFINE_float("epochs", 52, "Training epochs (may be fractional).")
@@ -102,9 +103,13 @@ def resolve_precision():
     return why
 
 
-def choose_per_rank_batch(image_shape, most):
-    return sizing.choose_per_rank_batch(FLAGS.per_rank_batch, image_shape, most,
-                                        FLAGS.precision, FLAGS.recompute)
+def memory_estimate(manifest):
+    """The memory estimate of a training rank of these flags on the data set `manifest`."""
+    return rank_memory.RankMemory(
+        tuple(manifest["image_shape"]), len(manifest["classes"]),
+        data_pipeline.DTYPES[manifest["dtype"]].size, FLAGS.precision, FLAGS.recompute,
+        0 if FLAGS.image_table else FLAGS.shuffle_buffer,  # TIFFs: no shuffle buffer
+        FLAGS.accumulate_steps)
 
 
 def measured_rate(image_shape, num_classes, input_dtype=tf.uint8):
@@ -158,6 +163,7 @@ class Run:
     total_steps: int
     eval_steps: int
     threads: threads.Threads
+    memory: rank_memory.RankMemory
     stop: checkpoints.StopSignals
     started: float
     changed_on_resume: dict = dataclasses.field(default_factory=dict)  # run_log.changed_flags
@@ -318,6 +324,8 @@ def log_start(run, precision_why, start_step):
         f"threads per rank: {run.threads}; oneDNN "
         f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; {FLAGS.precision} ({precision_why})"
         f"{', recompute' * FLAGS.recompute}")
+    log(f"memory: {run.memory.describe(FLAGS.per_rank_batch)}; "
+        f"summary.json records each rank's peak")
     if hvd.size() == 1 and FLAGS.accumulate_steps == 1:
         log("gradient noise scale: not measured (it compares the gradients of one rank's "
             "micro-batch and of the global batch, here the same); --accumulate_steps=2 "
@@ -352,8 +360,9 @@ def main(argv):
     image_shape, classes = tuple(manifest["image_shape"]), manifest["classes"]
     dtype = data_pipeline.DTYPES[manifest["dtype"]]
     train_count = manifest["splits"]["train"]["count"]
-    FLAGS.per_rank_batch = choose_per_rank_batch(
-        image_shape, train_count // (hvd.size() * FLAGS.accumulate_steps))
+    memory = memory_estimate(manifest)
+    FLAGS.per_rank_batch = rank_memory.choose_per_rank_batch(
+        FLAGS.per_rank_batch, memory, train_count // (hvd.size() * FLAGS.accumulate_steps))
     # Horovod 3: the global batch grows with the ranks, and the learning rate with it.
     global_batch = per_rank_images() * hvd.size()
     steps_per_epoch = train_count // global_batch
@@ -389,7 +398,7 @@ def main(argv):
     predict = evaluation.make_predict(model, image_shape, dtype)
     run = Run(model, schedule, train_step, predict, make_data, manifest, manager, writer,
               steps_per_epoch, total_steps, max(1, round(FLAGS.eval_every * steps_per_epoch)),
-              rank_threads, checkpoints.StopSignals(), time.time(), changed)
+              rank_threads, memory, checkpoints.StopSignals(), time.time(), changed)
     log_start(run, precision_why, start_step)
     if finished:
         return run_end.already_finished(run)

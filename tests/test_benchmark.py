@@ -47,12 +47,22 @@ def test_benchmark_sweeps_run_their_own_processes_and_ranks(tmp_path):
          f"--synthetic_cache={tmp_path / 'data'}", "--image_height=128", "--image_width=128",
          "--synthetic_classes=2", "--synthetic_compounds_per_class=1",
          "--synthetic_fields_per_treatment=8", "--per_rank_batch=2", "--steps=2", "--repeats=1",
-         "--memory_batches=1,4", "--parts=memory,onednn,scaling", "--precisions=float32",
+         "--memory_batches=1,4", "--memory_check_batch=2", "--parts=memory,onednn,scaling", "--precisions=float32",
          "--noise_scales=72,8192"])
     figures = json.loads(output.read_text())["float32"]
-    assert set(figures["peak_rss_gb_by_batch"]) == {"1", "4"}
-    assert all(gb > 0.1 for gb in figures["peak_rss_gb_by_batch"].values())
-    assert isinstance(figures["memory_gb_per_image"], float)  # its size is a figure, not a test
+    # A training rank's phases, each in a process of its own: the runtime, the model's
+    # state, the step alone and with its input pipeline, each peak above the last.
+    assert set(figures["peak_rss_gb_by_batch"]) == {"1", "2", "4"}
+    assert figures["memory_runtime_gb"] > 0.1 and figures["memory_state_gb"] >= 0
+    for batch, whole in figures["peak_rss_gb_by_batch"].items():
+        step = figures["step_peak_gb_by_batch"][batch]
+        assert figures["memory_runtime_gb"] < step <= whole
+        assert figures["input_pipeline_gb_by_batch"][batch] == pytest.approx(whole - step)
+    # the fit of batches 1 and 4 predicts batch 2, and says how well
+    fitted = figures["memory_gb_fixed"] + 2 * figures["memory_gb_per_image"]
+    assert figures["memory_check_predicted_gb"] == pytest.approx(fitted)
+    assert figures["memory_check_measured_gb"] == figures["step_peak_gb_by_batch"]["2"]
+    assert abs(figures["memory_check_error"]) < 0.25
     assert figures["onednn_speedup"] > 0 and figures["onednn_off_images_per_sec"] > 0
     cores = len(os.sched_getaffinity(0))
     assert figures[f"scaling_efficiency_{cores}ranks"] > 0

@@ -33,6 +33,20 @@ def test_two_ranks_train_and_write_checkpoint_and_summary(two_rank_run):
     assert stdout.count("step 4/120") == 1
 
 
+def test_each_rank_reports_its_peak_memory_beside_the_estimate(two_rank_run):
+    model_dir, stdout = two_rank_run
+    summary = json.loads((model_dir / "summary.json").read_text())
+    parts, expected = summary["memory_expected_parts_gb"], summary["memory_expected_gb"]
+    assert set(parts) == {"runtime", "state", "activations", "input"}
+    assert expected == pytest.approx(sum(parts.values()))
+    assert f"memory: about {expected:.1f} GB a rank expected at batch 4 (runtime" in stdout
+    # The estimate is of the training step and its input; a run also evaluates,
+    # profiles and draws, which at 128 x 128 adds about a tenth of a GB.
+    peaks = summary["peak_rss_gb_by_rank"]
+    assert len(peaks) == 2 and all(0.8 * expected < gb < 1.6 * expected for gb in peaks), peaks
+    assert f"peak memory of a rank: {max(peaks):.2f} GB" in stdout
+
+
 def test_loss_falls(two_rank_run):
     losses = list(scalar_series(model_dir := two_rank_run[0] / "tensorboard", "loss").values())
     assert len(losses) == 30, model_dir

@@ -1,10 +1,30 @@
-"""optimization.py: LARS against its formula, the gradient noise scale against a known noise.
+"""optimization.py: the fused SGD against Keras's, LARS against its formula, the gradient
+noise scale against a known noise.
 (Accumulation against 2 ranks and against one larger batch: test_horovod_training.py.)"""
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import optimization
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_the_fused_sgd_steps_as_keras_sgd_does(nesterov):
+    """The same weights and momentum after five steps, under tf.function as in training."""
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(30, 20)).astype(np.float32)
+    gradients = [tf.constant(rng.normal(size=(30, 20)).astype(np.float32)) for _ in range(5)]
+    ends = []
+    for kind in (tf.keras.optimizers.SGD, optimization.FusedSGD):
+        weights = tf.Variable(start)
+        optimizer = kind(0.1, momentum=0.9, nesterov=nesterov)
+        step = tf.function(lambda g: optimizer.apply_gradients([(g, weights)]))
+        for gradient in gradients:
+            step(gradient)
+        ends.append((weights.numpy(), optimizer.momentums[0].numpy()))
+    for keras, fused in zip(*ends):
+        np.testing.assert_allclose(fused, keras, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(ends[1][0], start)
 
 
 def test_lars_steps_each_weight_tensor_by_its_trust_ratio_and_biases_plainly():

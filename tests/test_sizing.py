@@ -1,4 +1,5 @@
-"""sizing.py: the batch that fits memory, and the demo sized from the speed of its first steps."""
+"""sizing.py and rank_memory.py: the batch that fits memory, and the demo sized from the
+speed of its first steps."""
 import json
 import os
 import re
@@ -6,6 +7,8 @@ import sys
 
 import pytest
 
+import mcnn_model
+import rank_memory
 import sizing
 from conftest import ROOT, launch_two_ranks, run
 
@@ -14,14 +17,14 @@ from conftest import ROOT, launch_two_ranks, run
 CHOOSE_BATCH = """
 import json, sys
 import horovod.tensorflow as hvd
-import sizing
+import rank_memory
 hvd.init()
-sizing.usable_memory_gb = lambda: sizing.MEMORY_SAFETY * float(sys.argv[1])
-requested, recompute, shape = sys.argv[2], sys.argv[3] == "recompute", (1024, 1280, 3)
-batch = sizing.choose_per_rank_batch(requested if requested == "auto" else int(requested),
-                                     shape, 1000, "float32", recompute)
-print(json.dumps({"batch": batch, "needs": sizing.memory_gb(shape, batch, "float32", recompute),
-                  "next_needs": sizing.memory_gb(shape, batch + 1, "float32", recompute)}))
+rank_memory.usable_memory_gb = lambda: rank_memory.MEMORY_SAFETY * float(sys.argv[1])
+requested, recompute = sys.argv[2], sys.argv[3] == "recompute"
+memory = rank_memory.RankMemory((1024, 1280, 3), 6, 1, "float32", recompute, 64)
+batch = rank_memory.choose_per_rank_batch(requested if requested == "auto" else int(requested),
+                                          memory, 1000)
+print(json.dumps({"batch": batch, "needs": memory.gb(batch), "next_needs": memory.gb(batch + 1)}))
 """
 
 
@@ -38,6 +41,26 @@ def test_auto_batch_is_the_largest_that_fits_the_rank_memory():
     assert f"--per_rank_batch=auto: {chosen['batch']} images per rank" in stdout
     recomputed, _ = choose_batch(12, "auto", "recompute")
     assert recomputed["batch"] > 4 * chosen["batch"]
+
+
+def test_the_memory_estimate_follows_the_padded_field_the_model_and_the_pipeline():
+    odd = rank_memory.RankMemory((1000, 1000, 3), 13, 2, "float32", False, 64, accumulate=2)
+    padded = rank_memory.RankMemory((1024, 1024, 3), 13, 2, "float32", False, 64, accumulate=2)
+    # activations at the padded size; the pipeline holds fields as stored (2 bytes a
+    # value here): its shuffle buffer, a few in flight, and 4 steps of 2 x 3 images
+    assert odd.parts(3)["activations"] == padded.parts(3)["activations"]
+    assert odd.parts(3)["input"] == pytest.approx(
+        (64 + 16 + 4 * 2 * 3) * 1000 * 1000 * 3 * 2 / 2 ** 30)
+    # the model's state grows with fc_512, whose input grows with the field
+    assert odd.parts(1)["state"] == padded.parts(1)["state"] > rank_memory.RankMemory(
+        (512, 512, 3), 13, 2, "float32", False, 64).parts(1)["state"]
+    assert padded.gb(4) - padded.gb(3) == pytest.approx(padded.gb(2) - padded.gb(1))
+
+
+def test_the_parameters_are_counted_without_building_the_model():
+    for shape, classes in [((1024, 1280, 3), 13), ((200, 300, 5), 7), ((1392, 1040, 4), 2)]:
+        assert (mcnn_model.parameter_count(shape, classes)
+                == mcnn_model.build_mcnn(shape, classes).count_params()), shape
 
 
 def test_a_batch_that_cannot_fit_is_warned_before_training():
