@@ -102,8 +102,8 @@ def train_throughput(manifest, make_data):
     model = train_mcnn.build_model(tuple(manifest["image_shape"]), len(classes),
                                    data_pipeline.DTYPES[manifest["dtype"]])
     optimizer = optimization.make_optimizer(0.001)
-    train_step = optimization.make_train_step(model, optimizer, len(classes))
-    pipeline = iter(make_data("train", training_batches()))
+    train_step = train_mcnn.make_train_step(model, optimizer, len(classes))  # as trained:
+    pipeline = iter(make_data("train", training_batches()))  # --optimizer, --accumulate_steps
     in_memory = next(pipeline)
 
     def steps(batches, step=train_step):
@@ -116,11 +116,12 @@ def train_throughput(manifest, make_data):
 
     memory_s = median_seconds(lambda: steps(repeat(in_memory)), FLAGS.repeats)
     pipeline_s = median_seconds(lambda: steps(pipeline), FLAGS.repeats)
-    images = FLAGS.steps * FLAGS.per_rank_batch
+    images = FLAGS.steps * train_mcnn.per_rank_images()
     train_gflop = 3 * mcnn_model.forward_flops(model) / 1e9
     figures = {}
     if hvd.size() > 1:
-        local_step = optimization.make_train_step(model, optimizer, len(classes), average=False)
+        local_step = optimization.make_train_step(model, optimizer, len(classes), average=False,
+                                                  accumulate=FLAGS.accumulate_steps)
         local_s = median_seconds(lambda: steps(repeat(in_memory), local_step), FLAGS.repeats)
         figures = allreduce_time(model)
         exposed = max(0.0, (memory_s - local_s) / FLAGS.steps)
@@ -130,6 +131,8 @@ def train_throughput(manifest, make_data):
         **figures,
         "ranks": hvd.size(),
         "per_rank_batch": FLAGS.per_rank_batch,
+        "accumulate_steps": FLAGS.accumulate_steps,
+        "optimizer": FLAGS.optimizer,
         "images_per_sec": images * hvd.size() / pipeline_s,  # full size, all ranks
         "train_gflop_per_image": train_gflop,
         "images_per_sec_memory": images / memory_s,
@@ -181,7 +184,7 @@ def backward_of(layer, inputs):
 def input_throughput(manifest, make_data):
     """The input pipeline alone: TFRecords, and TIFFs decoded in tf.data (synthetic only)."""
     def rate(batches):
-        return FLAGS.input_batches * FLAGS.per_rank_batch / median_seconds(
+        return FLAGS.input_batches * train_mcnn.per_rank_images() / median_seconds(
             lambda: [next(batches) for _ in range(FLAGS.input_batches)], FLAGS.repeats)
 
     figures = {"tfrecord_images_per_sec": rate(iter(make_data("train", training_batches())))}
@@ -199,7 +202,8 @@ def input_throughput(manifest, make_data):
 
 
 def training_batches():
-    return training_data.feed(FLAGS.per_rank_batch, training=True, seed=FLAGS.seed)
+    """This rank's training input as a training run reads it: a step's images at a time."""
+    return training_data.feed(train_mcnn.per_rank_images(), training=True, seed=FLAGS.seed)
 
 
 def run_part(command, env=None):
@@ -219,7 +223,8 @@ def run_part(command, env=None):
 
 # What run_part and the sweeps set themselves in the processes they start.
 SET_BY_SWEEPS = frozenset({"parts", "output", "steps", "repeats", "per_rank_batch",
-                           "memory_batches", "memory_check_batch", "input_batches", "precision", "precisions"})
+                           "memory_batches", "memory_check_batch", "input_batches", "precision",
+                           "precisions"})
 
 
 def passed_flags(leave_out=SET_BY_SWEEPS):
@@ -385,7 +390,7 @@ def main(argv):
         if manifest:
             FLAGS.per_rank_batch = rank_memory.choose_per_rank_batch(
                 FLAGS.per_rank_batch, train_mcnn.memory_estimate(manifest),
-                manifest["splits"]["train"]["count"] // hvd.size())
+                manifest["splits"]["train"]["count"] // hvd.size(), FLAGS.memory_per_rank_gb)
         results[precision] = {"precision": precision, "recompute": FLAGS.recompute,
                               **measure(manifest, make_data)}
     if {"float32", "mixed_bfloat16"} <= results.keys() and "train" in FLAGS.parts:

@@ -22,7 +22,7 @@ import tensorflow as tf
 import data_pipeline
 import errors
 import illumination
-import mcnn_model
+import model_files
 from run_log import log
 
 flags.DEFINE_integer("checkpoint_every", 1, "Checkpoint every this many epochs.")
@@ -38,7 +38,7 @@ flags.DEFINE_bool("overwrite", False, "With --noresume: delete a previous run in
 FLAGS = flags.FLAGS
 
 # What a run leaves in its model dir besides flags.txt; --overwrite deletes them.
-RUN_OUTPUTS = (mcnn_model.CHECKPOINTS, mcnn_model.SAVED_MODEL, mcnn_model.DATA_MANIFEST,
+RUN_OUTPUTS = (model_files.CHECKPOINTS, model_files.SAVED_MODEL, model_files.DATA_MANIFEST,
                illumination.ILLUMINATION_DIR, "tensorboard", "evaluation", "summary.json")
 
 
@@ -59,7 +59,7 @@ def make_checkpoint(model, optimizer, global_batch):
 def open_checkpoints(checkpoint, model_dir):
     """The manager that writes and prunes the model dir's checkpoints; opened after
     agree_on_start, which mends the folder's index if it has to."""
-    return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, mcnn_model.CHECKPOINTS),
+    return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, model_files.CHECKPOINTS),
                                       max_to_keep=FLAGS.keep_checkpoints)
 
 
@@ -78,9 +78,9 @@ def restore_or_start(checkpoint, model_dir, global_batch, data_manifest):
         os.makedirs(model_dir, exist_ok=True)
     except OSError as e:
         raise app.UsageError(f"--model_dir={model_dir} cannot be created: {e.strerror}")
-    folder = os.path.join(model_dir, mcnn_model.CHECKPOINTS)
+    folder = os.path.join(model_dir, model_files.CHECKPOINTS)
     step = 0
-    if mcnn_model.checkpoints_in(folder) and FLAGS.resume:
+    if model_files.checkpoints_in(folder) and FLAGS.resume:
         check_same_data(model_dir, data_manifest)
         step = resume(checkpoint, folder, global_batch)
     elif not FLAGS.resume:
@@ -110,7 +110,7 @@ def check_same_data(model_dir, data_manifest):
     channels, binning or classes: its weights would not fit, or would fit and mean
     something else; and, unless --resume_with_other_data, with other sources or
     intensity ranges: a rerun would train (or record) other data under the same name."""
-    path = os.path.join(model_dir, mcnn_model.DATA_MANIFEST)
+    path = os.path.join(model_dir, model_files.DATA_MANIFEST)
     if not os.path.isfile(path):
         return  # a run from before the record; restoring checks the shapes
     with open(path) as f:
@@ -142,7 +142,7 @@ def resume(checkpoint, folder, global_batch):
     When none restores, stops and changes nothing: never a fresh start over them.
     Returns the step restored."""
     listed = indexed_checkpoint(folder)
-    path, failed = mcnn_model.restore_newest(checkpoint, folder)
+    path, failed = model_files.restore_newest(checkpoint, folder)
     if path is None:
         raise app.UsageError(
             f"no checkpoint in {folder} restores into this model: "
@@ -190,7 +190,7 @@ def set_aside(path):
 def mend_index(folder):
     """Rewrites the index to list the checkpoints in the folder, oldest first, with
     their times, so that the manager prunes them as if it had written them."""
-    paths = mcnn_model.checkpoints_in(folder)[::-1]
+    paths = model_files.checkpoints_in(folder)[::-1]
     times = [os.path.getmtime(path + ".index") for path in paths]
     tf.compat.v1.train.update_checkpoint_state(
         folder, paths[-1], all_model_checkpoint_paths=paths,
@@ -239,7 +239,7 @@ def save_checkpoint(manager, model, step, lr):
         for partial in glob.glob(os.path.join(manager.directory, f"ckpt-{step}[._]*")):
             shutil.rmtree(partial, ignore_errors=True) if os.path.isdir(partial) else os.remove(
                 partial)
-        reason = data_pipeline.error_text(e)
+        reason = errors.error_text(e)
         raise errors.OutputError(
             f"could not write the checkpoint of step {step} in {manager.directory}: {reason}. "
             f"The previous checkpoint, {manager.latest_checkpoint or 'none'}, is intact; free "
@@ -250,32 +250,13 @@ def export_finished(manager, model, model_dir):
     """Rank 0 exports a finished run's model; if it cannot, says what is kept and how
     to export it later."""
     try:
-        mcnn_model.export(model, model_dir)
+        model_files.export(model, model_dir)
     except errors.OutputError as error:
         raise errors.OutputError(
             f"{error}. The finished run's checkpoint, {manager.latest_checkpoint}, is kept; "
             f"free space or fix the folder, then rerun the same command to export it "
             f"(predict.py uses the checkpoint meanwhile)") from None
-    log(f"exported the model to {os.path.join(model_dir, mcnn_model.SAVED_MODEL)}")
-
-
-class Progress:
-    """The step reached: what hvd.elastic.TensorFlowState also holds in elastic mode."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def commit(self):
-        pass
-
-
-class ElasticState(hvd.elastic.TensorFlowState):
-    """Horovod's elastic state of TensorFlow variables. Its sync() broadcasts them only
-    in graph mode; this one broadcasts them in eager mode too."""
-
-    def sync(self):
-        hvd.broadcast_variables(self.variables, root_rank=0)
-        super().sync()
+    log(f"exported the model to {os.path.join(model_dir, model_files.SAVED_MODEL)}")
 
 
 class StopSignals:

@@ -231,25 +231,15 @@ def scan_shards(files, manifest):
                 break
             except tf.errors.DataLossError as e:
                 problems.append(f"{filename}: record {index} and after are corrupt or "
-                                f"truncated ({error_text(e)})")
+                                f"truncated ({errors.error_text(e)})")
                 break
             try:
                 parse_record(record, filename, tuple(manifest["image_shape"]),
                              len(manifest["classes"]), manifest["dtype"])
                 good[filename].append(index)
             except tf.errors.InvalidArgumentError as e:
-                problems.append(f"{filename}: record {index}: {error_text(e)}")
+                problems.append(f"{filename}: record {index}: {errors.error_text(e)}")
     return good, problems
-
-
-def error_text(error):
-    """An error's message; a TensorFlow error's without its graph decorations."""
-    message = error.message if isinstance(error, tf.errors.OpError) else str(error)
-    text = re.sub(r"\{\{function_node [^}]*\}\}", "", message)
-    text = text.split("Summarized data: ")[-1]  # a failed tf.debugging.Assert, run eagerly
-    text = text.split(" [Op:")[0].split("\n\t")[0]
-    text = re.sub(r"b'([^']*)'|b\"([^\"]*)\"", lambda m: m.group(1) or m.group(2), text)
-    return " ".join(text.split())
 
 
 def explain_data_loss(files, manifest, error):
@@ -258,7 +248,7 @@ def explain_data_loss(files, manifest, error):
     _, problems = scan_shards(files, manifest)
     where = "; ".join(problems) or "no shard fails when read again"
     return errors.InputError(f"{where}. Rerun with --skip_bad_records to skip such records "
-                             f"(tf.data said: {error_text(error)})")
+                             f"(tf.data said: {errors.error_text(error)})")
 
 
 def tiff_input_error(error):

@@ -1,6 +1,7 @@
 """The programs' bad-input and output errors, and how a program ends on one: a single
 line naming the file, row or flag at fault, and a prompt exit of every rank."""
 import os
+import re
 import sys
 import traceback
 
@@ -14,6 +15,16 @@ class InputError(ValueError):
 class OutputError(RuntimeError):
     """A folder that cannot be written (a full disk, no permission): the message names
     it, the reason, and what is kept."""
+
+
+def error_text(error):
+    """An error's message in one line; a TensorFlow error's (its `message`) without its
+    graph decorations."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}", "", getattr(error, "message", None) or str(error))
+    text = text.split("Summarized data: ")[-1]  # a failed tf.debugging.Assert, run eagerly
+    text = text.split(" [Op:")[0].split("\n\t")[0]
+    text = re.sub(r"b'([^']*)'|b\"([^\"]*)\"", lambda m: m.group(1) or m.group(2), text)
+    return " ".join(text.split())
 
 
 def run_main(main):

@@ -39,12 +39,17 @@ def confusion_table(labels, predictions, classes):
                         columns=list(classes))
 
 
+def majority_vote(predictions, num_classes):
+    """The class index most of `predictions` (class indices) name; a tie goes to the
+    class listed first."""
+    return int(np.argmax(np.bincount(np.asarray(predictions, np.int64), minlength=num_classes)))
+
+
 def treatment_votes(fields, num_classes):
     """One row per treatment: its true label, its fields and the majority-vote prediction."""
     def vote(group):
-        counts = np.bincount(group["prediction"], minlength=num_classes)
         return pd.Series({"label": group["label"].iloc[0], "fields": len(group),
-                          "prediction": int(np.argmax(counts))})
+                          "prediction": majority_vote(group["prediction"], num_classes)})
 
     return fields.groupby(TREATMENT, sort=True)[["label", "prediction"]].apply(vote).reset_index()
 

@@ -12,21 +12,12 @@ layer, around the field's centre, so prediction on new fields of the same size
 needs nothing extra. After the data's intensity scaling, zero is each channel's
 low percentile: the padding is dark background, no invented signal.
 """
-import json
-import os
-import re
-import shutil
 
 import numpy as np
 import tf_env  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
 import tf_keras
 
-import data_pipeline
-import errors
-import illumination
-import plates
-import run_log
 
 if tf.keras.Model is not tf_keras.Model:
     raise ImportError("tf.keras is not Keras 2 (tf_keras): TensorFlow was imported before "
@@ -39,8 +30,6 @@ CONVS_PER_SCALE = 3
 KERNEL_SIZE = 5
 COLUMN_REDUCTION = 2 ** (NUM_SCALES - 1)  # every column ends at 1/64 of the input
 SIZE_MULTIPLE = 2 * COLUMN_REDUCTION  # then one more 2x2 pooling after the merge
-# What a trained model dir holds besides TensorBoard logs and summary.json:
-CHECKPOINTS, SAVED_MODEL, DATA_MANIFEST = "checkpoints", "saved_model", "data_manifest.json"
 MERGE_FILTERS = 1024
 HIDDEN_UNITS = 512
 
@@ -216,7 +205,8 @@ def parameter_count(image_shape, num_classes):
     columns = sum(KERNEL_SIZE ** 2 * (channels + (CONVS_PER_SCALE - 1) * filters) * filters
                   + CONVS_PER_SCALE * filters for filters in FILTERS_PER_SCALE)
     merge = (sum(FILTERS_PER_SCALE) + 1) * MERGE_FILTERS
-    hidden = ((height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE) * MERGE_FILTERS + 1) * HIDDEN_UNITS
+    merged_pixels = (height // SIZE_MULTIPLE) * (width // SIZE_MULTIPLE)
+    hidden = (merged_pixels * MERGE_FILTERS + 1) * HIDDEN_UNITS
     return columns + merge + hidden + (HIDDEN_UNITS + 1) * num_classes
 
 
@@ -262,116 +252,6 @@ def mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute, s
     x = tf.keras.layers.Dense(HIDDEN_UNITS, name="fc_512")(x)
     logits = tf.keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
     return tf.keras.Model(images, logits, name="mcnn")
-
-
-def record_data(model_dir, data_manifest):
-    """Writes the manifest of a run's training data (classes, channels, field size,
-    binning, illumination functions (as images in the model dir), intensity ranges,
-    and the input_standardization the model was built with), which prediction and a
-    resumed run need, with the padding the model applies; atomically."""
-    height, width = data_manifest["image_shape"][:2]
-    record = {**data_manifest, "padded_to": list(padded_size(height, width)),
-              "padding": [list(sides) for sides in padding(height, width)],
-              "illumination": illumination.save(data_manifest.get("illumination"), model_dir,
-                                                data_manifest.get("channels", []),
-                                                data_manifest.get("source"))}
-    run_log.write_json(os.path.join(model_dir, DATA_MANIFEST), record)
-
-
-def describe_input(data_manifest):
-    """What happens to the data's fields before the columns, in words: binning,
-    illumination correction, padding, standardization."""
-    return [note for note in (plates.describe_binning(data_manifest),
-                              illumination.describe(data_manifest.get("illumination")),
-                              describe_padding(*data_manifest["image_shape"][:2]),
-                              describe_standardization(data_manifest)) if note]
-
-
-def describe_standardization(data_manifest):
-    statistics = data_manifest.get("input_standardization")
-    if not statistics:
-        return None
-    mean, std = (", ".join(f"{v:.3f}" for v in statistics[k]) for k in ("mean", "std"))
-    return (f"input standardized per channel (--input_scaling=standardize): pixels / the "
-            f"dtype's largest value, less mean [{mean}], over spread [{std}] of the "
-            f"training fields")
-
-
-def export(model, model_dir):
-    """Saves `model` as a SavedModel beside its data manifest (record_data), whole or
-    not at all; a failed write is an OutputError and leaves no partial folder."""
-    exported = os.path.join(model_dir, SAVED_MODEL)
-    try:
-        model.save(exported + ".partial")
-        if os.path.isdir(exported):  # a previous export, replaced once the new one is whole
-            os.replace(exported, exported + ".previous")
-        os.replace(exported + ".partial", exported)
-        shutil.rmtree(exported + ".previous", ignore_errors=True)
-    except data_pipeline.WRITE_ERRORS as error:
-        shutil.rmtree(exported + ".partial", ignore_errors=True)
-        raise errors.OutputError(
-            f"could not write {exported}: {data_pipeline.error_text(error)}") from None
-
-
-def checkpoints_in(folder):
-    """The checkpoints in `folder` (paths without suffix), newest first: every
-    ckpt-N whose files are there, whatever its index, `checkpoint`, lists (it may be
-    missing, garbled or stale)."""
-    steps = [int(match.group(1)) for match in (
-        re.fullmatch(r"ckpt-(\d+)\.index", name) for name in
-        (os.listdir(folder) if os.path.isdir(folder) else [])) if match]
-    return [os.path.join(folder, f"ckpt-{step}") for step in sorted(steps, reverse=True)]
-
-
-def restore_newest(checkpoint, folder):
-    """Restores into `checkpoint` (a tf.train.Checkpoint) the newest checkpoint of
-    `folder` that restores whole. Returns (its path or None, [(path, reason)] of
-    the newer ones that did not)."""
-    failed = []
-    for path in checkpoints_in(folder):
-        try:
-            status = checkpoint.restore(path)
-            status.assert_existing_objects_matched()
-            status.expect_partial()  # prediction has no optimizer to restore
-            return path, failed
-        except Exception as error:  # noqa: BLE001  damaged files fail in many ways
-            failed.append((path, data_pipeline.error_text(error)[:300]
-                           or type(error).__name__))
-    return None, failed
-
-
-def load_trained(model_dir, precision="float32", say=print):
-    """(model, data manifest) of a training run, computing in `precision` whatever the
-    precision it was trained in: the weights of its SavedModel, else, if that is
-    missing or damaged, of its newest checkpoint that restores; `say` is told which."""
-    manifest_path = os.path.join(model_dir, DATA_MANIFEST)
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as error:
-        raise errors.InputError(f"cannot read {manifest_path} ({error}): is {model_dir} the "
-                                f"--model_dir of a train_mcnn.py run?") from None
-    manifest["illumination"] = illumination.load(manifest.get("illumination"), model_dir)
-    model = build_mcnn(tuple(manifest["image_shape"]), len(manifest["classes"]),
-                       input_dtype=manifest["dtype"], precision=precision,
-                       standardization=manifest.get("input_standardization"))
-    exported = os.path.join(model_dir, SAVED_MODEL)
-    try:
-        model.set_weights(tf.keras.models.load_model(exported, compile=False).get_weights())
-        return model, manifest
-    except Exception as error:  # noqa: BLE001  a missing or damaged SavedModel
-        reason = data_pipeline.error_text(error)[:300]
-        unreadable = (f"{exported} cannot be loaded ({reason})" if os.path.exists(exported)
-                      else f"{model_dir} has no {SAVED_MODEL}/")
-    folder = os.path.join(model_dir, CHECKPOINTS)
-    path, failed = restore_newest(tf.train.Checkpoint(model=model), folder)
-    for damaged, reason in failed:
-        say(f"{damaged} does not restore ({reason})")
-    if path is None:
-        raise errors.InputError(f"{model_dir} has no usable weights: {unreadable}, and no "
-                                f"checkpoint in {folder} restores")
-    say(f"{unreadable}: using the weights of {path}")
-    return model, manifest
 
 
 def forward_flops(model):

@@ -27,7 +27,7 @@ import data_pipeline
 import errors
 import evaluation
 import intensity
-import mcnn_model
+import model_files
 import plates
 import profiles
 import tiffs
@@ -106,8 +106,8 @@ def treatments(fields, classes):
     """Majority vote of each treatment's fields (ties: the class listed first)."""
     probability = [f"p_{c}" for c in classes]
     grouped = fields.groupby(["compound", "concentration"], sort=True)
-    votes = grouped["predicted_moa"].agg(
-        lambda moas: max(classes, key=lambda c: (list(moas).count(c), -classes.index(c))))
+    votes = grouped["predicted_moa"].agg(lambda moas: classes[evaluation.majority_vote(
+        [classes.index(moa) for moa in moas], len(classes))])
     return pd.concat([grouped.size().rename("fields"), votes, grouped[probability].mean()],
                      axis=1).reset_index()
 
@@ -122,9 +122,9 @@ def main(argv):
                              f"program can write to")
     hvd.init()
     precision, _ = tf_env.resolve_precision(FLAGS.precision)
-    model, manifest = mcnn_model.load_trained(FLAGS.model_dir, precision, say=log)
+    model, manifest = model_files.load_trained(FLAGS.model_dir, precision, say=log)
     classes = manifest["classes"]
-    for note in mcnn_model.describe_input(manifest):
+    for note in model_files.describe_input(manifest):
         log(note)
     batches = shard_batches(manifest) if FLAGS.data_dir else table_batches(manifest)
     predict = evaluation.make_predict(model, manifest["image_shape"],

@@ -155,7 +155,7 @@ def write_shards(todo, fields, staging, data, dtype, class_index, workers, progr
 
 def cannot_write(staging, error):
     return errors.OutputError(
-        f"could not write to {staging}: {data_pipeline.error_text(error)}. The shards "
+        f"could not write to {staging}: {errors.error_text(error)}. The shards "
         f"written so far are kept there; free space or fix the folder, then rerun the same "
         f"command to resume")
 

@@ -94,9 +94,11 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def usable_memory_gb():
-    """MEMORY_SAFETY of this rank's share of the memory available on its node."""
-    return MEMORY_SAFETY * psutil.virtual_memory().available / 2 ** 30 / hvd.local_size()
+def usable_memory_gb(per_rank_gb=0.0):
+    """MEMORY_SAFETY of `per_rank_gb`, or without it of this rank's share of the memory
+    available on its node now."""
+    share = per_rank_gb or psutil.virtual_memory().available / 2 ** 30 / hvd.local_size()
+    return MEMORY_SAFETY * share
 
 
 def largest_batch(memory, most, usable_gb):
@@ -108,10 +110,11 @@ def largest_batch(memory, most, usable_gb):
     return batch
 
 
-def choose_per_rank_batch(requested, memory, most):
-    """`requested`, or for 'auto' the largest batch that fits (up to `most`); warns when
-    the batch asked for will not fit."""
-    usable = usable_memory_gb()
+def choose_per_rank_batch(requested, memory, most, per_rank_gb=0.0):
+    """`requested`, or for 'auto' the largest batch whose RankMemory `memory` estimate
+    fits (up to `most`); warns when the batch asked for will not fit. per_rank_gb: the
+    memory a rank may use (0: its share of its node's available memory)."""
+    usable = usable_memory_gb(per_rank_gb)
     if requested == "auto":
         batch = largest_batch(memory, most, usable)
         log(f"--per_rank_batch=auto: {batch} images per rank, estimated "

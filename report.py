@@ -23,7 +23,7 @@ import data_pipeline
 import errors
 import evaluation
 import evaluation_pictures
-import mcnn_model
+import model_files
 from plots import plt, save
 
 flags.DEFINE_string("model_dir", None, "A train_mcnn.py --model_dir to plot.")
@@ -141,7 +141,7 @@ def example_fields(model_dir, summary, classes):
     if not os.path.isfile(os.path.join(summary["data"], data_pipeline.MANIFEST)):
         print(f"{summary['data']} is not a data set (any more): no example fields")
         return []
-    model, _ = mcnn_model.load_trained(model_dir)
+    model, _ = model_files.load_trained(model_dir)
     manifest = data_pipeline.read_manifest(summary["data"])
     predict = evaluation.make_predict(model, manifest["image_shape"],
                                       data_pipeline.DTYPES[manifest["dtype"]])

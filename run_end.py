@@ -14,6 +14,7 @@ import checkpoints
 import evaluation
 import evaluation_pictures
 import mcnn_model
+import model_files
 import optimization
 import rank_memory
 import run_log
@@ -23,9 +24,9 @@ from run_log import log
 FLAGS = flags.FLAGS
 
 
-def write_summary(run, outcome, start_step, seconds, in_sync, peaks, flag_modules):
-    """summary.json, written whole or not at all; its flags are those of `flag_modules`;
-    `peaks` is each rank's peak resident memory in GB."""
+def write_summary(run, outcome, start_step, seconds, in_sync, peaks):
+    """summary.json, written whole or not at all, with every flag of the project's
+    scripts; `peaks` is each rank's peak resident memory in GB."""
     global_batch, timer, metrics = outcome.global_batch, outcome.timer, outcome.metrics
     images_per_sec = timer.steps * global_batch / timer.seconds if timer.steps else None
     summary = {
@@ -49,7 +50,7 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks, flag_module
         "flags_changed_on_resume": run.changed_on_resume,
         "bad_records_skipped": run.manifest.get("bad_records_skipped", 0),
         "global_batch": global_batch,
-        "accumulate_steps": FLAGS.accumulate_steps,
+        "accumulate_steps": outcome.accumulate,
         "peak_lr": run.schedule.peak_lr,
         "gradient_noise_scale": outcome.noise.value,
         "critical_batch": outcome.noise.value and round(outcome.noise.value),
@@ -70,13 +71,12 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks, flag_module
         "classes_split_by_field": metrics["split_by_field"],
         "split": run.manifest.get("split", {}).get("by"),
         "eval_history": outcome.history,
-        "flags": {f.name: f.value for module in flag_modules
-                  for f in FLAGS.get_key_flags_for_module(module)},
+        "flags": run_log.project_flags(),
     }
     return run_log.write_json(os.path.join(FLAGS.model_dir, "summary.json"), summary)
 
 
-def finish(run, outcome, start_step, flag_modules):
+def finish(run, outcome, start_step):
     """Rank 0 exports the model, writes the summary and draws the evaluation; every rank
     checks the weights."""
     seconds = time.time() - run.started
@@ -89,7 +89,7 @@ def finish(run, outcome, start_step, flag_modules):
         log(f"peak memory of a rank: {max(peaks):.2f} GB"
             + (f" (the least {min(peaks):.2f})" if len(peaks) > 1 else "")
             + f"; expected {run.memory.gb(FLAGS.per_rank_batch):.2f} GB")
-        path = write_summary(run, outcome, start_step, seconds, in_sync, peaks, flag_modules)
+        path = write_summary(run, outcome, start_step, seconds, in_sync, peaks)
         log(f"Pictures of the evaluation: {draw_evaluation(run, outcome)}")
         checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
         log(f"Done in {seconds:.1f} s: held-out accuracy {outcome.metrics['accuracy']:.4f} "
@@ -117,5 +117,5 @@ def already_finished(run):
     log(f"{FLAGS.model_dir} has finished its {run.total_steps} steps; nothing to do "
         f"(raise --epochs to train on, or --noresume --overwrite to start afresh)")
     if hvd.rank() == 0 and not os.path.isdir(os.path.join(FLAGS.model_dir,
-                                                           mcnn_model.SAVED_MODEL)):
+                                                           model_files.SAVED_MODEL)):
         checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)

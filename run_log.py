@@ -59,17 +59,36 @@ def flag_values(flag_file_text):
     return values
 
 
+FLAGS_FILE = "flags.txt"  # in a model dir: the flags of its run, a flag file
 NOT_THE_RUN = ("resume", "overwrite")  # how it was started, not what it trains
+
+
+def project_flags():
+    """{name: value} of every flag the project's scripts define, whichever runs (absl's
+    and TensorFlow's own left out)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return {flag.name: flag.value
+            for module, defined in flags.FLAGS.flags_by_module_dict().items()
+            if os.path.isfile(os.path.join(here, os.path.basename(module).removesuffix(".py")
+                                           + ".py"))
+            for flag in defined}
+
+
+def recorded_flags(model_dir):
+    """{name: value as text} of the run recorded in model_dir's flags.txt; {} without one."""
+    path = os.path.join(model_dir, FLAGS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return flag_values(f.read())
 
 
 def changed_flags(model_dir):
     """{flag: [value then, value now]} of the flags whose values differ from those of
     the run recorded in model_dir's flags.txt (none when there is no record)."""
-    path = os.path.join(model_dir, "flags.txt")
-    if not os.path.isfile(path):
+    then = recorded_flags(model_dir)
+    if not then:
         return {}
-    with open(path) as f:
-        then = flag_values(f.read())
     now = flag_values(flags.FLAGS.flags_into_string())
     return {name: [then.get(name), now.get(name)] for name in sorted(set(then) | set(now))
             if then.get(name) != now.get(name) and name not in NOT_THE_RUN}
@@ -77,7 +96,7 @@ def changed_flags(model_dir):
 
 def open_log(model_dir):
     """Rank 0's TensorBoard writer; records the flags of this run."""
-    with open(os.path.join(model_dir, "flags.txt"), "w") as f:
+    with open(os.path.join(model_dir, FLAGS_FILE), "w") as f:
         f.write(flags.FLAGS.flags_into_string())  # a flag file: --flagfile=flags.txt reruns it
     return tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
 

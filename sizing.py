@@ -8,7 +8,6 @@ model trains a few steps on random images; from that rate the run keeps the
 largest image size (of the synthetic screen) at which MIN_EPOCHS fit the budget,
 and then trains as many epochs as fit.
 """
-import os
 import time
 
 import tf_env  # noqa: F401  (before TensorFlow)
@@ -18,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 import mcnn_model
+import run_log
 from run_log import log
 
 flags.DEFINE_float("time_budget_minutes", 0, "Train for about this long: the epochs, and for "
@@ -109,12 +109,11 @@ def keep_previous_choices(model_dir):
     """--time_budget_minutes, resuming the run in `model_dir`: it keeps the image size and
     epochs its first run chose (they are in its flags.txt); measured again, they could
     differ, and its checkpoint would not fit. Returns whether there were any."""
-    path = os.path.join(model_dir, "flags.txt")
-    if not os.path.isfile(path):
+    recorded = run_log.recorded_flags(model_dir)
+    chosen = {name: recorded[name] for name in ("image_height", "image_width", "epochs")
+              if name in recorded}
+    if not chosen:
         return False
-    with open(path) as f:
-        chosen = dict(line.strip()[2:].split("=", 1) for line in f
-                      if line.startswith(("--image_height=", "--image_width=", "--epochs=")))
     for name, value in chosen.items():
         setattr(FLAGS, name, FLAGS[name].parser.parse(value))  # not marked as given
     log(f"--time_budget_minutes: resuming {model_dir} with the choices of its first run "

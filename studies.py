@@ -26,6 +26,7 @@ import tf_env  # noqa: F401  (before TensorFlow)
 from absl import app, flags
 
 import lr_schedule
+import run_log
 from plots import plt, save
 import time_to_accuracy
 
@@ -110,8 +111,7 @@ def study_row(model_dir):
     steps, epochs and images to its target (NaN if it never reached it: diverged, or
     ended below it)."""
     run = {"run": os.path.basename(os.path.normpath(model_dir))}
-    with open(os.path.join(model_dir, "flags.txt")) as f:
-        given = dict(line.strip()[2:].split("=", 1) for line in f if "=" in line)
+    given = run_log.recorded_flags(model_dir)
     batch = int(given["per_rank_batch"]) * int(given["accumulate_steps"])  # the study's one rank
     peak = lr_schedule.scaled_learning_rate(float(given["base_lr"]), batch,
                                             int(given["base_batch"]), given["lr_scaling"])

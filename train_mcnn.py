@@ -21,10 +21,12 @@ import tensorflow as tf
 
 import checkpoints
 import data_pipeline
+import elastic
 import errors
 import evaluation
 import lr_schedule
 import mcnn_model
+import model_files
 import optimization
 import run_end
 import rank_memory
@@ -39,6 +41,10 @@ import training_data
 flags.DEFINE(rank_memory.BatchParser(), "per_rank_batch", 8, "Images per rank per step, or "
              "'auto': the most that fit this rank's share of the node's memory.",
              serializer=flags.ArgumentSerializer())
+flags.DEFINE_float("memory_per_rank_gb", 0, "The memory a rank may use, for --per_rank_batch="
+                   "auto and its warning; 0: its share of what its node has available now "
+                   "(a job's own limit, as Slurm's --mem, is not seen: give it here).",
+                   lower_bound=0)
 flags.DEFINE_float("epochs", 52, "Training epochs (may be fractional).")
 # 0.01 at a global batch of 8 learns on one node (the quick configuration's rate); the
 # authors' 0.001 at 32, tuned for 8 nodes, barely moves a one-node run of batch 8
@@ -152,6 +158,7 @@ def build_model(image_shape, num_classes, input_dtype, standardization=None):
 class Run:
     """What the training loop works with, set up once by main()."""
     model: tf.keras.Model
+    optimizer: tf.keras.optimizers.Optimizer
     schedule: lr_schedule.WarmupThenDecay
     train_step: object
     predict: object
@@ -173,6 +180,7 @@ class Run:
 class Outcome:
     """What the training loop leaves: where it stopped, its evaluations and speed."""
     global_batch: int
+    accumulate: int  # micro-batches of --per_rank_batch each rank takes per step
     step: int = 0
     history: list = dataclasses.field(default_factory=list)
     metrics: dict = None
@@ -183,19 +191,25 @@ class Outcome:
 
 
 def train(run, progress):
-    """Steps progress.step + 1 to run.total_steps, on the ranks there are now."""
-    global_batch = per_rank_images() * hvd.size()
+    """Steps progress.step + 1 to run.total_steps, on the ranks there are now, which
+    make the plan's global batch (more micro-batches each when fewer)."""
+    accumulate = elastic.micro_batches(progress.global_batch, FLAGS.per_rank_batch, hvd.size())
+    train_step = run.train_step
+    if accumulate != FLAGS.accumulate_steps:
+        train_step = optimization.make_train_step(
+            run.model, run.optimizer, len(run.manifest["classes"]), accumulate=accumulate)
     first = progress.step
-    outcome = Outcome(global_batch, noise=optimization.GradientNoiseScale(FLAGS.per_rank_batch,
-                                                                          global_batch))
+    outcome = Outcome(progress.global_batch, accumulate, noise=optimization.GradientNoiseScale(
+        FLAGS.per_rank_batch, progress.global_batch))
     # A resumed run draws a new order of its data: the images of a broken-off epoch
     # are not all replayed in the order they came, but the step count and schedule are.
     batches = training_data.named_data_errors(iter(run.make_data("train", training_data.feed(
-        per_rank_images(), training=True, seed=FLAGS.seed + first))), run.manifest, "train")
+        FLAGS.per_rank_batch * accumulate, training=True, seed=FLAGS.seed + first))),
+        run.manifest, "train")
     eval_data = run.make_data("eval", training_data.feed(FLAGS.per_rank_batch, provenance=True))
     window = run_log.StepTimer()
     for step in range(first + 1, run.total_steps + 1):
-        loss = train_one_step(run, step, *next(batches), outcome.noise)
+        loss = train_one_step(run, train_step, step, *next(batches), outcome.noise)
         for timer in (window, outcome.timer):  # tracing the graph is not throughput
             timer.skip() if step == first + 1 else timer.add(loss)
         if window.steps and (step % FLAGS.log_every == 0 or step == run.total_steps):
@@ -220,8 +234,8 @@ def train(run, progress):
     return outcome
 
 
-def train_one_step(run, step, images, labels, noise):
-    loss, small_norm2, big_norm2 = (float(x) for x in run.train_step(images, labels))
+def train_one_step(run, train_step, step, images, labels, noise):
+    loss, small_norm2, big_norm2 = (float(x) for x in train_step(images, labels))
     noise.add(small_norm2, big_norm2)
     if not math.isfinite(loss):
         raise FloatingPointError(
@@ -299,20 +313,11 @@ def stop_on_signal(run, step, signum):
     sys.exit(128 + signum)
 
 
-def train_elastic(run, model, optimizer, start_step):
-    """When workers leave or join, the others restore the last commit (made with each
-    checkpoint) and run train() again on the ranks there are then."""
-    state = checkpoints.ElasticState(model.variables + optimizer.variables, step=start_step)
-    state.register_reset_callbacks([lambda: log(
-        f"workers changed: going on with {hvd.size()} from step {state.step}")])
-    return hvd.elastic.run(lambda progress: train(run, progress))(state)
-
-
 def log_start(run, precision_why, start_step):
     manifest, model = run.manifest, run.model
     log(f"M-CNN: {model.count_params():,} parameters, images {tuple(manifest['image_shape'])} "
         f"{manifest['dtype']}, {len(manifest['classes'])} classes; data {manifest['source']}")
-    for note in mcnn_model.describe_input(manifest):
+    for note in model_files.describe_input(manifest):
         log(note)
     accumulated = (f" x {FLAGS.accumulate_steps} micro-batches"
                    if FLAGS.accumulate_steps > 1 else "")
@@ -362,7 +367,8 @@ def main(argv):
     train_count = manifest["splits"]["train"]["count"]
     memory = memory_estimate(manifest)
     FLAGS.per_rank_batch = rank_memory.choose_per_rank_batch(
-        FLAGS.per_rank_batch, memory, train_count // (hvd.size() * FLAGS.accumulate_steps))
+        FLAGS.per_rank_batch, memory, train_count // (hvd.size() * FLAGS.accumulate_steps),
+        FLAGS.memory_per_rank_gb)
     # Horovod 3: the global batch grows with the ranks, and the learning rate with it.
     global_batch = per_rank_images() * hvd.size()
     steps_per_epoch = train_count // global_batch
@@ -393,19 +399,22 @@ def main(argv):
     changed = run_log.changed_flags(FLAGS.model_dir) if start_step and hvd.rank() == 0 else {}
     finished = start_step >= total_steps
     if hvd.rank() == 0 and not finished:
-        mcnn_model.record_data(FLAGS.model_dir, manifest)
+        model_files.record_data(FLAGS.model_dir, manifest)
     writer = run_log.open_log(FLAGS.model_dir) if hvd.rank() == 0 and not finished else None
     predict = evaluation.make_predict(model, image_shape, dtype)
-    run = Run(model, schedule, train_step, predict, make_data, manifest, manager, writer,
+    run = Run(model, optimizer, schedule, train_step, predict, make_data, manifest, manager, writer,
               steps_per_epoch, total_steps, max(1, round(FLAGS.eval_every * steps_per_epoch)),
               rank_threads, memory, checkpoints.StopSignals(), time.time(), changed)
     log_start(run, precision_why, start_step)
     if finished:
         return run_end.already_finished(run)
-    outcome = (train_elastic(run, model, optimizer, start_step) if FLAGS.elastic
-               else train(run, checkpoints.Progress(start_step)))
-    run_end.finish(run, outcome, start_step, [sys.modules[__name__], optimization,
-                                              training_data, checkpoints, threads, sizing])
+    if FLAGS.elastic:
+        outcome = elastic.run(lambda progress: train(run, progress),
+                              model.variables + optimizer.variables, start_step, global_batch,
+                              FLAGS.per_rank_batch)
+    else:
+        outcome = train(run, elastic.Progress(start_step, global_batch))
+    run_end.finish(run, outcome, start_step)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ flags.DEFINE_bool("skip_bad_records", False, "Check every record first and train
 plates.define_conversion_flags(flags)
 FLAGS = flags.FLAGS
 PLATES_ONLY = ("bin", "illumination", "illumination_sigma", "illumination_fields")
+SHARDS_ONLY = ("shuffle_buffer", "skip_bad_records")
 SYNTHETIC_ONLY = ("image_height", "image_width", "synthetic_classes",
                   "synthetic_compounds_per_class", "synthetic_fields_per_treatment")
 
@@ -71,19 +72,19 @@ def open_data(seed):
     """(manifest, batches(split, feed)) for the synthetic screen, a data set or plates."""
     if FLAGS.data_dir and FLAGS.image_table:
         raise app.UsageError("give --data_dir or --image_table, not both")
-    given = [name for name in PLATES_ONLY if FLAGS[name].present]
-    if given and not FLAGS.image_table:
-        raise app.UsageError(f"--{', --'.join(given)} appl{'ies' if len(given) == 1 else 'y'} "
-                             f"to plates read with --image_table; "
-                             f"a data set was binned and corrected when it was converted (its "
-                             f"manifest says how)")
+    if not FLAGS.image_table:
+        refuse_given(PLATES_ONLY, "to plates read with --image_table; a data set was binned and "
+                     "corrected when it was converted (its manifest says how)")
     if FLAGS.image_table:
+        refuse_given(SYNTHETIC_ONLY, "to synthetic data only; with --image_table the TIFFs give "
+                     "the field's size and the tables the classes")
+        refuse_given(SHARDS_ONLY, "to data sets and the synthetic screen; straight from TIFFs "
+                     "every epoch reads all fields in a new order, and every file is checked "
+                     "before training")
         return open_plates(seed)
     if FLAGS.data_dir:
-        given = [name for name in SYNTHETIC_ONLY if FLAGS[name].present]
-        if given:
-            raise app.UsageError(f"--{', --'.join(given)} apply to synthetic data only; "
-                                 f"with --data_dir the manifest gives the image shape and classes")
+        refuse_given(SYNTHETIC_ONLY, "to synthetic data only; with --data_dir the manifest gives "
+                     "the image shape and classes")
         data_dir = FLAGS.data_dir
     else:
         data_dir = synthetic_dataset(
@@ -93,6 +94,17 @@ def open_data(seed):
     manifest = data_pipeline.read_manifest(data_dir)
     good = good_records(manifest) if FLAGS.skip_bad_records else None
     return manifest, lambda split, feed: data_pipeline.make_dataset(manifest, split, feed, good)
+
+
+def refuse_given(names, applies):
+    """A UsageError naming the flags of `names` given other values than their defaults,
+    which apply only `applies` (a phrase: 'to ...; why'). Defaults pass, so that a run's
+    flags.txt, which lists every flag, reruns it."""
+    given = [name for name in names if FLAGS[name].present
+             and FLAGS[name].value != FLAGS[name].default]
+    if given:
+        raise app.UsageError(f"--{', --'.join(given)} appl{'ies' if len(given) == 1 else 'y'} "
+                             f"{applies}")
 
 
 def open_plates(seed):

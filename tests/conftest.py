@@ -18,6 +18,21 @@ import tf_env  # noqa: F401,E402  (before TensorFlow, as in every script)
 LAUNCH = os.path.join(ROOT, "launch")
 
 
+# Tests that train ranks under mpirun, start Slurm, convert screens or sweep the
+# benchmark: `-m "not slow"` leaves them out for a fast tier; CI and ./launch test run
+# them all. (Single tests elsewhere are marked where they are.)
+SLOW_MODULES = {"test_benchmark", "test_cluster", "test_field_sizes", "test_horovod_training",
+                "test_illumination", "test_prepare_data", "test_reliability", "test_studies",
+                "test_time_to_accuracy"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if (item.module.__name__ in SLOW_MODULES
+                or "two_rank_run" in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def run(command, timeout=900, **kwargs):
     """Runs a command, failing the test with its output if it fails."""
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)

@@ -16,6 +16,7 @@ def test_benchmark_reports_its_figures_per_precision(tmp_path):
                   f"--synthetic_cache={tmp_path / 'data'}", "--image_height=128",
                   "--image_width=128", "--synthetic_classes=2", "--synthetic_compounds_per_class=1",
                   "--synthetic_fields_per_treatment=4", "--per_rank_batch=2", "--steps=2",
+                  "--accumulate_steps=2", "--optimizer=lars",
                   "--input_batches=2", "--repeats=1", "--parts=roofline,train,columns,input",
                   "--precisions=float32,mixed_bfloat16"])
     results = json.loads(output.read_text())
@@ -27,6 +28,9 @@ def test_benchmark_reports_its_figures_per_precision(tmp_path):
     for precision in ("float32", "mixed_bfloat16"):
         check_figures(results[precision])
         assert results[precision]["precision"] == precision
+        # what training runs: its optimizer, and 2 micro-batches of 2 per step
+        assert results[precision]["optimizer"] == "lars"
+        assert results[precision]["accumulate_steps"] == 2
 
 
 def check_figures(figures):

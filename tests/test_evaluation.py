@@ -98,3 +98,12 @@ def test_the_evaluation_page_shows_every_picture(tmp_path):
     assert "<td>0.7500 (4 held-out treatments)</td>" in text
     assert "<td>none (no treatment of another batch)</td>" in text
     assert '<a href="fields.csv">fields.csv</a>' in text
+
+
+def test_a_treatment_takes_its_fields_majority_and_a_tie_the_class_listed_first():
+    """(predict.py's treatments take the same vote.)"""
+    fields = pd.DataFrame({"compound": ["x"] * 4 + ["y"] * 3, "concentration": ["1"] * 7,
+                           "label": [1] * 4 + [2] * 3, "prediction": [2, 1, 2, 1, 0, 2, 2]})
+    votes = evaluation.treatment_votes(fields, 3)
+    assert votes["prediction"].tolist() == [1, 2] and votes["fields"].tolist() == [4, 3]
+    assert evaluation.majority_vote([2, 1, 2, 1], 3) == 1

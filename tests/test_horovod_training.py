@@ -26,6 +26,10 @@ def test_two_ranks_train_and_write_checkpoint_and_summary(two_rank_run):
     assert summary["final_accuracy"] >= 0.5  # 3 classes: chance is 0.33
     assert summary["images_per_sec"] > 0
     assert summary["flags"]["per_rank_batch"] == 4
+    # every flag of the project's scripts, whichever module defines it
+    assert {"split", "bin", "time_budget_minutes", "shuffle_buffer", "momentum",
+            "intra_op_threads", "checkpoint_every"} <= set(summary["flags"])
+    assert "logtostderr" not in summary["flags"]  # absl's own
     assert tf.train.latest_checkpoint(model_dir / "checkpoints").endswith("ckpt-120")
     assert (model_dir / "flags.txt").read_text().count("--per_rank_batch=4") == 1
     assert "held-out accuracy" in stdout and "images/s" in stdout
@@ -222,11 +226,12 @@ def test_speed_and_memory_options_train_on_two_ranks(two_rank_run, tmp_path):
         f"--synthetic_cache={data}", f"--model_dir={tmp_path / 'model'}",
         "--image_height=128", "--image_width=128", "--synthetic_classes=3",
         "--synthetic_compounds_per_class=2", "--synthetic_fields_per_treatment=8",
-        "--per_rank_batch=auto", "--recompute", "--precision=mixed_bfloat16",
+        "--per_rank_batch=auto", "--memory_per_rank_gb=8", "--recompute",
+        "--precision=mixed_bfloat16",
         "--fp16_allreduce", "--fusion_threshold_mb=1", "--optimizer=lars", "--base_lr=1",
         "--epochs=2", "--warmup_epochs=1"])
     summary = json.loads((tmp_path / "model" / "summary.json").read_text())
-    # auto: at 128 x 128 memory allows any batch, so one rank's share of the 48 images
+    # auto: 8 GB a rank hold any batch at 128 x 128, so one rank's share of the 48 images
     assert summary["global_batch"] == 48 and summary["steps"] == 2
     assert summary["ranks_in_sync"] is True
     assert "--per_rank_batch=auto: 24 images per rank" in result.stdout

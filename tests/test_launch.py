@@ -120,3 +120,13 @@ def test_authors_recipe_flag_file_gives_their_schedule():
         assert [round(float(schedule(s)), 6) for s in (0, 200, 2000)] == [0.001, 0.008, 0.0001]
     finally:
         FLAGS.unparse_flags()
+
+
+def test_elastic_workers_get_the_environment_of_mpirun_ranks():
+    bound = exported(dry_run("--", "--per_rank_batch=8"))
+    elastic = dry_run("--elastic", "--", "--per_rank_batch=8")
+    runner = next(i for i, word in enumerate(elastic) if word.endswith("horovodrun"))
+    assert elastic[0] == "env"
+    given = dict(word.split("=", 1) for word in elastic[1:runner])
+    # all but the compact thread pinning, which only ranks bound to their cores get
+    assert given == {k: v for k, v in bound.items() if k != "KMP_AFFINITY"}

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 import mcnn_model
+import model_files
 import tf_env
 from conftest import ROOT, run
 
@@ -79,12 +80,12 @@ def test_standardized_input_is_each_channel_to_mean_0_and_spread_1_and_exported_
     # prediction builds it from the model dir's manifest, with the same statistics
     manifest = {"image_shape": [200, 300, 3], "classes": ["a", "b", "c"], "dtype": "uint8",
                 "input_standardization": statistics}
-    mcnn_model.record_data(str(tmp_path), manifest)
-    mcnn_model.export(model, str(tmp_path))
-    loaded, _ = mcnn_model.load_trained(str(tmp_path))
+    model_files.record_data(str(tmp_path), manifest)
+    model_files.export(model, str(tmp_path))
+    loaded, _ = model_files.load_trained(str(tmp_path))
     np.testing.assert_allclose(loaded(images), model(images), rtol=1e-5, atol=1e-5)
     assert any("standardized per channel" in note and "mean [0.100, 0.300, 0.050]" in note
-               for note in mcnn_model.describe_input(manifest))
+               for note in model_files.describe_input(manifest))
     with pytest.raises(ValueError, match="a positive std per channel"):
         mcnn_model.build_mcnn((128, 128, 3), 3, standardization={"mean": [0], "std": [1]})
 
@@ -265,9 +266,9 @@ def test_a_model_trained_in_one_precision_predicts_in_the_other(tmp_path, traine
     images = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3), np.uint8)
     expected = model(images).numpy()
 
-    mcnn_model.record_data(str(tmp_path), manifest)
-    mcnn_model.export(model, str(tmp_path))
-    loaded, _ = mcnn_model.load_trained(str(tmp_path), predicting)
+    model_files.record_data(str(tmp_path), manifest)
+    model_files.export(model, str(tmp_path))
+    loaded, _ = model_files.load_trained(str(tmp_path), predicting)
     assert loaded.get_layer("merge_conv").compute_dtype == (
         "bfloat16" if predicting == "mixed_bfloat16" else "float32")
     np.testing.assert_allclose(loaded(images), expected, rtol=0.05, atol=0.05)

@@ -13,17 +13,16 @@ import sizing
 from conftest import ROOT, launch_two_ranks, run
 
 # In a process of its own: Horovod is initialised there, not in pytest's process
-# (whose later tests start mpirun). The rank's memory is set, not read off this machine.
+# (whose later tests start mpirun). The rank's memory is given, not read off this machine.
 CHOOSE_BATCH = """
 import json, sys
 import horovod.tensorflow as hvd
 import rank_memory
 hvd.init()
-rank_memory.usable_memory_gb = lambda: rank_memory.MEMORY_SAFETY * float(sys.argv[1])
 requested, recompute = sys.argv[2], sys.argv[3] == "recompute"
 memory = rank_memory.RankMemory((1024, 1280, 3), 6, 1, "float32", recompute, 64)
 batch = rank_memory.choose_per_rank_batch(requested if requested == "auto" else int(requested),
-                                          memory, 1000)
+                                          memory, 1000, per_rank_gb=float(sys.argv[1]))
 print(json.dumps({"batch": batch, "needs": memory.gb(batch), "next_needs": memory.gb(batch + 1)}))
 """
 
@@ -96,6 +95,7 @@ def test_the_size_shrinks_until_enough_epochs_fit():
     assert sizing.image_size_that_fits((128, 128), 1, 10, 100, 0, 1) == ((128, 128), 1)
 
 
+@pytest.mark.slow
 def test_a_run_follows_the_size_and_epochs_it_chose_and_says_why(tmp_path):
     command = [os.path.join(ROOT, "train_mcnn.py"), [
         f"--synthetic_cache={tmp_path / 'data'}", f"--model_dir={tmp_path / 'model'}",
