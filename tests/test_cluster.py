@@ -13,6 +13,8 @@ import pytest
 
 from conftest import ROOT, Run, small_run
 
+CRED_EXPIRE = 10  # seconds; Slurm's default, 120, also holds a requeued job that long
+
 SBATCH_SCRIPT = os.path.join(ROOT, "slurm", "mcnn.sbatch")
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
 SLURM_PROGRAMS = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo"]
@@ -65,7 +67,8 @@ class OneNodeSlurm:
         node = socket.gethostname().split(".")[0]
         self.conf.write_text("\n".join([
             "ClusterName=mcnntest", f"SlurmctldHost={node}(127.0.0.1)", "SlurmUser=root",
-            "AuthType=auth/munge", f"AuthInfo=socket={self.folder / 'munge.socket'}",
+            "AuthType=auth/munge",
+            f"AuthInfo=socket={self.folder / 'munge.socket'},cred_expire={CRED_EXPIRE}",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2",
             f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
@@ -152,7 +155,10 @@ def test_a_preempted_slurm_job_checkpoints_requeues_itself_and_resumes_to_the_en
         job = slurm.job(job_id)
         return job["Restarts"] == "1" or job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED")
     wait_for(requeued, 300, f"job {job_id} to requeue itself")
-    # Slurm holds a requeued job for a while (BeginTime, 2-3 minutes here): start it now.
+    # Slurm holds a requeued job for a while (BeginTime), and a job started again before
+    # its old credential expires is killed ("Job credential revoked"): wait that out,
+    # then start it.
+    time.sleep(CRED_EXPIRE + 2)
     slurm.command("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
 
     def finished():
