@@ -36,7 +36,6 @@ import training_data
 
 FLAGS = flags.FLAGS
 STEPS = 2  # per phase: the first traces the step, the second runs it as every later one
-PHASES = ("runtime", "state", "step", "input")
 
 
 def steps(train_step, batches, count):
@@ -54,7 +53,7 @@ def batch_in_memory(manifest, images):
 
 
 def measure():
-    """{phase: peak RSS in GB after it} for PHASES, with the batch and what was run."""
+    """{phase: peak RSS in GB after it} (runtime, state, step, input), with the batch and what was run."""
     train_mcnn.init_horovod()
     threads.configure_threads()
     train_mcnn.resolve_precision()

@@ -122,7 +122,7 @@ class FusedSGD(tf.keras.optimizers.SGD):
     new tensor, several copies of `fc_512`'s 42M weights at once at full size."""
 
     def update_step(self, gradient, variable):
-        if isinstance(gradient, tf.IndexedSlices) or not self.momentums:
+        if isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable)
         accumulator = self.momentums[self._index_dict[self._var_key(variable)]]
         tf.raw_ops.ResourceApplyKerasMomentum(

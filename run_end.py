@@ -24,9 +24,10 @@ from run_log import log
 FLAGS = flags.FLAGS
 
 
-def write_summary(run, outcome, start_step, seconds, in_sync, peaks):
+def write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected):
     """summary.json, written whole or not at all, with every flag of the project's
-    scripts; `peaks` is each rank's peak resident memory in GB."""
+    scripts; `peaks` is each rank's peak resident memory in GB, `expected` the
+    estimate's parts (RankMemory.parts)."""
     global_batch, timer, metrics = outcome.global_batch, outcome.timer, outcome.metrics
     images_per_sec = timer.steps * global_batch / timer.seconds if timer.steps else None
     summary = {
@@ -43,8 +44,8 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks):
         "ranks_per_node": hvd.local_size(),
         "threads_per_rank": dataclasses.asdict(run.threads),
         "peak_rss_gb_by_rank": peaks,
-        "memory_expected_gb": run.memory.gb(FLAGS.per_rank_batch),
-        "memory_expected_parts_gb": run.memory.parts(FLAGS.per_rank_batch),
+        "memory_expected_gb": sum(expected.values()),
+        "memory_expected_parts_gb": expected,
         "ranks_in_sync": in_sync,
         "resumed_from_step": start_step,
         "flags_changed_on_resume": run.changed_on_resume,
@@ -82,14 +83,15 @@ def finish(run, outcome, start_step):
     seconds = time.time() - run.started
     in_sync = optimization.weights_in_sync(run.model)
     peaks = hvd.allgather_object(round(rank_memory.peak_rss_gb(), 3), name="peak_rss_gb")
+    expected = run.memory.parts(FLAGS.per_rank_batch)
     if hvd.rank() == 0:
         log(f"Held-out results at the end (split: "
             f"{run.manifest.get('split', {}).get('by', 'as given')}): "
             f"{evaluation.format_per_class(outcome.metrics)}")
         log(f"peak memory of a rank: {max(peaks):.2f} GB"
             + (f" (the least {min(peaks):.2f})" if len(peaks) > 1 else "")
-            + f"; expected {run.memory.gb(FLAGS.per_rank_batch):.2f} GB")
-        path = write_summary(run, outcome, start_step, seconds, in_sync, peaks)
+            + f"; expected {sum(expected.values()):.2f} GB")
+        path = write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected)
         log(f"Pictures of the evaluation: {draw_evaluation(run, outcome)}")
         checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
         log(f"Done in {seconds:.1f} s: held-out accuracy {outcome.metrics['accuracy']:.4f} "

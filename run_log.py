@@ -66,12 +66,11 @@ NOT_THE_RUN = ("resume", "overwrite")  # how it was started, not what it trains
 def project_flags():
     """{name: value} of every flag the project's scripts define, whichever runs (absl's
     and TensorFlow's own left out)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    return {flag.name: flag.value
+    scripts = {name[:-3] for name in os.listdir(os.path.dirname(os.path.abspath(__file__)))
+               if name.endswith(".py")}
+    return {flag.name: flag.value  # a script run as __main__ is named by its path
             for module, defined in flags.FLAGS.flags_by_module_dict().items()
-            if os.path.isfile(os.path.join(here, os.path.basename(module).removesuffix(".py")
-                                           + ".py"))
-            for flag in defined}
+            if os.path.splitext(os.path.basename(module))[0] in scripts for flag in defined}
 
 
 def recorded_flags(model_dir):
