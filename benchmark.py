@@ -46,6 +46,7 @@ import memory_probe
 import optimization
 import plates
 import rank_memory
+import run_plan
 import synthetic_data
 import threads
 import time_to_accuracy
@@ -81,9 +82,9 @@ def median_seconds(run, repeats):
     return statistics.median(times)
 
 
-def roofline():
-    """In the compute precision of --precision (bf16 has its own roofline)."""
-    dtype = tf.keras.mixed_precision.Policy(FLAGS.precision).compute_dtype
+def roofline(precision):
+    """In the compute precision of `precision` (bf16 has its own roofline)."""
+    dtype = tf.keras.mixed_precision.Policy(precision).compute_dtype
     images = tf.random.uniform((1, 512, 640, 32), dtype=dtype)
     kernel = tf.random.uniform((5, 5, 32, 32), dtype=dtype)
     matrix = tf.random.uniform((4096, 4096), dtype=dtype)
@@ -96,14 +97,13 @@ def roofline():
     }
 
 
-def train_throughput(manifest, make_data):
-    """Training images/s from memory and from the input pipeline, with achieved GFLOP/s."""
-    classes = manifest["classes"]
-    model = train_mcnn.build_model(tuple(manifest["image_shape"]), len(classes),
-                                   data_pipeline.DTYPES[manifest["dtype"]])
-    optimizer = optimization.make_optimizer(0.001)
-    train_step = train_mcnn.make_train_step(model, optimizer, len(classes))  # as trained:
-    pipeline = iter(make_data("train", training_batches()))  # --optimizer, --accumulate_steps
+def train_throughput(plan, make_data):
+    """Training images/s of `plan` from memory and from the input pipeline, with achieved
+    GFLOP/s."""
+    model = plan.model.build()
+    optimizer = optimization.make_optimizer(0.001, plan.recipe)
+    train_step = plan.train_step(model, optimizer)  # as trained: its optimizer, micro-batches
+    pipeline = iter(make_data("train", training_batches(plan)))
     in_memory = next(pipeline)
 
     def steps(batches, step=train_step):
@@ -116,12 +116,11 @@ def train_throughput(manifest, make_data):
 
     memory_s = median_seconds(lambda: steps(repeat(in_memory)), FLAGS.repeats)
     pipeline_s = median_seconds(lambda: steps(pipeline), FLAGS.repeats)
-    images = FLAGS.steps * train_mcnn.per_rank_images()
+    images = FLAGS.steps * plan.per_rank_images
     train_gflop = 3 * mcnn_model.forward_flops(model) / 1e9
     figures = {}
     if hvd.size() > 1:
-        local_step = optimization.make_train_step(model, optimizer, len(classes), average=False,
-                                                  accumulate=FLAGS.accumulate_steps)
+        local_step = plan.train_step(model, optimizer, average=False)
         local_s = median_seconds(lambda: steps(repeat(in_memory), local_step), FLAGS.repeats)
         figures = allreduce_time(model)
         exposed = max(0.0, (memory_s - local_s) / FLAGS.steps)
@@ -130,9 +129,9 @@ def train_throughput(manifest, make_data):
     return {
         **figures,
         "ranks": hvd.size(),
-        "per_rank_batch": FLAGS.per_rank_batch,
-        "accumulate_steps": FLAGS.accumulate_steps,
-        "optimizer": FLAGS.optimizer,
+        "per_rank_batch": plan.per_rank_batch,
+        "accumulate_steps": plan.accumulate_steps,
+        "optimizer": plan.recipe.optimizer,
         "images_per_sec": images * hvd.size() / pipeline_s,  # full size, all ranks
         "train_gflop_per_image": train_gflop,
         "images_per_sec_memory": images / memory_s,
@@ -153,23 +152,23 @@ def allreduce_time(model):
             "allreduce_seconds": seconds}
 
 
-def column_profile(manifest):
+def column_profile(plan):
     """Where a training step's compute goes: forward and backward of each scale
     column alone, its GFLOP/s, and its share of the columns' time."""
-    model = train_mcnn.build_model(tuple(manifest["image_shape"]), len(manifest["classes"]),
-                                   data_pipeline.DTYPES[manifest["dtype"]])
-    dtype = tf.keras.mixed_precision.Policy(FLAGS.precision).compute_dtype
+    model = plan.model.build()
+    dtype = tf.keras.mixed_precision.Policy(plan.model.precision).compute_dtype
+    batch = plan.per_rank_batch
     figures, seconds = {}, {}
     for column in (layer for layer in model.layers if isinstance(layer, mcnn_model.ScaleColumn)):
-        images = tf.random.uniform((FLAGS.per_rank_batch, *column.config["input_shape"]),
+        images = tf.random.uniform((batch, *column.config["input_shape"]),
                                    dtype=dtype)
         seconds[column.name] = median_seconds(
             lambda: float(backward_of(column, images)), FLAGS.repeats)
-        gflop = 3 * mcnn_model.forward_flops(column.column) * FLAGS.per_rank_batch / 1e9
+        gflop = 3 * mcnn_model.forward_flops(column.column) * batch / 1e9
         figures[f"{column.name}_gflops"] = gflop / seconds[column.name]
     total = sum(seconds.values())
     figures.update({f"{name}_time_share": s / total for name, s in seconds.items()})
-    figures["columns_seconds_per_image"] = total / FLAGS.per_rank_batch
+    figures["columns_seconds_per_image"] = total / batch
     return figures
 
 
@@ -181,13 +180,13 @@ def backward_of(layer, inputs):
     return tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in gradients])
 
 
-def input_throughput(manifest, make_data):
+def input_throughput(plan, manifest, make_data):
     """The input pipeline alone: TFRecords, and TIFFs decoded in tf.data (synthetic only)."""
     def rate(batches):
-        return FLAGS.input_batches * train_mcnn.per_rank_images() / median_seconds(
+        return FLAGS.input_batches * plan.per_rank_images / median_seconds(
             lambda: [next(batches) for _ in range(FLAGS.input_batches)], FLAGS.repeats)
 
-    figures = {"tfrecord_images_per_sec": rate(iter(make_data("train", training_batches())))}
+    figures = {"tfrecord_images_per_sec": rate(iter(make_data("train", training_batches(plan))))}
     screen = manifest["source"].replace("_by-compound", "_screen")
     if not FLAGS.data_dir and os.path.isdir(screen):
         fields, description = plates.prepare_fields(
@@ -195,30 +194,31 @@ def input_throughput(manifest, make_data):
                                                 FLAGS.seed))
         tiffs = {**description, "dtype": "uint8"}
         figures["tiff_images_per_sec"] = rate(iter(data_pipeline.make_tiff_dataset(
-            fields[fields["split"] == "train"], tiffs, training_batches())))
+            fields[fields["split"] == "train"], tiffs, training_batches(plan))))
         figures["tiff_vs_tfrecord_ratio"] = (figures["tiff_images_per_sec"]
                                              / figures["tfrecord_images_per_sec"])
     return figures
 
 
-def training_batches():
+def training_batches(plan):
     """This rank's training input as a training run reads it: a step's images at a time."""
-    return training_data.feed(train_mcnn.per_rank_images(), training=True, seed=FLAGS.seed)
+    return training_data.feed(plan.per_rank_images, training=True, seed=plan.seed)
 
 
-def run_part(command, env=None):
-    """Figures of benchmark.py --parts=train run as `command` (its own process or mpirun)."""
+def run_part(command, precision, env=None):
+    """Figures of benchmark.py --parts=train at `precision`, run as `command` (its own
+    process or mpirun)."""
     with tempfile.TemporaryDirectory() as folder:
         output = os.path.join(folder, "figures.json")
         result = subprocess.run(
             command + ["--parts=train", f"--output={output}", f"--steps={FLAGS.steps}",
-                       f"--repeats={FLAGS.repeats}", f"--precisions={FLAGS.precision}"]
+                       f"--repeats={FLAGS.repeats}", f"--precisions={precision}"]
             + passed_flags(),
             env={**os.environ, **(env or {})}, capture_output=True, text=True)
         if result.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
         with open(output) as f:
-            return json.load(f)[FLAGS.precision]
+            return json.load(f)[precision]
 
 
 # What run_part and the sweeps set themselves in the processes they start.
@@ -240,22 +240,23 @@ def training_flags():
     return passed_flags(own | {"precision"})
 
 
-def memory_sweep():
+def memory_sweep(precision):
     """A training rank's peak memory, phase by phase, over --memory_batches and checked
     at --memory_check_batch (memory_probe.sweep)."""
     return memory_probe.sweep([int(b) for b in FLAGS.memory_batches], FLAGS.memory_check_batch,
-                              FLAGS.precision, training_flags())
+                              precision, training_flags())
 
 
-def onednn_sweep():
+def onednn_sweep(precision):
     """oneDNN on against off, at batch 1: without it a full-size step takes seconds."""
-    on = run_part(benchmark_process() + ["--per_rank_batch=1"])["images_per_sec_memory"]
-    off = run_part(benchmark_process() + ["--per_rank_batch=1"],
+    on = run_part(benchmark_process() + ["--per_rank_batch=1"],
+                  precision)["images_per_sec_memory"]
+    off = run_part(benchmark_process() + ["--per_rank_batch=1"], precision,
                    {"TF_ENABLE_ONEDNN_OPTS": "0"})["images_per_sec_memory"]
     return {"onednn_off_images_per_sec": off, "onednn_speedup": on / off}
 
 
-def scaling_sweep():
+def scaling_sweep(precision):
     """1 rank x every core against one rank per core, both placed by ./launch: the
     scaling efficiency, the time of one allreduce of all gradients, and how much of
     it the training step hides behind compute."""
@@ -263,8 +264,8 @@ def scaling_sweep():
     launch = [os.path.join(os.path.dirname(here), "launch"), "train", "--program", here]
     batch = f"--per_rank_batch={FLAGS.per_rank_batch}"
     cores = len(os.sched_getaffinity(0))
-    one_rank = run_part(launch + ["--", batch])
-    ranks = run_part(launch + ["--ranks-per-socket", str(cores), "--", batch])
+    one_rank = run_part(launch + ["--", batch], precision)
+    ranks = run_part(launch + ["--ranks-per-socket", str(cores), "--", batch], precision)
     return {
         "one_rank_images_per_sec": one_rank["images_per_sec"],
         f"{cores}_ranks_images_per_sec": ranks["images_per_sec"],
@@ -347,27 +348,28 @@ def precisions():
     return sorted(chosen, reverse=True)
 
 
-def measure(manifest, make_data):
-    """The figures of --parts at FLAGS.precision."""
+def measure(precision, plan, manifest, make_data):
+    """The figures of --parts at `precision`, of `plan` on the data set `manifest` (both
+    None when only time_to_accuracy, which opens data of its own, is measured)."""
     figures = {}
     if "roofline" in FLAGS.parts:
-        figures.update(roofline())
+        figures.update(roofline(precision))
     if "train" in FLAGS.parts:
-        figures.update(train_throughput(manifest, make_data))
+        figures.update(train_throughput(plan, make_data))
         if "conv5x5_gflops" in figures:
             figures["roofline_fraction"] = figures["achieved_gflops"] / figures["conv5x5_gflops"]
     if "columns" in FLAGS.parts:
-        figures.update(column_profile(manifest))
+        figures.update(column_profile(plan))
     if "input" in FLAGS.parts:
-        figures.update(input_throughput(manifest, make_data))
+        figures.update(input_throughput(plan, manifest, make_data))
     for name, sweep in SWEEPS.items():
         if name in FLAGS.parts:
-            figures.update(sweep())
+            figures.update(sweep(precision))
     if "scaling" in FLAGS.parts:
         for noise_scale in FLAGS.noise_scales:
             figures.update(projected_time_to_accuracy(figures, float(noise_scale)))
     if "time_to_accuracy" in FLAGS.parts:
-        figures.update(time_to_accuracy.measure(training_flags(), FLAGS.precision))
+        figures.update(time_to_accuracy.measure(training_flags(), precision))
     return figures
 
 
@@ -384,15 +386,10 @@ def main(argv):
     if set(FLAGS.parts) - {"time_to_accuracy"}:  # whose runs open data of their own
         manifest, make_data = training_data.open_data(FLAGS.seed)
         results["image_shape"] = manifest["image_shape"]
-    requested_batch = FLAGS.per_rank_batch  # 'auto' fits each precision's memory anew
-    for precision in precisions():
-        FLAGS.precision, FLAGS.per_rank_batch = precision, requested_batch
-        if manifest:
-            FLAGS.per_rank_batch = rank_memory.choose_per_rank_batch(
-                FLAGS.per_rank_batch, train_mcnn.memory_estimate(manifest),
-                manifest["splits"]["train"]["count"] // hvd.size(), FLAGS.memory_per_rank_gb)
+    for precision in precisions():  # each its own plan: 'auto' fits its memory anew
+        plan = manifest and run_plan.resolve(manifest, precision, "as measured", rank_threads)
         results[precision] = {"precision": precision, "recompute": FLAGS.recompute,
-                              **measure(manifest, make_data)}
+                              **measure(precision, plan, manifest, make_data)}
     if {"float32", "mixed_bfloat16"} <= results.keys() and "train" in FLAGS.parts:
         results["bf16_speedup"] = (results["mixed_bfloat16"]["images_per_sec"]
                                    / results["float32"]["images_per_sec"])

@@ -16,8 +16,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 
 import numpy as np
 import tf_env  # noqa: F401  (before TensorFlow)
@@ -104,52 +102,21 @@ def finish_dataset(staging, output_dir, manifest):
     os.rename(staging, output_dir)
 
 
-def write_dataset(output_dir, splits, classes, image_shape, images_per_shard,
-                  dtype="uint8", extra_manifest=None):
-    """Writes `splits` ({name: iterable of (image, label, provenance)}) as shards + manifest.
-
-    Everything goes to a temporary sibling folder that is renamed to `output_dir`
-    only when complete, so an interrupted run never leaves a data set that looks whole.
-    """
-    image_shape = tuple(int(d) for d in image_shape)
-    output_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
-    try:
-        manifest = {"format": FORMAT, "classes": list(classes), "image_shape": list(image_shape),
-                    "dtype": dtype, "splits": {}, **(extra_manifest or {})}
-        for split, examples in splits.items():
-            manifest["splits"][split] = _write_split(
-                staging, split, checked(examples, split, len(classes), image_shape, dtype),
-                len(classes), images_per_shard)
-        finish_dataset(staging, output_dir, manifest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
+def split_entry(files, labels, num_classes):
+    """A split as the manifest records it: its shard `files` (names in the data set's
+    folder), its field count and the fields of each class (`labels`, class indices)."""
+    return {"files": list(files), "count": len(labels),
+            "class_counts": np.bincount(np.asarray(labels, int), minlength=num_classes).tolist()}
 
 
-def checked(examples, split, num_classes, image_shape, dtype):
-    for count, (image, label, provenance) in enumerate(examples, start=1):
-        if image.shape != image_shape or image.dtype != np.dtype(dtype):
-            raise ValueError(f"{split} example {count}: image is {image.dtype} {image.shape}, "
-                             f"the data set is {dtype} {image_shape}")
-        if not 0 <= label < num_classes:
-            raise ValueError(f"{split} example {count}: label {label} outside 0..{num_classes - 1}")
-        yield image, label, provenance
-
-
-def _write_split(folder, split, examples, num_classes, images_per_shard):
-    files, class_counts, count = [], [0] * num_classes, 0
-    examples = iter(examples)
-    while chunk := list(itertools.islice(examples, images_per_shard)):
-        files.append(f"{split}-{len(files):05d}.tfrecord")
-        write_shard(os.path.join(folder, files[-1]), chunk)
-        for _, label, _ in chunk:
-            class_counts[label] += 1
-        count += len(chunk)
-    return {"files": files, "count": count, "class_counts": class_counts}
+def new_manifest(description, dtype, splits):
+    """The manifest of a data set of `splits` ({name: split_entry}) stored as `dtype`;
+    `description` holds its "classes" (names, in label order) and "image_shape"
+    (H, W, C), and whatever else its writer knows of the fields (channels, intensity
+    ranges, sources ...)."""
+    return {"format": FORMAT, **description, "classes": list(description["classes"]),
+            "image_shape": [int(d) for d in description["image_shape"]], "dtype": dtype,
+            "splits": splits}
 
 
 @contextlib.contextmanager

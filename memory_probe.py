@@ -30,6 +30,7 @@ import data_pipeline
 import errors
 import optimization
 import rank_memory
+import run_plan
 import threads
 import train_mcnn
 import training_data
@@ -55,31 +56,28 @@ def batch_in_memory(manifest, images):
 def measure():
     """{phase: peak RSS in GB after it} (runtime, state, step, input), with the batch and what was run."""
     train_mcnn.init_horovod()
-    threads.configure_threads()
-    train_mcnn.resolve_precision()
+    rank_threads = threads.configure_threads()
+    precision, why = run_plan.resolve_precision()
     manifest, make_data = training_data.open_data(FLAGS.seed)
     peaks = {"runtime": rank_memory.peak_rss_gb()}
-    classes = manifest["classes"]
-    model = train_mcnn.build_model(tuple(manifest["image_shape"]), len(classes),
-                                   data_pipeline.DTYPES[manifest["dtype"]],
-                                   training_data.input_standardization(manifest))
-    optimizer = optimization.make_optimizer(1e-6)
+    plan = run_plan.resolve(manifest, precision, why, rank_threads)
+    model = plan.model.build(training_data.input_standardization(manifest))
+    optimizer = optimization.make_optimizer(1e-6, plan.recipe)
     optimizer.build(model.trainable_variables)
-    train_step = train_mcnn.make_train_step(model, optimizer, len(classes))
+    train_step = plan.train_step(model, optimizer)
     peaks["state"] = rank_memory.peak_rss_gb()
-    images = train_mcnn.per_rank_images()
-    held = batch_in_memory(manifest, images)
+    held = batch_in_memory(manifest, plan.per_rank_images)
     steps(train_step, iter(lambda: held, None), STEPS)
     peaks["step"] = rank_memory.peak_rss_gb()
-    pipeline = make_data("train", training_data.feed(images, training=True, seed=FLAGS.seed))
+    pipeline = make_data("train", training_data.feed(plan.per_rank_images, training=True,
+                                                     seed=plan.seed))
     steps(train_step, iter(pipeline), STEPS)
     peaks["input"] = rank_memory.peak_rss_gb()
-    return {"per_rank_batch": FLAGS.per_rank_batch, "accumulate_steps": FLAGS.accumulate_steps,
-            "precision": FLAGS.precision, "recompute": FLAGS.recompute,
+    return {"per_rank_batch": plan.per_rank_batch, "accumulate_steps": plan.accumulate_steps,
+            "precision": plan.model.precision, "recompute": plan.model.recompute,
             "image_shape": manifest["image_shape"], "dtype": manifest["dtype"],
-            "parameters": model.count_params(), "shuffle_buffer": FLAGS.shuffle_buffer,
-            "peak_rss_gb": peaks,
-            "expected_gb": train_mcnn.memory_estimate(manifest).parts(FLAGS.per_rank_batch)}
+            "parameters": model.count_params(), "shuffle_buffer": plan.memory.shuffle_buffer,
+            "peak_rss_gb": peaks, "expected_gb": plan.memory.parts(plan.per_rank_batch)}
 
 
 def probe(batch, precision, given):

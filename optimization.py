@@ -7,50 +7,79 @@ The global batch is ranks x --per_rank_batch x --accumulate_steps: the learning-
 rule, the schedule and checkpoints follow it, so one node can run the authors'
 global batch of 256 exactly.
 """
+import dataclasses
+
 import numpy as np
 import tf_env  # noqa: F401  (before TensorFlow)
 from absl import flags
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-flags.DEFINE_enum("optimizer", "sgd", ["sgd", "lars", "adam", "adamw"], "sgd: SGD with Nesterov "
-                  "momentum (the authors'); lars: layer-wise adaptive rate scaling (You et al. "
-                  "2017); adam (Kingma and Ba 2015); adamw: Adam with decoupled weight decay "
-                  "(Loshchilov and Hutter 2019).")
-flags.DEFINE_float("momentum", 0.9, "Momentum (Nesterov for sgd; beta_1 for adam and adamw).")
-flags.DEFINE_float("lars_eta", 0.001, "LARS trust coefficient: a layer's rate is the learning "
-                   "rate x eta x |weights| / |gradient|.")
-flags.DEFINE_float("weight_decay", 5e-5, "L2 penalty on all weights; with adamw, the decay "
-                   "each step takes off the weights instead (w -= rate x this x w).")
-flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing of the cross-entropy.")
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a step turns a batch into an update: the loss's label smoothing and L2 weight
+    decay, the optimizer, and how gradients travel between ranks. Its defaults are the
+    authors' (Godinez et al. 2017; Datta et al. 2019, section 3: SGD with Nesterov
+    momentum 0.9, label smoothing 0.1)."""
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    lars_eta: float = 0.001
+    weight_decay: float = 5e-5
+    label_smoothing: float = 0.1
+    fp16_allreduce: bool = False
+    allreduce_groups: int = 0
+
+    @property
+    def l2(self):
+        """The L2 term's factor in the loss: adamw decays the weights in its update."""
+        return 0.0 if self.optimizer == "adamw" else self.weight_decay
+
+
+flags.DEFINE_enum("optimizer", Recipe.optimizer, ["sgd", "lars", "adam", "adamw"], "sgd: SGD "
+                  "with Nesterov momentum (the authors'); lars: layer-wise adaptive rate "
+                  "scaling (You et al. 2017); adam (Kingma and Ba 2015); adamw: Adam with "
+                  "decoupled weight decay (Loshchilov and Hutter 2019).")
+flags.DEFINE_float("momentum", Recipe.momentum, "Momentum (Nesterov for sgd; beta_1 for adam "
+                   "and adamw).")
+flags.DEFINE_float("lars_eta", Recipe.lars_eta, "LARS trust coefficient: a layer's rate is the "
+                   "learning rate x eta x |weights| / |gradient|.")
+flags.DEFINE_float("weight_decay", Recipe.weight_decay, "L2 penalty on all weights; with adamw, "
+                   "the decay each step takes off the weights instead (w -= rate x this x w).")
+flags.DEFINE_float("label_smoothing", Recipe.label_smoothing, "Label smoothing of the "
+                   "cross-entropy.")
 flags.DEFINE_integer("accumulate_steps", 1, "Micro-batches of --per_rank_batch whose gradients "
                      "each rank adds before one allreduce and one update.", lower_bound=1)
-flags.DEFINE_bool("fp16_allreduce", False, "Send gradients as fp16 in the allreduce.")
-flags.DEFINE_integer("allreduce_groups", 0, "0: Horovod's default, each gradient is sent as "
-                     "soon as it is ready, overlapping the backward pass; N: in N groups, "
-                     "each once all of its gradients are ready.")
+flags.DEFINE_bool("fp16_allreduce", Recipe.fp16_allreduce, "Send gradients as fp16 in the "
+                  "allreduce.")
+flags.DEFINE_integer("allreduce_groups", Recipe.allreduce_groups, "0: Horovod's default, each "
+                     "gradient is sent as soon as it is ready, overlapping the backward pass; "
+                     "N: in N groups, each once all of its gradients are ready.")
 FLAGS = flags.FLAGS
 
 
-def local_gradients(model, images, labels, num_classes):
+def recipe_from_flags():
+    """The Recipe of this program's flags."""
+    return Recipe(**{field.name: FLAGS[field.name].value for field in dataclasses.fields(Recipe)})
+
+
+def local_gradients(model, images, labels, num_classes, recipe):
     """Loss of this rank's batch and its gradients, weight decay included, not averaged."""
     cross_entropy = tf.keras.losses.CategoricalCrossentropy(
-        from_logits=True, label_smoothing=FLAGS.label_smoothing)
-    l2 = 0.0 if FLAGS.optimizer == "adamw" else FLAGS.weight_decay  # adamw: in the update
+        from_logits=True, label_smoothing=recipe.label_smoothing)
     with tf.GradientTape() as tape:
         logits = model(images, training=True)
         loss = cross_entropy(tf.one_hot(labels, num_classes), logits)
-        total = loss + l2 * tf.add_n([tf.nn.l2_loss(v) for v in model.trainable_variables])
+        total = loss + recipe.l2 * tf.add_n([tf.nn.l2_loss(v) for v in model.trainable_variables])
     return loss, tape.gradient(total, model.trainable_variables)
 
 
-def average_over_ranks(gradients):
+def average_over_ranks(gradients, recipe):
     """The mean of each gradient over all ranks, as hvd.DistributedGradientTape sends them:
-    each as soon as it is ready, or in --allreduce_groups groups."""
-    compression = hvd.Compression.fp16 if FLAGS.fp16_allreduce else hvd.Compression.none
-    if not FLAGS.allreduce_groups:
+    each as soon as it is ready, or in recipe.allreduce_groups groups."""
+    compression = hvd.Compression.fp16 if recipe.fp16_allreduce else hvd.Compression.none
+    if not recipe.allreduce_groups:
         return [hvd.allreduce(g, op=hvd.Average, compression=compression) for g in gradients]
-    groups = np.array_split(np.arange(len(gradients)), FLAGS.allreduce_groups)
+    groups = np.array_split(np.arange(len(gradients)), recipe.allreduce_groups)
     averaged = []
     for group in groups:
         averaged += hvd.grouped_allreduce([gradients[i] for i in group], op=hvd.Average,
@@ -58,25 +87,25 @@ def average_over_ranks(gradients):
     return averaged
 
 
-def batch_gradients(model, images, labels, num_classes, accumulate=1, average=True):
+def batch_gradients(model, images, labels, num_classes, recipe, accumulate=1, average=True):
     """(loss, gradients, small_norm2) of a step: the mean gradient of `accumulate`
     micro-batches that split this rank's `images`, averaged over all ranks (average=False,
     for benchmarks: this rank's own). small_norm2 is the mean squared norm of one
     micro-batch's gradient, over micro-batches and ranks: with the norm of the result,
     what the gradient noise scale is estimated from."""
     if accumulate == 1:  # no loop, so that each gradient's allreduce overlaps the backward pass
-        loss, gradients = local_gradients(model, images, labels, num_classes)
+        loss, gradients = local_gradients(model, images, labels, num_classes, recipe)
         small_norm2 = tf.linalg.global_norm(gradients) ** 2
     else:
         loss, gradients, small_norm2 = accumulated_gradients(model, images, labels, num_classes,
-                                                             accumulate)
+                                                             recipe, accumulate)
     if average and hvd.size() > 1:
-        gradients = average_over_ranks(gradients)
+        gradients = average_over_ranks(gradients, recipe)
         small_norm2 = hvd.allreduce(small_norm2, op=hvd.Average, name="small_batch_norm2")
     return loss, gradients, small_norm2
 
 
-def accumulated_gradients(model, images, labels, num_classes, accumulate):
+def accumulated_gradients(model, images, labels, num_classes, recipe, accumulate):
     """(mean loss, mean gradients, mean squared gradient norm) of `accumulate` equal
     micro-batches of `images`, one at a time: memory for one micro-batch's activations."""
     micro_images = tf.reshape(images, [accumulate, -1, *images.shape[1:]])
@@ -84,34 +113,36 @@ def accumulated_gradients(model, images, labels, num_classes, accumulate):
     total_loss, norm2 = tf.constant(0.0), tf.constant(0.0)
     sums = [tf.zeros_like(v) for v in model.trainable_variables]
     for i in tf.range(accumulate):
-        loss, gradients = local_gradients(model, micro_images[i], micro_labels[i], num_classes)
+        loss, gradients = local_gradients(model, micro_images[i], micro_labels[i], num_classes,
+                                          recipe)
         sums = [s + g for s, g in zip(sums, gradients)]
         norm2 += tf.linalg.global_norm(gradients) ** 2
         total_loss += loss
     return total_loss / accumulate, [s / accumulate for s in sums], norm2 / accumulate
 
 
-def make_train_step(model, optimizer, num_classes, average=True, accumulate=1):
+def make_train_step(model, optimizer, num_classes, recipe, accumulate=1, average=True):
     """train_step(images, labels) -> (loss, small_norm2, big_norm2): one update from
     this rank's per-rank batch x `accumulate` images."""
     @tf.function
     def train_step(images, labels):
         loss, gradients, small_norm2 = batch_gradients(model, images, labels, num_classes,
-                                                       accumulate, average)
+                                                       recipe, accumulate, average)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         return loss, small_norm2, tf.linalg.global_norm(gradients) ** 2
     return train_step
 
 
-def make_optimizer(learning_rate):
-    if FLAGS.optimizer == "lars":
-        return LARS(learning_rate, momentum=FLAGS.momentum, eta=FLAGS.lars_eta)
-    if FLAGS.optimizer == "adam":
-        return tf.keras.optimizers.Adam(learning_rate, beta_1=FLAGS.momentum)
-    if FLAGS.optimizer == "adamw":
-        return tf.keras.optimizers.AdamW(learning_rate, weight_decay=FLAGS.weight_decay,
-                                         beta_1=FLAGS.momentum)
-    return FusedSGD(learning_rate, momentum=FLAGS.momentum, nesterov=True)
+def make_optimizer(learning_rate, recipe):
+    """The Keras optimizer of recipe.optimizer; `learning_rate` a rate or a schedule."""
+    if recipe.optimizer == "lars":
+        return LARS(learning_rate, momentum=recipe.momentum, eta=recipe.lars_eta)
+    if recipe.optimizer == "adam":
+        return tf.keras.optimizers.Adam(learning_rate, beta_1=recipe.momentum)
+    if recipe.optimizer == "adamw":
+        return tf.keras.optimizers.AdamW(learning_rate, weight_decay=recipe.weight_decay,
+                                         beta_1=recipe.momentum)
+    return FusedSGD(learning_rate, momentum=recipe.momentum, nesterov=True)
 
 
 class FusedSGD(tf.keras.optimizers.SGD):

@@ -109,20 +109,17 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
     write_shards(todo, fields, staging, data, dtype, class_index,
                  workers or len(os.sched_getaffinity(0)), progress)
 
-    manifest = {
-        "format": data_pipeline.FORMAT, **data, "illumination": recorded_illumination,
-        "dtype": dtype,
+    splits = {side: data_pipeline.split_entry(
+        [n for n, _ in plan if n.startswith(side)],
+        fields.loc[fields["split"] == side, "moa"].map(class_index), len(classes))
+        for side in ("train", "eval")}
+    manifest = data_pipeline.new_manifest({
+        **data, "illumination": recorded_illumination,
         "split": {"by": split, "eval_fraction": eval_fraction, "seed": seed},
-        "splits": {side: {
-            "files": [n for n, _ in plan if n.startswith(side)],
-            "count": int((fields["split"] == side).sum()),
-            "class_counts": [int(((fields["split"] == side) & (fields["moa"] == c)).sum())
-                             for c in classes]} for side in ("train", "eval")},
         "sources": {"image_table": os.path.abspath(image_table),
                     "moa_table": os.path.abspath(moa_table),
                     "image_root": os.path.abspath(image_root) if image_root else None,
-                    "sha256": sources},
-    }
+                    "sha256": sources}}, dtype, splits)
     try:
         fields.drop(columns=[f"{k}_{c}" for c in channels for k in ("path", "page")]).to_csv(
             os.path.join(staging, FIELDS_CSV), index=False)

@@ -42,13 +42,14 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected):
         "ranks": hvd.size(),
         "nodes": hvd.cross_size(),
         "ranks_per_node": hvd.local_size(),
-        "threads_per_rank": dataclasses.asdict(run.threads),
+        "threads_per_rank": dataclasses.asdict(run.plan.threads),
         "peak_rss_gb_by_rank": peaks,
         "memory_expected_gb": sum(expected.values()),
         "memory_expected_parts_gb": expected,
         "ranks_in_sync": in_sync,
         "resumed_from_step": start_step,
         "flags_changed_on_resume": run.changed_on_resume,
+        "plan_changed_on_resume": run.plan_changed_on_resume,
         "bad_records_skipped": run.manifest.get("bad_records_skipped", 0),
         "global_batch": global_batch,
         "accumulate_steps": outcome.accumulate,
@@ -60,7 +61,7 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected):
         "gradient_norm2_estimate": outcome.noise.norm2,
         "gradient_noise_trace_estimate": outcome.noise.trace,
         "steps": outcome.step,
-        "epochs": round(outcome.step / run.steps_per_epoch, 3),
+        "epochs": round(outcome.step / run.plan.steps_per_epoch, 3),
         "data": run.manifest["source"],
         "image_shape": run.manifest["image_shape"],
         "bin": run.manifest.get("bin", 1),
@@ -72,6 +73,7 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected):
         "classes_split_by_field": metrics["split_by_field"],
         "split": run.manifest.get("split", {}).get("by"),
         "eval_history": outcome.history,
+        "plan": run.plan.as_dict(),
         "flags": run_log.project_flags(),
     }
     return run_log.write_json(os.path.join(FLAGS.model_dir, "summary.json"), summary)
@@ -83,7 +85,7 @@ def finish(run, outcome, start_step):
     seconds = time.time() - run.started
     in_sync = optimization.weights_in_sync(run.model)
     peaks = hvd.allgather_object(round(rank_memory.peak_rss_gb(), 3), name="peak_rss_gb")
-    expected = run.memory.parts(FLAGS.per_rank_batch)
+    expected = run.plan.memory.parts(run.plan.per_rank_batch)
     if hvd.rank() == 0:
         log(f"Held-out results at the end (split: "
             f"{run.manifest.get('split', {}).get('by', 'as given')}): "
@@ -107,7 +109,8 @@ def draw_evaluation(run, outcome):
     """Rank 0: evaluation_pictures of the last evaluation, with held-out fields of its
     own share as examples; the page's path."""
     classes = run.manifest["classes"]
-    eval_data = run.make_data("eval", training_data.feed(FLAGS.per_rank_batch, provenance=True))
+    eval_data = run.make_data("eval", training_data.feed(run.plan.per_rank_batch,
+                                                         provenance=True))
     examples = evaluation.example_fields(run.predict, iter(eval_data), len(classes))
     return evaluation_pictures.draw(
         os.path.join(FLAGS.model_dir, "evaluation"), os.path.basename(
@@ -116,7 +119,7 @@ def draw_evaluation(run, outcome):
 
 def already_finished(run):
     """A rerun of a finished run: nothing to train; the export, if it failed before."""
-    log(f"{FLAGS.model_dir} has finished its {run.total_steps} steps; nothing to do "
+    log(f"{FLAGS.model_dir} has finished its {run.plan.total_steps} steps; nothing to do "
         f"(raise --epochs to train on, or --noresume --overwrite to start afresh)")
     if hvd.rank() == 0 and not os.path.isdir(os.path.join(FLAGS.model_dir,
                                                            model_files.SAVED_MODEL)):

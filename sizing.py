@@ -17,7 +17,6 @@ import numpy as np
 import tensorflow as tf
 
 import mcnn_model
-import run_log
 from run_log import log
 
 flags.DEFINE_float("time_budget_minutes", 0, "Train for about this long: the epochs, and for "
@@ -32,9 +31,10 @@ EVAL_COST = 1 / 3  # an evaluated image costs a forward pass, a third of a train
 
 
 def images_per_second(model, make_train_step, batch, num_classes, steps=2):
-    """Global training images/s of `model`, from `steps` steps after a traced first
-    one; the slowest rank's time, so that every rank agrees."""
-    train_step = make_train_step(model, tf.keras.optimizers.SGD(1e-6), num_classes)
+    """Global training images/s of the Keras `model`, from `steps` steps of `batch`
+    random images after a traced first one, make_train_step(model, optimizer) making
+    the step; the slowest rank's time, so that every rank agrees."""
+    train_step = make_train_step(model, tf.keras.optimizers.SGD(1e-6))
     rng = np.random.default_rng(0)
     images = tf.constant(rng.integers(0, 256, (batch, *model.input.shape[1:])),
                          model.input.dtype)
@@ -103,19 +103,3 @@ def fit_epochs(rate, manifest, global_batch, eval_every, warmup_epochs):
         f"{global_batch}: {epochs} epochs of {counts['train']} images (about "
         f"{epochs * counts['train'] / rate / 60:.1f} minutes of steps)")
     return epochs
-
-
-def keep_previous_choices(model_dir):
-    """--time_budget_minutes, resuming the run in `model_dir`: it keeps the image size and
-    epochs its first run chose (they are in its flags.txt); measured again, they could
-    differ, and its checkpoint would not fit. Returns whether there were any."""
-    recorded = run_log.recorded_flags(model_dir)
-    chosen = {name: recorded[name] for name in ("image_height", "image_width", "epochs")
-              if name in recorded}
-    if not chosen:
-        return False
-    for name, value in chosen.items():
-        setattr(FLAGS, name, FLAGS[name].parser.parse(value))  # not marked as given
-    log(f"--time_budget_minutes: resuming {model_dir} with the choices of its first run "
-        f"({', '.join(f'--{k}={v}' for k, v in sorted(chosen.items()))})")
-    return True

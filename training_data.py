@@ -68,8 +68,9 @@ def feed(batch_size, training=False, provenance=False, seed=0):
                               FLAGS.shuffle_buffer, FLAGS.intensity_jitter)
 
 
-def open_data(seed):
-    """(manifest, batches(split, feed)) for the synthetic screen, a data set or plates."""
+def open_data(seed, field_size=None):
+    """(manifest, batches(split, feed)) for the synthetic screen, a data set or plates;
+    the synthetic screen's fields are `field_size` (height, width), or as the flags say."""
     if FLAGS.data_dir and FLAGS.image_table:
         raise app.UsageError("give --data_dir or --image_table, not both")
     if not FLAGS.image_table:
@@ -88,7 +89,7 @@ def open_data(seed):
         data_dir = FLAGS.data_dir
     else:
         data_dir = synthetic_dataset(
-            FLAGS.synthetic_cache, FLAGS.image_height, FLAGS.image_width,
+            FLAGS.synthetic_cache, *(field_size or (FLAGS.image_height, FLAGS.image_width)),
             FLAGS.synthetic_classes, FLAGS.synthetic_compounds_per_class,
             FLAGS.synthetic_fields_per_treatment, seed=seed)
     manifest = data_pipeline.read_manifest(data_dir)

@@ -23,7 +23,6 @@ NUM_CLASSES = 4
 
 
 def main(output):
-    optimization.FLAGS(["horovod_gradients"])  # the defaults: label smoothing, weight decay
     hvd.init()
     tf.keras.utils.set_random_seed(0)
     model = mcnn_model.build_mcnn((128, 128, 3), NUM_CLASSES)
@@ -34,10 +33,12 @@ def main(output):
     half = len(images) // hvd.size()
     mine = slice(hvd.rank() * half, (hvd.rank() + 1) * half)
 
-    _, split, _ = optimization.batch_gradients(model, images[mine], labels[mine], NUM_CLASSES)
-    _, whole, _ = optimization.batch_gradients(model, images, labels, NUM_CLASSES)
+    recipe = optimization.Recipe()  # the authors': label smoothing, weight decay
+    _, split, _ = optimization.batch_gradients(model, images[mine], labels[mine], NUM_CLASSES,
+                                               recipe)
+    _, whole, _ = optimization.batch_gradients(model, images, labels, NUM_CLASSES, recipe)
     _, accumulated, _ = tf.function(optimization.batch_gradients)(
-        model, images, labels, NUM_CLASSES, accumulate=2, average=False)
+        model, images, labels, NUM_CLASSES, recipe, accumulate=2, average=False)
     np.savez(f"{output}.rank{hvd.rank()}.npz",
              **{f"split_{i}": g.numpy() for i, g in enumerate(split)},
              **{f"whole_{i}": g.numpy() for i, g in enumerate(whole)},

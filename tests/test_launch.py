@@ -109,19 +109,6 @@ def test_shipped_flag_files_parse(flagfile):
         FLAGS.unparse_flags()
 
 
-def test_authors_recipe_flag_file_gives_their_schedule():
-    import train_mcnn
-    FLAGS = train_mcnn.FLAGS
-    try:
-        FLAGS(["train_mcnn.py", f"--flagfile={os.path.join(ROOT, 'experiments', 'authors_8_nodes.flags')}"])
-        # 8 nodes x 4 ranks x 8 images; ~10,240 training images: 40 steps an epoch.
-        schedule = train_mcnn.build_lr_schedule(global_batch=256, steps_per_epoch=40,
-                                                total_steps=2000)
-        assert [round(float(schedule(s)), 6) for s in (0, 200, 2000)] == [0.001, 0.008, 0.0001]
-    finally:
-        FLAGS.unparse_flags()
-
-
 def test_elastic_workers_get_the_environment_of_mpirun_ranks():
     bound = exported(dry_run("--", "--per_rank_batch=8"))
     elastic = dry_run("--elastic", "--", "--per_rank_batch=8")

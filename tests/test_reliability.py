@@ -428,7 +428,12 @@ def test_a_resume_on_other_data_is_refused_and_changed_flags_are_said(two_rank_r
     said = next(line for line in resumed.stdout.splitlines() if line.startswith("resuming"))
     assert "flags changed since its last start: --base_lr 0.02 -> 0.01, " in said
     assert "--epochs 20.0 -> 22.0" in said and f"--data_dir None -> {data}" in said
+    # and what the plan decides differently from the plan.json of its last start
+    assert "plan changed since its last start: ranks 2 -> 1, per_rank_batch 4 -> 8, " in said
+    assert "total_steps 120 -> 132" in said and "peak_lr 0.02 -> 0.01" in said
     summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["plan_changed_on_resume"]["total_steps"] == [120, 132]
+    assert json.loads((model_dir / "plan.json").read_text()) == summary["plan"]
     assert summary["steps"] == 132 and summary["resumed_from_step"] == 120
     assert summary["flags_changed_on_resume"]["epochs"] == ["20.0", "22.0"]
     assert summary["flags_changed_on_resume"]["base_lr"] == ["0.02", "0.01"]

@@ -110,7 +110,9 @@ def test_a_run_follows_the_size_and_epochs_it_chose_and_says_why(tmp_path):
     height, width, epochs = map(int, chosen.groups())
     summary = json.loads((tmp_path / "model" / "summary.json").read_text())
     assert summary["epochs"] == epochs > 1
-    assert summary["flags"]["image_height"] == height and summary["flags"]["image_width"] == width
+    assert summary["plan"]["model"]["image_shape"] == [height, width, 3]
+    assert summary["plan"]["epochs"] == epochs and summary["flags"]["image_height"] == 256
+    assert json.loads((tmp_path / "model" / "plan.json").read_text()) == summary["plan"]
     # it only shrinks, and says so when it does
     assert (height, width) in ((256, 256), (128, 128))
     assert ("the synthetic screen is made at 128 x 128" in result.stdout) == (height == 128)

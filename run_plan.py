@@ -1,0 +1,285 @@
+"""One plan per run: everything a training run decides, resolved once from its flags,
+its data set's manifest and the machine, then frozen.
+
+    flags, manifest, machine  ->  resolve()  ->  Plan  ->  the start line, plan.json
+                                                           beside the checkpoints,
+                                                           summary.json
+
+The decisions: the precision every rank computes in, the per-rank batch memory
+holds (--per_rank_batch=auto), the global batch and with it the peak learning rate
+(Goyal et al. 2017, section 2: the linear rule with a gradual warm-up), steps per
+epoch and in all, and under --time_budget_minutes the epochs and synthetic field size
+the measured speed affords. FLAGS are read, never written: the other scripts take
+from the plan what they need. A resumed run keeps the field size and epochs its
+first run measured (measured again they could differ, and its checkpoints would not
+fit), and says what else of its plan changed.
+"""
+import dataclasses
+import json
+import os
+
+import tf_env  # (before TensorFlow)
+from absl import app, flags
+import horovod.tensorflow as hvd
+
+import data_pipeline
+import lr_schedule
+import mcnn_model
+import optimization
+import rank_memory
+import run_log
+import sizing
+import threads
+import training_data
+from run_log import log
+
+flags.DEFINE(rank_memory.BatchParser(), "per_rank_batch", 8, "Images per rank per step, or "
+             "'auto': the most that fit this rank's share of the node's memory.",
+             serializer=flags.ArgumentSerializer())
+flags.DEFINE_float("memory_per_rank_gb", 0, "The memory a rank may use, for --per_rank_batch="
+                   "auto and its warning; 0: its share of what its node has available now "
+                   "(a job's own limit, as Slurm's --mem, is not seen: give it here).",
+                   lower_bound=0)
+flags.DEFINE_float("epochs", 52, "Training epochs (may be fractional).")
+# 0.01 at a global batch of 8 learns on one node (the quick configuration's rate); the
+# authors' 0.001 at 32, tuned for 8 nodes, barely moves a one-node run of batch 8
+# (experiments/authors_8_nodes.flags keeps it).
+flags.DEFINE_float("base_lr", 0.01, "Learning rate at --base_batch images; also the "
+                   "warm-up's starting rate.")
+flags.DEFINE_integer("base_batch", 8, "Global batch at which --base_lr was tuned.")
+flags.DEFINE_enum("lr_scaling", "linear", lr_schedule.SCALING_RULES,
+                  "How the peak rate grows with the global batch.")
+flags.DEFINE_float("warmup_epochs", 5, "Linear warm-up from --base_lr to the peak.")
+flags.DEFINE_enum("lr_decay", "linear", lr_schedule.DECAYS, "Decay after the warm-up.")
+flags.DEFINE_list("decay_epochs", [], "Epochs at which --lr_decay=step divides the rate by 10.")
+flags.DEFINE_float("end_lr", 1e-4, "Rate at the last step (linear, cosine); floor for step.")
+flags.DEFINE_float("eval_every", 1, "Evaluate on the held-out split every this many epochs "
+                   "(may be fractional: 0.25 evaluates four times an epoch).")
+flags.DEFINE_integer("seed", 0, "Seed for weights, shuffling and augmentation.")
+# Initial weights (the architecture is the published one either way)
+flags.DEFINE_enum("initializer", "glorot_uniform", ["glorot_uniform", "he_normal"],
+                  "Initial kernels of the convolutions (all ReLU layers): Glorot as the "
+                  "authors, or He et al. 2015's for ReLU. The dense layers stay Glorot.")
+# Execution
+flags.DEFINE_enum("data_format", "channels_last", ["channels_last", "channels_first"],
+                  "Layout of the convolutions.")
+flags.DEFINE_enum("precision", "auto", tf_env.PRECISIONS,
+                  "mixed_bfloat16: bf16 compute, fp32 weights and checkpoints; auto: "
+                  "mixed_bfloat16 where the CPU has native bf16 (AMX or AVX512-BF16).")
+flags.DEFINE_bool("recompute", False, "Recompute each scale column's activations in the "
+                  "backward pass: about a third more compute, much less memory per image.")
+flags.register_validator("eval_every", lambda epochs: epochs > 0,
+                         message="--eval_every must be more than 0 epochs")
+FLAGS = flags.FLAGS
+
+PLAN_FILE = "plan.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The M-CNN a run builds: fields of `image_shape` (height, width, channels) as
+    stored in `input_dtype` (uint8, uint16, float32), computed in `precision`."""
+    image_shape: tuple
+    num_classes: int
+    input_dtype: str
+    precision: str  # float32 or mixed_bfloat16, as resolved
+    recompute: bool
+    data_format: str
+    initializer: str
+
+    @property
+    def stored_dtype(self):
+        """The tf.DType of the fields as stored and fed."""
+        return data_pipeline.DTYPES[self.input_dtype]
+
+    def build(self, standardization=None):
+        """The Keras model (mcnn_model.build_mcnn); `standardization` as
+        training_data.input_standardization gives it, or None for pixels / 255."""
+        return mcnn_model.build_mcnn(
+            self.image_shape, self.num_classes, self.data_format, self.stored_dtype,
+            self.recompute, self.precision, standardization, self.initializer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a training run decided, frozen. Batches count images; a step is one update
+    of global_batch = ranks x per_rank_batch x accumulate_steps images."""
+    model: Model
+    precision_why: str
+    ranks: int
+    nodes: int
+    threads: threads.Threads
+    per_rank_batch: int  # images of one micro-batch
+    accumulate_steps: int  # micro-batches a rank adds up before each update
+    global_batch: int
+    train_fields: int
+    steps_per_epoch: int
+    epochs: float
+    total_steps: int
+    eval_steps: int  # the held-out split is evaluated every this many steps
+    base_lr: float
+    peak_lr: float
+    lr_scaling: str
+    warmup_steps: int
+    lr_decay: str
+    end_lr: float
+    decay_steps: tuple
+    recipe: optimization.Recipe
+    memory: rank_memory.RankMemory
+    seed: int
+
+    @property
+    def per_rank_images(self):
+        """Images a rank reads for one update: its batch, or its micro-batches."""
+        return self.per_rank_batch * self.accumulate_steps
+
+    def learning_rate(self):
+        """The schedule: warm-up from base_lr to peak_lr, then lr_decay to end_lr."""
+        return lr_schedule.WarmupThenDecay(self.base_lr, self.peak_lr, self.warmup_steps,
+                                           self.total_steps, self.end_lr, self.lr_decay,
+                                           self.decay_steps)
+
+    def train_step(self, model, optimizer, accumulate=None, average=True):
+        """optimization.make_train_step of this plan's recipe; `accumulate` micro-batches
+        (default the plan's)."""
+        return optimization.make_train_step(model, optimizer, self.model.num_classes,
+                                            self.recipe, accumulate or self.accumulate_steps,
+                                            average)
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+    def write(self, model_dir):
+        """plan.json in model_dir, written whole or not at all."""
+        return run_log.write_json(os.path.join(model_dir, PLAN_FILE), self.as_dict())
+
+
+def read(model_dir):
+    """The plan.json of model_dir as a dict, or None without one."""
+    path = os.path.join(model_dir, PLAN_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def changes(previous, plan):
+    """{field: (then, now)} of the decisions a resumed run makes differently from the
+    plan.json of its last start (threads and memory, the machine's, left out)."""
+    now = json.loads(json.dumps(plan.as_dict()))  # tuples as lists, as read back
+    flat = {**now, **now.pop("model")}
+    then = {**previous, **previous.get("model", {})}
+    return {name: (then.get(name), value) for name, value in flat.items()
+            if name not in ("threads", "memory", "model", "precision_why")
+            and then.get(name) != value}
+
+
+def resolve_precision():
+    """(policy, why) of --precision: auto becomes the policy every rank's CPU runs best,
+    bf16 only where all have native bf16, so that ranks of mixed nodes compute alike."""
+    precision, why = tf_env.resolve_precision(FLAGS.precision)
+    if FLAGS.precision == "auto" and len(set(hvd.allgather_object(precision,
+                                                                  name="precision"))) > 1:
+        return "float32", "auto: not every rank's CPU has native bf16"
+    return precision, why
+
+
+def kept_choices(model_dir):
+    """A --time_budget_minutes run resumed: {image_height, image_width, epochs} its first
+    run chose (model_dir's plan.json), or {} for a run that starts here."""
+    previous = read(model_dir) if FLAGS.time_budget_minutes else None
+    if not previous:
+        return {}
+    height, width = previous["model"]["image_shape"][:2]
+    kept = {"image_height": height, "image_width": width, "epochs": previous["epochs"]}
+    log(f"--time_budget_minutes: resuming {model_dir} with the choices of its first run ("
+        + ", ".join(f"--{name}={value:g}" for name, value in sorted(kept.items())) + ")")
+    return kept
+
+
+def field_size(kept, precision):
+    """((height, width), rate): the synthetic screen's field size as kept, fitted to
+    --time_budget_minutes (sizing.fit_synthetic_size) with the global images/s measured
+    at it, or as given (rate None)."""
+    if "image_height" in kept:
+        return (kept["image_height"], kept["image_width"]), None
+    size = (FLAGS.image_height, FLAGS.image_width)
+    if not (FLAGS.time_budget_minutes and training_data.synthetic()):
+        return size, None
+    batch = 1 if FLAGS.per_rank_batch == "auto" else FLAGS.per_rank_batch
+    return sizing.fit_synthetic_size(
+        size, training_data.synthetic_split_counts(FLAGS.seed),
+        lambda size: measured_rate(model_of((*size, 3), FLAGS.synthetic_classes, "uint8",
+                                            precision), batch, FLAGS.accumulate_steps),
+        FLAGS.eval_every)
+
+
+def model_of(image_shape, num_classes, input_dtype, precision):
+    """The Model a run of these flags builds for fields of `image_shape` stored as
+    `input_dtype`."""
+    return Model(tuple(image_shape), num_classes, input_dtype, precision, FLAGS.recompute,
+                 FLAGS.data_format, FLAGS.initializer)
+
+
+def memory_estimate(model, accumulate):
+    """The RankMemory estimate of a training rank of `model` and these flags."""
+    return rank_memory.RankMemory(
+        model.image_shape, model.num_classes, model.stored_dtype.size,
+        model.precision, model.recompute,
+        0 if FLAGS.image_table else FLAGS.shuffle_buffer,  # TIFFs: no shuffle buffer
+        accumulate)
+
+
+def resolve(manifest, precision, precision_why, rank_threads, kept=None, rate=None):
+    """The Plan of this run on the data set `manifest`, on the ranks there are. `kept`:
+    kept_choices(); `rate`: global images/s already measured at this size, for
+    --time_budget_minutes (measured here if None). Raises app.UsageError when the split
+    makes no global batch or the warm-up is not shorter than the run."""
+    model = model_of(manifest["image_shape"], len(manifest["classes"]), manifest["dtype"],
+                     precision)
+    accumulate, train_fields = FLAGS.accumulate_steps, manifest["splits"]["train"]["count"]
+    memory = memory_estimate(model, accumulate)
+    per_rank_batch = rank_memory.choose_per_rank_batch(
+        FLAGS.per_rank_batch, memory, train_fields // (hvd.size() * accumulate),
+        FLAGS.memory_per_rank_gb)
+    global_batch = per_rank_batch * accumulate * hvd.size()
+    steps_per_epoch = train_fields // global_batch
+    if steps_per_epoch == 0:
+        raise app.UsageError(f"{train_fields} training images make no full global batch of "
+                             f"{global_batch} ({hvd.size()} ranks x --per_rank_batch x "
+                             f"--accumulate_steps)")
+    epochs = (kept or {}).get("epochs", FLAGS.epochs)
+    if FLAGS.time_budget_minutes and not kept:
+        epochs = sizing.fit_epochs(rate or measured_rate(model, per_rank_batch, accumulate),
+                                   manifest, global_batch, FLAGS.eval_every, FLAGS.warmup_epochs)
+    return Plan(
+        model=model, precision_why=precision_why, ranks=hvd.size(), nodes=hvd.cross_size(),
+        threads=rank_threads, per_rank_batch=per_rank_batch, accumulate_steps=accumulate,
+        global_batch=global_batch, train_fields=train_fields, steps_per_epoch=steps_per_epoch,
+        epochs=epochs, **steps_of(epochs, steps_per_epoch), base_lr=FLAGS.base_lr,
+        peak_lr=lr_schedule.scaled_learning_rate(FLAGS.base_lr, global_batch,
+                                                 FLAGS.base_batch, FLAGS.lr_scaling),
+        lr_scaling=FLAGS.lr_scaling, lr_decay=FLAGS.lr_decay, end_lr=FLAGS.end_lr,
+        recipe=optimization.recipe_from_flags(), memory=memory, seed=FLAGS.seed)
+
+
+def steps_of(epochs, steps_per_epoch):
+    """{total_steps, eval_steps, warmup_steps, decay_steps} of a run of `epochs`."""
+    total_steps = max(1, round(epochs * steps_per_epoch))
+    warmup_steps = round(FLAGS.warmup_epochs * steps_per_epoch)
+    if warmup_steps >= total_steps:
+        raise app.UsageError(f"--warmup_epochs={FLAGS.warmup_epochs} is not shorter than "
+                             f"--epochs={epochs:g}")
+    return {"total_steps": total_steps, "warmup_steps": warmup_steps,
+            "eval_steps": max(1, round(FLAGS.eval_every * steps_per_epoch)),
+            "decay_steps": tuple(round(float(e) * steps_per_epoch) for e in FLAGS.decay_epochs)}
+
+
+def measured_rate(model, per_rank_batch, accumulate):
+    """Global training images/s of a throwaway `model` (a Model) stepping on random
+    images as this run's recipe would (sizing.images_per_second)."""
+    recipe = optimization.recipe_from_flags()
+    return sizing.images_per_second(
+        model.build(), lambda keras_model, optimizer: optimization.make_train_step(
+            keras_model, optimizer, model.num_classes, recipe, accumulate),
+        per_rank_batch * accumulate, model.num_classes)
