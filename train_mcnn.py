@@ -266,7 +266,7 @@ def main(argv):
     rank_threads = threads.configure_threads()
     tf.keras.utils.set_random_seed(FLAGS.seed)
     # Horovod 3: the global batch grows with the ranks, and the learning rate with it
-    # (everything the run decides, once: plan.py).
+    # (everything the run decides, once: run_plan.py).
     precision, precision_why = run_plan.resolve_precision()
     kept = run_plan.kept_choices(FLAGS.model_dir) if FLAGS.resume else {}
     field_size, rate = run_plan.field_size(kept, precision)
