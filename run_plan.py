@@ -167,11 +167,10 @@ def changes(previous, plan):
     """{field: (then, now)} of the decisions a resumed run makes differently from the
     plan.json of its last start (threads and memory, the machine's, left out)."""
     now = json.loads(json.dumps(plan.as_dict()))  # tuples as lists, as read back
-    flat = {**now, **now.pop("model")}
+    now.update(now.pop("model"))
     then = {**previous, **previous.get("model", {})}
-    return {name: (then.get(name), value) for name, value in flat.items()
-            if name not in ("threads", "memory", "model", "precision_why")
-            and then.get(name) != value}
+    return {name: (then.get(name), value) for name, value in now.items()
+            if name not in ("threads", "memory", "precision_why") and then.get(name) != value}
 
 
 def resolve_precision():
@@ -184,11 +183,10 @@ def resolve_precision():
     return precision, why
 
 
-def kept_choices(model_dir):
+def kept_choices(previous, model_dir):
     """A --time_budget_minutes run resumed: {image_height, image_width, epochs} its first
-    run chose (model_dir's plan.json), or {} for a run that starts here."""
-    previous = read(model_dir) if FLAGS.time_budget_minutes else None
-    if not previous:
+    run chose (`previous`, the plan.json of model_dir), or {} for a run that starts here."""
+    if not (FLAGS.time_budget_minutes and previous):
         return {}
     height, width = previous["model"]["image_shape"][:2]
     kept = {"image_height": height, "image_width": width, "epochs": previous["epochs"]}
@@ -210,7 +208,8 @@ def field_size(kept, precision):
     return sizing.fit_synthetic_size(
         size, training_data.synthetic_split_counts(FLAGS.seed),
         lambda size: measured_rate(model_of((*size, 3), FLAGS.synthetic_classes, "uint8",
-                                            precision), batch, FLAGS.accumulate_steps),
+                                            precision), optimization.recipe_from_flags(),
+                                   batch, FLAGS.accumulate_steps),
         FLAGS.eval_every)
 
 
@@ -237,6 +236,7 @@ def resolve(manifest, precision, precision_why, rank_threads, kept=None, rate=No
     makes no global batch or the warm-up is not shorter than the run."""
     model = model_of(manifest["image_shape"], len(manifest["classes"]), manifest["dtype"],
                      precision)
+    recipe = optimization.recipe_from_flags()
     accumulate, train_fields = FLAGS.accumulate_steps, manifest["splits"]["train"]["count"]
     memory = memory_estimate(model, accumulate)
     per_rank_batch = rank_memory.choose_per_rank_batch(
@@ -250,8 +250,9 @@ def resolve(manifest, precision, precision_why, rank_threads, kept=None, rate=No
                              f"--accumulate_steps)")
     epochs = (kept or {}).get("epochs", FLAGS.epochs)
     if FLAGS.time_budget_minutes and not kept:
-        epochs = sizing.fit_epochs(rate or measured_rate(model, per_rank_batch, accumulate),
-                                   manifest, global_batch, FLAGS.eval_every, FLAGS.warmup_epochs)
+        rate = rate or measured_rate(model, recipe, per_rank_batch, accumulate)
+        epochs = sizing.fit_epochs(rate, manifest, global_batch, FLAGS.eval_every,
+                                   FLAGS.warmup_epochs)
     return Plan(
         model=model, precision_why=precision_why, ranks=hvd.size(), nodes=hvd.cross_size(),
         threads=rank_threads, per_rank_batch=per_rank_batch, accumulate_steps=accumulate,
@@ -260,7 +261,7 @@ def resolve(manifest, precision, precision_why, rank_threads, kept=None, rate=No
         peak_lr=lr_schedule.scaled_learning_rate(FLAGS.base_lr, global_batch,
                                                  FLAGS.base_batch, FLAGS.lr_scaling),
         lr_scaling=FLAGS.lr_scaling, lr_decay=FLAGS.lr_decay, end_lr=FLAGS.end_lr,
-        recipe=optimization.recipe_from_flags(), memory=memory, seed=FLAGS.seed)
+        recipe=recipe, memory=memory, seed=FLAGS.seed)
 
 
 def steps_of(epochs, steps_per_epoch):
@@ -275,10 +276,9 @@ def steps_of(epochs, steps_per_epoch):
             "decay_steps": tuple(round(float(e) * steps_per_epoch) for e in FLAGS.decay_epochs)}
 
 
-def measured_rate(model, per_rank_batch, accumulate):
+def measured_rate(model, recipe, per_rank_batch, accumulate):
     """Global training images/s of a throwaway `model` (a Model) stepping on random
-    images as this run's recipe would (sizing.images_per_second)."""
-    recipe = optimization.recipe_from_flags()
+    images as `recipe` would (sizing.images_per_second)."""
     return sizing.images_per_second(
         model.build(), lambda keras_model, optimizer: optimization.make_train_step(
             keras_model, optimizer, model.num_classes, recipe, accumulate),

@@ -268,7 +268,8 @@ def main(argv):
     # Horovod 3: the global batch grows with the ranks, and the learning rate with it
     # (everything the run decides, once: run_plan.py).
     precision, precision_why = run_plan.resolve_precision()
-    kept = run_plan.kept_choices(FLAGS.model_dir) if FLAGS.resume else {}
+    previous = run_plan.read(FLAGS.model_dir) if FLAGS.resume else None  # its last start's
+    kept = run_plan.kept_choices(previous, FLAGS.model_dir)
     field_size, rate = run_plan.field_size(kept, precision)
     manifest, make_data = training_data.open_data(FLAGS.seed, field_size)
     plan = run_plan.resolve(manifest, precision, precision_why, rank_threads, kept, rate)
@@ -294,7 +295,6 @@ def main(argv):
     finished = start_step >= plan.total_steps
     if hvd.rank() == 0 and start_step:
         run.changed_on_resume = run_log.changed_flags(FLAGS.model_dir)
-        previous = run_plan.read(FLAGS.model_dir)
         run.plan_changed_on_resume = run_plan.changes(previous, plan) if previous else {}
     if hvd.rank() == 0 and not finished:
         model_files.record_data(FLAGS.model_dir, manifest)
