@@ -23,7 +23,8 @@ timed runs after warm-up:
   several batches, a fixed part and a part per image fitted to them, and the fit's
   prediction checked at a larger batch (memory_probe.py); oneDNN off against on; 1 rank x every
   core against one rank per core placed by ./launch (scaling efficiency, the time
-  of one allreduce of all gradients, and how much of it the step hides);
+  of one allreduce of all gradients, and how much of it the step hides), and from
+  them the time to accuracy projected over nodes (node_projection.py);
 - time_to_accuracy (not by default: it trains to --target once per seed): epochs,
   steps, images and seconds to a held-out accuracy, as time_to_accuracy.py says.
 """
@@ -36,13 +37,15 @@ import tempfile
 import time
 
 import tf_env  # (before TensorFlow)
-from absl import app, flags
+from absl import flags
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
 import data_pipeline
+import errors
 import mcnn_model
 import memory_probe
+import node_projection
 import optimization
 import plates
 import rank_memory
@@ -65,9 +68,6 @@ flags.DEFINE_integer("steps", 5, "Timed training steps per repeat.")
 flags.DEFINE_integer("input_batches", 20, "Timed input batches per repeat (input alone).")
 flags.DEFINE_integer("repeats", 3, "Timed repeats; figures are their medians.")
 flags.DEFINE_string("output", "benchmark.json", "JSON file for the figures.")
-flags.DEFINE_list("noise_scales", ["72"], "Gradient noise scales B_noise to project the time "
-                  "to accuracy at, one projection each (72: measured in docs/batch_study.md "
-                  "on the synthetic screen; BBBC021's own is not measured).")
 FLAGS = flags.FLAGS
 
 
@@ -235,7 +235,7 @@ def passed_flags(leave_out=SET_BY_SWEEPS):
 
 def training_flags():
     """The flags this run was given that train_mcnn.py takes too: not the benchmark's."""
-    own = {flag.name for module in (sys.modules[__name__], time_to_accuracy)
+    own = {flag.name for module in (sys.modules[__name__], time_to_accuracy, node_projection)
            for flag in FLAGS.get_flags_for_module(module)}
     return passed_flags(own | {"precision"})
 
@@ -276,51 +276,6 @@ def scaling_sweep(precision):
         f"allreduce_exposed_seconds_{cores}ranks": ranks["allreduce_exposed_seconds"],
         f"allreduce_hidden_fraction_{cores}ranks": ranks["allreduce_hidden_fraction"],
     }
-
-
-# The time-to-accuracy projection's cluster and job, the authors' (docs/performance.md):
-# two-socket nodes of 2 x 20 cores, 4 ranks of 10 cores each, 100 Gb/s links; BBBC021's
-# ~9,900 training fields at 8 images per rank; 52 epochs reach the target at the global
-# batch of 256 of the authors' recipe.
-NODE_CORES, RANKS_PER_NODE, LINK_GBPS = 40, 4, 100
-TRAIN_IMAGES, PER_RANK_BATCH, EPOCHS, AT_BATCH = 9900, 8, 52, 256
-NODE_COUNTS = tuple(2 ** k for k in range(9))  # 1 to 256
-
-
-def epochs_to_target(global_batch, noise_scale):
-    """Epochs to the target at `global_batch`: E = E_min (1 + B / B_noise) (McCandlish et
-    al. 2018), with E_min such that AT_BATCH takes EPOCHS."""
-    smallest = EPOCHS / (1 + AT_BATCH / noise_scale)
-    return smallest * (1 + global_batch / noise_scale)
-
-
-def projected_hours(figures, nodes, noise_scale):
-    """Time to the target accuracy on `nodes` nodes, from the compute and allreduce
-    measured here and the epochs the global batch needs.
-
-    Assumes a core there trains as fast as a core here, ranks within a node scale
-    as 1 against `cores` ranks did here, the gradient allreduce is a ring over all
-    ranks limited by one link, hidden behind compute by the fraction measured here,
-    and the epochs grow with the global batch as epochs_to_target says."""
-    cores = len(os.sched_getaffinity(0))
-    per_core = figures["one_rank_images_per_sec"] / cores
-    rank_rate = per_core * NODE_CORES / RANKS_PER_NODE * figures[f"scaling_efficiency_{cores}ranks"]
-    ranks = nodes * RANKS_PER_NODE
-    allreduce = (2 * (ranks - 1) / ranks * figures["gradient_mb"] * 2 ** 20 * 8
-                 / (LINK_GBPS * 1e9)) if nodes > 1 else 0.0
-    exposed = allreduce * (1 - figures[f"allreduce_hidden_fraction_{cores}ranks"])
-    global_batch = ranks * PER_RANK_BATCH
-    steps = epochs_to_target(global_batch, noise_scale) * TRAIN_IMAGES / global_batch
-    return steps * (PER_RANK_BATCH / rank_rate + exposed) / 3600
-
-
-def projected_time_to_accuracy(figures, noise_scale):
-    """projected_hours_N_nodes_noiseB for N in NODE_COUNTS at B = noise_scale, and the
-    node count past which doubling the nodes saves less than a tenth of the time."""
-    hours = {n: projected_hours(figures, n, noise_scale) for n in NODE_COUNTS}
-    enough = next((n for n in NODE_COUNTS[:-1] if hours[2 * n] > 0.9 * hours[n]), None)
-    return {**{f"projected_hours_{n}_nodes_noise{noise_scale:g}": h for n, h in hours.items()},
-            f"nodes_past_which_doubling_saves_under_10pct_noise{noise_scale:g}": enough}
 
 
 def benchmark_process():
@@ -366,8 +321,8 @@ def measure(precision, plan, manifest, make_data):
         if name in FLAGS.parts:
             figures.update(sweep(precision))
     if "scaling" in FLAGS.parts:
-        for noise_scale in FLAGS.noise_scales:
-            figures.update(projected_time_to_accuracy(figures, float(noise_scale)))
+        figures.update(node_projection.projected_time_to_accuracy(
+            figures, len(os.sched_getaffinity(0))))
     if "time_to_accuracy" in FLAGS.parts:
         figures.update(time_to_accuracy.measure(training_flags(), precision))
     return figures
@@ -417,4 +372,4 @@ def report(results):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run_main(main)

@@ -13,7 +13,8 @@ and batch the fastest run of its rate sweep gives the steps to the target; steps
 fitted with the model of McCandlish et al. 2018 (An Empirical Model of Large-Batch
 Training, eq. 2.11): S = S_min (1 + B_noise / B), once with B_noise as the runs
 measured it and once with both free; perfect scaling halves the steps as the batch
-doubles (batch_study.csv, batch_study_best.csv, batch_study.png).
+doubles (batch_study.csv, batch_study_best.csv, batch_study.png, and the fits in
+batch_study_fit.json, which benchmark.py's node projection reads).
 """
 import json
 import math
@@ -21,6 +22,7 @@ import os
 
 import numpy as np
 import pandas as pd
+from matplotlib import ticker
 
 import tf_env  # noqa: F401  (before TensorFlow)
 from absl import app, flags
@@ -37,6 +39,7 @@ flags.DEFINE_string("output_dir", ".", "Where the tables and plots go.")
 FLAGS = flags.FLAGS
 
 NEVER = time_to_accuracy.NEVER  # and --target is time_to_accuracy's
+FIT_FILE = "batch_study_fit.json"
 
 
 # ---------------------------------------------------------------- the recipe study
@@ -109,16 +112,20 @@ def plot_recipes(table, path):
 def study_row(model_dir):
     """One run of the batch-size study: optimizer, global batch, peak rate, and the
     steps, epochs and images to its target (NaN if it never reached it: diverged, or
-    ended below it)."""
+    ended below it); None for a run still going or cut short (no summary.json and no
+    `diverged` file, which experiments/batch_study/run leaves beside a diverged run)."""
     run = {"run": os.path.basename(os.path.normpath(model_dir))}
+    path = os.path.join(model_dir, "summary.json")
+    diverged = not os.path.isfile(path)
+    if diverged and not os.path.isfile(os.path.join(model_dir, "diverged")):
+        return None
     given = run_log.recorded_flags(model_dir)
     batch = int(given["per_rank_batch"]) * int(given["accumulate_steps"])  # the study's one rank
     peak = lr_schedule.scaled_learning_rate(float(given["base_lr"]), batch,
                                             int(given["base_batch"]), given["lr_scaling"])
     run.update(optimizer=given["optimizer"], global_batch=batch, peak_lr=peak,
                target=float(given["target_accuracy"]))
-    path = os.path.join(model_dir, "summary.json")
-    if not os.path.isfile(path):  # stopped, as a diverging run does
+    if diverged:
         return {**run, "reached": False, "diverged": True}
     with open(path) as f:
         summary = json.load(f)
@@ -130,8 +137,12 @@ def study_row(model_dir):
 
 
 def study_table(model_dirs):
-    """One row per run (study_row), sorted by optimizer, batch and rate."""
-    table = pd.DataFrame([study_row(d) for d in model_dirs])
+    """One row per run that ended (study_row), sorted by optimizer, batch and rate;
+    runs that did not end are named on stdout and left out."""
+    rows = {d: study_row(d) for d in model_dirs}
+    for model_dir in (d for d, row in rows.items() if row is None):
+        print(f"left out, not ended: {model_dir}")
+    table = pd.DataFrame([row for row in rows.values() if row is not None])
     return table.sort_values(["optimizer", "global_batch", "peak_lr"]).reset_index(drop=True)
 
 
@@ -177,7 +188,9 @@ def fits(table, best):
             continue
         measured = measured_noise_scale(table[table["optimizer"] == optimizer])
         fitted_s_min, fitted_noise = fit_steps(runs["global_batch"], runs["steps_to_target"])
-        result[optimizer] = {"fitted_s_min": fitted_s_min, "fitted_noise_scale": fitted_noise,
+        result[optimizer] = {"global_batches": runs["global_batch"].astype(int).tolist(),
+                             "target": float(table["target"].iloc[0]),
+                             "fitted_s_min": fitted_s_min, "fitted_noise_scale": fitted_noise,
                              "measured_noise_scale": measured}
         if measured:
             result[optimizer]["s_min_at_measured"] = fit_steps(
@@ -223,6 +236,11 @@ def plot_batch_study(table, best, fitted, path):
     rate_ax.set(title="peak learning rate", xlabel="global batch", ylabel="rate",
                 xscale="log", yscale="log")
     for ax in (steps_ax, rate_ax):
+        ax.set_xticks(sorted(best["global_batch"].unique()))
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers, not powers of ten
+            axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            axis.set_minor_formatter(ticker.NullFormatter())
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     save(figure, path)
@@ -245,6 +263,8 @@ def main(argv):
         table.to_csv(os.path.join(FLAGS.output_dir, "batch_study.csv"), index=False)
         best.to_csv(os.path.join(FLAGS.output_dir, "batch_study_best.csv"), index=False)
         print(best.to_string(index=False))
+        with open(os.path.join(FLAGS.output_dir, FIT_FILE), "w") as f:
+            json.dump(fitted, f, indent=2)
         print(json.dumps(fitted, indent=2))
         plot_batch_study(table, best, fitted, os.path.join(FLAGS.output_dir,
                                                            "batch_study.png"))

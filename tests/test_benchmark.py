@@ -52,7 +52,7 @@ def test_benchmark_sweeps_run_their_own_processes_and_ranks(tmp_path):
          "--synthetic_classes=2", "--synthetic_compounds_per_class=1",
          "--synthetic_fields_per_treatment=8", "--per_rank_batch=2", "--steps=2", "--repeats=1",
          "--memory_batches=1,4", "--memory_check_batch=2", "--parts=memory,onednn,scaling", "--precisions=float32",
-         "--noise_scales=72,8192"])
+         "--noise_scales=curve,72,8192"])
     figures = json.loads(output.read_text())["float32"]
     # A training rank's phases, each in a process of its own: the runtime, the model's
     # state, the step alone and with its input pipeline, each peak above the last.
@@ -74,7 +74,9 @@ def test_benchmark_sweeps_run_their_own_processes_and_ranks(tmp_path):
     assert 0 <= figures[f"allreduce_hidden_fraction_{cores}ranks"] <= 1
     assert 4.3 < figures["gradient_mb"] < 4.5  # the 2-class 128 x 128 M-CNN: 1.15M fp32 weights
     nodes = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    for noise in ("72", "8192"):
+    # 'curve': the batch study's fitted B_noise (docs/batch_study_fit.json), beside numbers
+    assert figures["B_noise_sgd_curve"] > 0 and figures["B_noise_72"] == 72
+    for noise in ("sgd_curve", "72", "8192"):
         hours = [figures[f"projected_hours_{n}_nodes_noise{noise}"] for n in nodes]
         assert hours[0] > hours[3] > 0  # 8 nodes train to the target sooner than 1
         enough = figures[f"nodes_past_which_doubling_saves_under_10pct_noise{noise}"]

@@ -22,14 +22,18 @@ def test_the_noise_scale_model_is_recovered_from_steps_that_follow_it():
     assert noise == 100 and s_min == pytest.approx(44, rel=1e-6)
 
 
-def write_run(folder, optimizer, batch, base_lr, steps=None, noise=None):
-    """A model dir as train_mcnn.py leaves it: flags.txt, and summary.json unless it
-    diverged (steps None and noise None), with or without reaching the target."""
+def write_run(folder, optimizer, batch, base_lr, steps=None, noise=None, ended=True):
+    """A model dir as train_mcnn.py and experiments/batch_study/run leave it: flags.txt,
+    and summary.json unless it diverged (steps None and noise None: a `diverged` file)
+    or has not `ended`, with or without reaching the target."""
     folder.mkdir(parents=True)
     (folder / "flags.txt").write_text(
         f"--optimizer={optimizer}\n--per_rank_batch=8\n--accumulate_steps={batch // 8}\n"
         f"--base_lr={base_lr}\n--base_batch=8\n--lr_scaling=linear\n--target_accuracy=0.8\n")
+    if not ended:
+        return folder
     if steps is None and noise is None:
+        (folder / "diverged").touch()
         return folder
     reached = {"reached": steps is not None}
     if steps:
@@ -46,9 +50,11 @@ def test_the_batch_study_takes_each_batchs_fastest_rate_and_plots_the_model(tmp_
             write_run(tmp_path / "c", "sgd", 64, 0.01, 100, 120),
             write_run(tmp_path / "d", "sgd", 64, 0.02),  # diverged
             write_run(tmp_path / "e", "sgd", 512, 0.005, 48, 90),
-            write_run(tmp_path / "f", "sgd", 1024, 0.01, None, 70)]  # never reached
-    run([PYTHON, os.path.join(ROOT, "studies.py"), f"--output_dir={tmp_path / 'out'}",
-         f"--study_dirs={','.join(str(d) for d in dirs)}"])
+            write_run(tmp_path / "f", "sgd", 1024, 0.01, None, 70),  # never reached
+            write_run(tmp_path / "g", "sgd", 1024, 0.02, ended=False)]  # still going
+    printed = run([PYTHON, os.path.join(ROOT, "studies.py"), f"--output_dir={tmp_path / 'out'}",
+                   f"--study_dirs={','.join(str(d) for d in dirs)}"]).stdout
+    assert f"left out, not ended: {tmp_path / 'g'}" in printed
     best = pd.read_csv(tmp_path / "out" / "batch_study_best.csv")
     assert best["global_batch"].tolist() == [8, 64, 512, 1024]
     assert best["steps_to_target"].tolist()[:3] == [440, 100, 48]
@@ -56,6 +62,9 @@ def test_the_batch_study_takes_each_batchs_fastest_rate_and_plots_the_model(tmp_
     assert best["peak_lr"].tolist()[:3] == pytest.approx([0.01, 0.08, 0.32])
     table = pd.read_csv(tmp_path / "out" / "batch_study.csv")
     assert table["diverged"].tolist() == [False, False, False, True, False, False]
+    fit = json.loads((tmp_path / "out" / "batch_study_fit.json").read_text())["sgd"]
+    assert fit["global_batches"] == [8, 64, 512] and fit["measured_noise_scale"] == 100
+    assert fit["fitted_s_min"] > 0 and fit["fitted_noise_scale"] > 0
     assert plt.imread(tmp_path / "out" / "batch_study.png").shape[1] > 1000
 
 
