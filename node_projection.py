@@ -25,6 +25,17 @@ flags.DEFINE_string("batch_study_fit", os.path.join(HERE, "docs", "batch_study_f
                     f"(studies.py writes it), read for --noise_scales={CURVE}.")
 FLAGS = flags.FLAGS
 
+
+def _positive_numbers_or_curve(values):
+    try:
+        return all(value == CURVE or float(value) > 0 for value in values)
+    except ValueError:
+        return False
+
+
+flags.register_validator("noise_scales", _positive_numbers_or_curve,
+                         f"--noise_scales: give positive numbers or '{CURVE}'")
+
 # The cluster and job projected, the authors' (docs/performance.md): two-socket nodes of
 # 2 x 20 cores, 4 ranks of 10 cores each, 100 Gb/s links; BBBC021's ~9,900 training
 # fields at 8 images per rank; 52 epochs reach the target at the global batch of 256 of

@@ -55,6 +55,13 @@ def test_noise_scales_given_as_numbers_need_no_fit_and_go_beside_the_curves(tmp_
         assert node_projection.noise_scales() == {"sgd_curve": 1.8, "1024": 1024.0}
 
 
+def test_noise_scales_that_are_not_numbers_are_refused():
+    with pytest.raises(flags.IllegalFlagValueError, match="give positive numbers or 'curve'"):
+        FLAGS.noise_scales = ["72", "big"]
+    with pytest.raises(flags.IllegalFlagValueError):
+        FLAGS.noise_scales = ["0"]
+
+
 def test_a_missing_or_empty_fit_is_one_line_naming_the_flag(tmp_path):
     with flagsaver.flagsaver(batch_study_fit=str(tmp_path / "none.json")):
         with pytest.raises(errors.InputError, match="--batch_study_fit: cannot read .*none.json"):
