@@ -360,12 +360,13 @@ def report(results):
     def cell(value):
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
+    width = max(map(len, [*results, *rows]))
     for name, value in results.items():
         if name not in columns:
-            print(f"{name:36s} {cell(value)}")
-    print(f"{'':36s} " + " ".join(f"{name:>16s}" for name in columns))
+            print(f"{name:{width}s} {cell(value)}")
+    print(f"{'':{width}s} " + " ".join(f"{name:>16s}" for name in columns))
     for figure in rows:
-        print(f"{figure:36s} " + " ".join(
+        print(f"{figure:{width}s} " + " ".join(
             f"{cell(results[name].get(figure, '-')):>16s}" for name in columns))
     with open(FLAGS.output, "w") as f:
         json.dump(results, f, indent=2)
