@@ -116,8 +116,8 @@ def study_row(model_dir):
     `diverged` file, which experiments/batch_study/run leaves beside a diverged run)."""
     run = {"run": os.path.basename(os.path.normpath(model_dir))}
     path = os.path.join(model_dir, "summary.json")
-    diverged = not os.path.isfile(path)
-    if diverged and not os.path.isfile(os.path.join(model_dir, "diverged")):
+    diverged = not os.path.isfile(path) and os.path.isfile(os.path.join(model_dir, "diverged"))
+    if not (os.path.isfile(path) or diverged):
         return None
     given = run_log.recorded_flags(model_dir)
     batch = int(given["per_rank_batch"]) * int(given["accumulate_steps"])  # the study's one rank
