@@ -116,8 +116,9 @@ def study_row(model_dir):
     `diverged` file, which experiments/batch_study/run leaves beside a diverged run)."""
     run = {"run": os.path.basename(os.path.normpath(model_dir))}
     path = os.path.join(model_dir, "summary.json")
-    diverged = not os.path.isfile(path) and os.path.isfile(os.path.join(model_dir, "diverged"))
-    if not (os.path.isfile(path) or diverged):
+    ended = os.path.isfile(path)
+    diverged = not ended and os.path.isfile(os.path.join(model_dir, "diverged"))
+    if not (ended or diverged):
         return None
     given = run_log.recorded_flags(model_dir)
     batch = int(given["per_rank_batch"]) * int(given["accumulate_steps"])  # the study's one rank
@@ -263,8 +264,7 @@ def main(argv):
         table.to_csv(os.path.join(FLAGS.output_dir, "batch_study.csv"), index=False)
         best.to_csv(os.path.join(FLAGS.output_dir, "batch_study_best.csv"), index=False)
         print(best.to_string(index=False))
-        with open(os.path.join(FLAGS.output_dir, FIT_FILE), "w") as f:
-            json.dump(fitted, f, indent=2)
+        run_log.write_json(os.path.join(FLAGS.output_dir, FIT_FILE), fitted)
         print(json.dumps(fitted, indent=2))
         plot_batch_study(table, best, fitted, os.path.join(FLAGS.output_dir,
                                                            "batch_study.png"))
