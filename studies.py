@@ -1,7 +1,7 @@
 """Tables and plots of the studies, each a set of training runs to a target accuracy.
 
     python studies.py --recipe_dirs=runs/recipe_study/levers/baseline,... --output_dir=DIR
-    python studies.py --study_dirs=runs/batch_study/sgd_8_x1,... --output_dir=DIR
+    python studies.py --study_dirs=runs/batch_study/sgd_8_x1,... [--study_table=CSV] --output_dir=DIR
 
 The recipe study (experiments/recipe_study): one folder of time-to-accuracy runs per
 recipe (benchmark.py --parts=time_to_accuracy), epochs to --target per seed, read
@@ -14,7 +14,8 @@ fitted with the model of McCandlish et al. 2018 (An Empirical Model of Large-Bat
 Training, eq. 2.11): S = S_min (1 + B_noise / B), once with B_noise as the runs
 measured it and once with both free; perfect scaling halves the steps as the batch
 doubles (batch_study.csv, batch_study_best.csv, batch_study.png, and the fits in
-batch_study_fit.json, which benchmark.py's node projection reads).
+batch_study_fit.json, which node_projection.py reads). The runs' folders stay out of
+git: batch_study.csv is the study's record of them, and --study_table keeps its rows.
 """
 import json
 import math
@@ -27,6 +28,7 @@ from matplotlib import ticker
 import tf_env  # noqa: F401  (before TensorFlow)
 from absl import app, flags
 
+import errors
 import lr_schedule
 import run_log
 from plots import plt, save
@@ -35,6 +37,8 @@ import time_to_accuracy
 flags.DEFINE_list("recipe_dirs", [], "Folders of time-to-accuracy runs, one per recipe "
                   "(benchmark.py --parts=time_to_accuracy --model_dir=FOLDER).")
 flags.DEFINE_list("study_dirs", [], "Model dirs of the batch-size study's runs.")
+flags.DEFINE_string("study_table", None, "A batch_study.csv written before: its rows are "
+                    "kept for the runs not among --study_dirs (whose folders may be gone).")
 flags.DEFINE_string("output_dir", ".", "Where the tables and plots go.")
 FLAGS = flags.FLAGS
 
@@ -137,20 +141,38 @@ def study_row(model_dir):
             "gradient_noise_scale": summary.get("gradient_noise_scale")}
 
 
-def study_table(model_dirs):
-    """One row per run that ended (study_row), sorted by optimizer, batch and rate;
-    runs that did not end are named on stdout and left out."""
+def study_table(model_dirs, earlier=None):
+    """One row per run that ended (study_row), and the rows of `earlier` (a table this
+    function made before) for the runs not among them, sorted by optimizer, batch and
+    rate; runs that did not end are named on stdout and left out. Raises
+    errors.InputError if the runs were measured to different targets."""
     rows = {d: study_row(d) for d in model_dirs}
     for model_dir in (d for d, row in rows.items() if row is None):
         print(f"left out, not ended: {model_dir}")
-    table = pd.DataFrame([row for row in rows.values() if row is not None])
+    ended = [row for row in rows.values() if row is not None]
+    if earlier is not None:
+        fresh = {row["run"] for row in ended}
+        ended += [row for row in earlier.to_dict("records") if row["run"] not in fresh]
+    table = pd.DataFrame(ended)
+    if table["target"].nunique() > 1:
+        raise errors.InputError(f"the study's runs were measured to different targets "
+                                f"({', '.join(map(str, sorted(table['target'].unique())))}): "
+                                f"one study, one target")
     return table.sort_values(["optimizer", "global_batch", "peak_lr"]).reset_index(drop=True)
+
+
+def earlier_table(path):
+    """The rows of a batch_study.csv written before (--study_table); errors.InputError
+    naming the flag if there is no such file."""
+    if not os.path.isfile(path):
+        raise errors.InputError(f"--study_table={path}: no such file")
+    return pd.read_csv(path, float_precision="round_trip")
 
 
 def best_per_batch(table):
     """The fastest run to the target of each optimizer and global batch (NaN steps
     where none of its sweep reached it)."""
-    reached = table[table["reached"]].sort_values("steps_to_target")
+    reached = table[table["reached"]].sort_values(["steps_to_target", "run"])
     best = reached.groupby(["optimizer", "global_batch"], as_index=False).first()
     every = table[["optimizer", "global_batch"]].drop_duplicates()
     return every.merge(best, how="left").sort_values(["optimizer", "global_batch"])
@@ -249,16 +271,17 @@ def plot_batch_study(table, best, fitted, path):
 
 def main(argv):
     del argv
-    if not (FLAGS.recipe_dirs or FLAGS.study_dirs):
-        raise app.UsageError("give --recipe_dirs or --study_dirs")
+    if not (FLAGS.recipe_dirs or FLAGS.study_dirs or FLAGS.study_table):
+        raise app.UsageError("give --recipe_dirs, or --study_dirs and/or --study_table")
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     if FLAGS.recipe_dirs:
         table = recipe_table(FLAGS.recipe_dirs, FLAGS.target)
         table.to_csv(os.path.join(FLAGS.output_dir, "recipes.csv"), index=False)
         print(table.to_string(index=False))
         plot_recipes(table, os.path.join(FLAGS.output_dir, "recipes.png"))
-    if FLAGS.study_dirs:
-        table = study_table(FLAGS.study_dirs)
+    if FLAGS.study_dirs or FLAGS.study_table:
+        table = study_table(FLAGS.study_dirs,
+                            earlier_table(FLAGS.study_table) if FLAGS.study_table else None)
         best = best_per_batch(table)
         fitted = fits(table, best)
         table.to_csv(os.path.join(FLAGS.output_dir, "batch_study.csv"), index=False)
@@ -271,4 +294,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run_main(main)

@@ -1,14 +1,16 @@
 """studies.py: the recipe study's table and the batch-size study's fit and plot."""
 import json
 import os
+import shutil
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 
+import errors
 import studies
-from conftest import ROOT, run
+from conftest import ROOT, fails, run
 
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 
@@ -66,6 +68,31 @@ def test_the_batch_study_takes_each_batchs_fastest_rate_and_plots_the_model(tmp_
     assert fit["global_batches"] == [8, 64, 512] and fit["measured_noise_scale"] == 100
     assert fit["fitted_s_min"] > 0 and fit["fitted_noise_scale"] > 0
     assert plt.imread(tmp_path / "out" / "batch_study.png").shape[1] > 1000
+
+
+def test_the_batch_studys_table_is_its_record_of_runs_whose_folders_are_gone(tmp_path):
+    study = [PYTHON, os.path.join(ROOT, "studies.py"), f"--output_dir={tmp_path}"]
+    first = [write_run(tmp_path / "sgd_8_x1", "sgd", 8, 0.01, 440, 100),
+             write_run(tmp_path / "sgd_64_x1", "sgd", 64, 0.01, 100, 120)]
+    run([*study, f"--study_dirs={','.join(str(d) for d in first)}"])
+    for folder in first:  # a new machine: the runs' folders are not in git
+        shutil.rmtree(folder)
+    again = [write_run(tmp_path / "sgd_64_x1", "sgd", 64, 0.01, 90, 120),  # run again
+             write_run(tmp_path / "sgd_512_x1", "sgd", 512, 0.01, 30, 110)]
+    run([*study, f"--study_dirs={','.join(str(d) for d in again)}",
+         f"--study_table={tmp_path / 'batch_study.csv'}"])
+    table = pd.read_csv(tmp_path / "batch_study.csv")
+    assert table[["run", "steps_to_target"]].values.tolist() == [
+        ["sgd_8_x1", 440], ["sgd_64_x1", 90], ["sgd_512_x1", 30]]
+    fit = json.loads((tmp_path / "batch_study_fit.json").read_text())["sgd"]
+    assert fit["global_batches"] == [8, 64, 512] and fit["measured_noise_scale"] == 110
+
+    earlier = table.assign(target=0.6)
+    with pytest.raises(errors.InputError, match="different targets"):
+        studies.study_table([str(d) for d in again], earlier)
+    missing = fails([*study, f"--study_table={tmp_path / 'none.csv'}"])
+    assert f"--study_table={tmp_path / 'none.csv'}: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 def write_seed(folder, accuracies, target=0.95):
