@@ -1,7 +1,8 @@
 """Tables and plots of the studies, each a set of training runs to a target accuracy.
 
     python studies.py --recipe_dirs=runs/recipe_study/levers/baseline,... --output_dir=DIR
-    python studies.py --study_dirs=runs/batch_study/sgd_8_x1,... [--study_table=CSV] --output_dir=DIR
+    python studies.py --study_dirs=runs/batch_study/sgd_8_x1,... [--study_table=CSV] \
+        --output_dir=DIR
 
 The recipe study (experiments/recipe_study): one folder of time-to-accuracy runs per
 recipe (benchmark.py --parts=time_to_accuracy), epochs to --target per seed, read
@@ -39,6 +40,9 @@ flags.DEFINE_list("recipe_dirs", [], "Folders of time-to-accuracy runs, one per 
 flags.DEFINE_list("study_dirs", [], "Model dirs of the batch-size study's runs.")
 flags.DEFINE_string("study_table", None, "A batch_study.csv written before: its rows are "
                     "kept for the runs not among --study_dirs (whose folders may be gone).")
+flags.DEFINE_integer("sweeping_from", None, "The smallest global batch whose rate sweeps "
+                     "have not all ended: its runs and those of larger batches go into "
+                     "batch_study.csv, not into the fastest per batch, the fits or the plot.")
 flags.DEFINE_string("output_dir", ".", "Where the tables and plots go.")
 FLAGS = flags.FLAGS
 
@@ -144,7 +148,7 @@ def study_row(model_dir):
 def study_table(model_dirs, earlier=None):
     """One row per run that ended (study_row), and the rows of `earlier` (a table this
     function made before) for the runs not among them, sorted by optimizer, batch and
-    rate; runs that did not end are named on stdout and left out. Raises
+    rate (then name); runs that did not end are named on stdout and left out. Raises
     errors.InputError if the runs were measured to different targets."""
     rows = {d: study_row(d) for d in model_dirs}
     for model_dir in (d for d, row in rows.items() if row is None):
@@ -158,7 +162,7 @@ def study_table(model_dirs, earlier=None):
         raise errors.InputError(f"the study's runs were measured to different targets "
                                 f"({', '.join(map(str, sorted(table['target'].unique())))}): "
                                 f"one study, one target")
-    return table.sort_values(["optimizer", "global_batch", "peak_lr"]).reset_index(drop=True)
+    return table.sort_values(["optimizer", "global_batch", "peak_lr", "run"]).reset_index(drop=True)
 
 
 def earlier_table(path):
@@ -282,15 +286,21 @@ def main(argv):
     if FLAGS.study_dirs or FLAGS.study_table:
         table = study_table(FLAGS.study_dirs,
                             earlier_table(FLAGS.study_table) if FLAGS.study_table else None)
-        best = best_per_batch(table)
-        fitted = fits(table, best)
         table.to_csv(os.path.join(FLAGS.output_dir, "batch_study.csv"), index=False)
-        best.to_csv(os.path.join(FLAGS.output_dir, "batch_study_best.csv"), index=False)
-        print(best.to_string(index=False))
-        run_log.write_json(os.path.join(FLAGS.output_dir, FIT_FILE), fitted)
-        print(json.dumps(fitted, indent=2))
-        plot_batch_study(table, best, fitted, os.path.join(FLAGS.output_dir,
-                                                           "batch_study.png"))
+        swept = table[table["global_batch"] < (FLAGS.sweeping_from or math.inf)]
+        if len(swept):
+            write_batch_study(swept, FLAGS.output_dir)
+
+
+def write_batch_study(table, output_dir):
+    """The fastest run per batch, the fits and the plot of the study's `table`."""
+    best = best_per_batch(table)
+    fitted = fits(table, best)
+    best.to_csv(os.path.join(output_dir, "batch_study_best.csv"), index=False)
+    print(best.to_string(index=False))
+    run_log.write_json(os.path.join(output_dir, FIT_FILE), fitted)
+    print(json.dumps(fitted, indent=2))
+    plot_batch_study(table, best, fitted, os.path.join(output_dir, "batch_study.png"))
 
 
 if __name__ == "__main__":

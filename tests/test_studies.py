@@ -78,14 +78,18 @@ def test_the_batch_studys_table_is_its_record_of_runs_whose_folders_are_gone(tmp
     for folder in first:  # a new machine: the runs' folders are not in git
         shutil.rmtree(folder)
     again = [write_run(tmp_path / "sgd_64_x1", "sgd", 64, 0.01, 90, 120),  # run again
-             write_run(tmp_path / "sgd_512_x1", "sgd", 512, 0.01, 30, 110)]
+             write_run(tmp_path / "sgd_512_x1", "sgd", 512, 0.01, 30, 110),
+             write_run(tmp_path / "sgd_1024_x1", "sgd", 1024, 0.01, 20, 110)]
     run([*study, f"--study_dirs={','.join(str(d) for d in again)}",
-         f"--study_table={tmp_path / 'batch_study.csv'}"])
+         f"--study_table={tmp_path / 'batch_study.csv'}", "--sweeping_from=512"])
     table = pd.read_csv(tmp_path / "batch_study.csv")
     assert table[["run", "steps_to_target"]].values.tolist() == [
-        ["sgd_8_x1", 440], ["sgd_64_x1", 90], ["sgd_512_x1", 30]]
+        ["sgd_8_x1", 440], ["sgd_64_x1", 90], ["sgd_512_x1", 30], ["sgd_1024_x1", 20]]
+    best = pd.read_csv(tmp_path / "batch_study_best.csv")  # 512's sweep is still going
+    assert best[["run", "steps_to_target"]].values.tolist() == [["sgd_8_x1", 440],
+                                                               ["sgd_64_x1", 90]]
     fit = json.loads((tmp_path / "batch_study_fit.json").read_text())["sgd"]
-    assert fit["global_batches"] == [8, 64, 512] and fit["measured_noise_scale"] == 110
+    assert fit["global_batches"] == [8, 64] and fit["measured_noise_scale"] == 110
 
     earlier = table.assign(target=0.6)
     with pytest.raises(errors.InputError, match="different targets"):
