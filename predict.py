@@ -31,7 +31,7 @@ import model_files
 import plates
 import profiles
 import tiffs
-from run_log import log
+from run_log import log, write_csv
 
 plates.define_table_flags(flags)
 flags.DEFINE_string("data_dir", None, "A data set of shards to predict instead of tables.")
@@ -144,19 +144,6 @@ def main(argv):
             write_csv(table, f"{stem}_{name}", float_format="%.6g")
         print(f"profiles ({profiles.LAYER}) -> {stem}_{profiles.PROFILE_CSVS[0]}, "
               f"{stem}_{profiles.PROFILE_CSVS[1]}")
-
-
-def write_csv(table, path, **options):
-    """Writes `table` to `path` whole or not at all (`options`: DataFrame.to_csv's)."""
-    try:
-        table.to_csv(path + ".tmp", index=False, **options)
-        os.replace(path + ".tmp", path)
-    except OSError as error:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise errors.OutputError(f"could not write {path}: {error.strerror or error}. Nothing "
-                                 f"was written there; free space or fix the folder, then "
-                                 f"rerun") from None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What rank 0 writes as training runs: console lines, TensorBoard scalars, the run's
-flags as a flag file, and JSON files written whole or not at all."""
+flags as a flag file, and JSON and CSV files written whole or not at all."""
 import json
 import os
 import time
@@ -8,6 +8,8 @@ import tf_env  # noqa: F401  (before TensorFlow)
 from absl import flags
 import horovod.tensorflow as hvd
 import tensorflow as tf
+
+import errors
 
 
 def log(message):
@@ -106,3 +108,17 @@ def write_json(path, content):
         json.dump(content, f, indent=2)
     os.replace(path + ".tmp", path)
     return path
+
+
+def write_csv(table, path, **options):
+    """Writes a DataFrame to `path` whole or not at all (`options`: DataFrame.to_csv's);
+    errors.OutputError, naming the path, if it cannot."""
+    try:
+        table.to_csv(path + ".tmp", index=False, **options)
+        os.replace(path + ".tmp", path)
+    except OSError as error:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise errors.OutputError(f"could not write {path}: {error.strerror or error}. Nothing "
+                                 f"was written there; free space or fix the folder, then "
+                                 f"rerun") from None

@@ -280,13 +280,13 @@ def main(argv):
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     if FLAGS.recipe_dirs:
         table = recipe_table(FLAGS.recipe_dirs, FLAGS.target)
-        table.to_csv(os.path.join(FLAGS.output_dir, "recipes.csv"), index=False)
+        run_log.write_csv(table, os.path.join(FLAGS.output_dir, "recipes.csv"))
         print(table.to_string(index=False))
         plot_recipes(table, os.path.join(FLAGS.output_dir, "recipes.png"))
     if FLAGS.study_dirs or FLAGS.study_table:
         table = study_table(FLAGS.study_dirs,
                             earlier_table(FLAGS.study_table) if FLAGS.study_table else None)
-        table.to_csv(os.path.join(FLAGS.output_dir, "batch_study.csv"), index=False)
+        run_log.write_csv(table, os.path.join(FLAGS.output_dir, "batch_study.csv"))
         swept = table[table["global_batch"] < (FLAGS.sweeping_from or math.inf)]
         if len(swept):
             write_batch_study(swept, FLAGS.output_dir)
@@ -296,7 +296,7 @@ def write_batch_study(table, output_dir):
     """The fastest run per batch, the fits and the plot of the study's `table`."""
     best = best_per_batch(table)
     fitted = fits(table, best)
-    best.to_csv(os.path.join(output_dir, "batch_study_best.csv"), index=False)
+    run_log.write_csv(best, os.path.join(output_dir, "batch_study_best.csv"))
     print(best.to_string(index=False))
     run_log.write_json(os.path.join(output_dir, FIT_FILE), fitted)
     print(json.dumps(fitted, indent=2))
