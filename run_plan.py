@@ -109,6 +109,7 @@ class Plan:
     ranks: int
     nodes: int
     threads: threads.Threads
+    cpu: str  # rank 0's, named beside the run's figures (tf_env.cpu_description)
     per_rank_batch: int  # images of one micro-batch
     accumulate_steps: int  # micro-batches a rank adds up before each update
     global_batch: int
@@ -165,12 +166,13 @@ def read(model_dir):
 
 def changes(previous, plan):
     """{field: (then, now)} of the decisions a resumed run makes differently from the
-    plan.json of its last start (threads and memory, the machine's, left out)."""
+    plan.json of its last start (threads, CPU and memory, the machine's, left out)."""
     now = json.loads(json.dumps(plan.as_dict()))  # tuples as lists, as read back
     now.update(now.pop("model"))
     then = {**previous, **previous.get("model", {})}
     return {name: (then.get(name), value) for name, value in now.items()
-            if name not in ("threads", "memory", "precision_why") and then.get(name) != value}
+            if name not in ("threads", "cpu", "memory", "precision_why")
+            and then.get(name) != value}
 
 
 def resolve_precision():
@@ -255,9 +257,10 @@ def resolve(manifest, precision, precision_why, rank_threads, kept=None, rate=No
                                    FLAGS.warmup_epochs)
     return Plan(
         model=model, precision_why=precision_why, ranks=hvd.size(), nodes=hvd.cross_size(),
-        threads=rank_threads, per_rank_batch=per_rank_batch, accumulate_steps=accumulate,
-        global_batch=global_batch, train_fields=train_fields, steps_per_epoch=steps_per_epoch,
-        epochs=epochs, **steps_of(epochs, steps_per_epoch), base_lr=FLAGS.base_lr,
+        threads=rank_threads, cpu=tf_env.cpu_description(), per_rank_batch=per_rank_batch,
+        accumulate_steps=accumulate, global_batch=global_batch, train_fields=train_fields,
+        steps_per_epoch=steps_per_epoch, epochs=epochs, **steps_of(epochs, steps_per_epoch),
+        base_lr=FLAGS.base_lr,
         peak_lr=lr_schedule.scaled_learning_rate(FLAGS.base_lr, global_batch,
                                                  FLAGS.base_batch, FLAGS.lr_scaling),
         lr_scaling=FLAGS.lr_scaling, lr_decay=FLAGS.lr_decay, end_lr=FLAGS.end_lr,

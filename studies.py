@@ -32,6 +32,7 @@ from absl import app, flags
 import errors
 import lr_schedule
 import run_log
+import run_plan
 from plots import plt, save
 import time_to_accuracy
 
@@ -117,11 +118,17 @@ def plot_recipes(table, path):
 
 # ---------------------------------------------------------------- the batch-size study
 
+STUDY_COLUMNS = ("run", "optimizer", "global_batch", "peak_lr", "target", "reached", "diverged",
+                 "final_accuracy", "steps_to_target", "epochs_to_target", "images_to_target",
+                 "gradient_noise_scale", "cpu")  # batch_study.csv's
+
+
 def study_row(model_dir):
     """One run of the batch-size study: optimizer, global batch, peak rate, and the
     steps, epochs and images to its target (NaN if it never reached it: diverged, or
-    ended below it); None for a run still going or cut short (no summary.json and no
-    `diverged` file, which experiments/batch_study/run leaves beside a diverged run)."""
+    ended below it), and the CPU it ran on (its plan.json's); None for a run still going
+    or cut short (no summary.json and no `diverged` file, which experiments/batch_study/run
+    leaves beside a diverged run)."""
     run = {"run": os.path.basename(os.path.normpath(model_dir))}
     path = os.path.join(model_dir, "summary.json")
     ended = os.path.isfile(path)
@@ -134,15 +141,16 @@ def study_row(model_dir):
                                             int(given["base_batch"]), given["lr_scaling"])
     run.update(optimizer=given["optimizer"], global_batch=batch, peak_lr=peak,
                target=float(given["target_accuracy"]))
+    cpu = (run_plan.read(model_dir) or {}).get("cpu")
     if diverged:
-        return {**run, "reached": False, "diverged": True}
+        return {**run, "reached": False, "diverged": True, "cpu": cpu}
     with open(path) as f:
         summary = json.load(f)
     reached = summary["time_to_target"]
     return {**run, "reached": reached["reached"], "diverged": False,
             "final_accuracy": summary["final_accuracy"],
             **{f"{m}_to_target": reached.get(m, math.nan) for m in ("steps", "epochs", "images")},
-            "gradient_noise_scale": summary.get("gradient_noise_scale")}
+            "gradient_noise_scale": summary.get("gradient_noise_scale"), "cpu": cpu}
 
 
 def study_table(model_dirs, earlier=None):
@@ -157,7 +165,7 @@ def study_table(model_dirs, earlier=None):
     if earlier is not None:
         fresh = {row["run"] for row in ended}
         ended += [row for row in earlier.to_dict("records") if row["run"] not in fresh]
-    table = pd.DataFrame(ended)
+    table = pd.DataFrame(ended, columns=STUDY_COLUMNS)
     if table["target"].nunique() > 1:
         raise errors.InputError(f"the study's runs were measured to different targets "
                                 f"({', '.join(map(str, sorted(table['target'].unique())))}): "

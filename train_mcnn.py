@@ -233,6 +233,7 @@ def log_start(run, start_step):
         f"{plan.peak_lr:g} ({plan.lr_scaling} rule); threads per rank: {plan.threads}; oneDNN "
         f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; {plan.model.precision} "
         f"({plan.precision_why}){', recompute' * plan.model.recompute}")
+    log(f"CPU: {plan.cpu}")
     log(f"memory: {plan.memory.describe(plan.per_rank_batch)}; "
         f"summary.json records each rank's peak")
     if plan.ranks == 1 and plan.accumulate_steps == 1:

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 import tifffile
 
+import tf_env
 from conftest import LAUNCH, ROOT, launch_two_ranks, run, scalar_series, small_run
 
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
@@ -25,6 +26,8 @@ def test_two_ranks_train_and_write_checkpoint_and_summary(two_rank_run):
     assert summary["split"] == "compound"
     assert summary["final_accuracy"] >= 0.5  # 3 classes: chance is 0.33
     assert summary["images_per_sec"] > 0
+    assert summary["plan"]["cpu"] == tf_env.cpu_description()  # named beside its figures
+    assert f"CPU: {tf_env.cpu_description()}" in stdout
     assert summary["flags"]["per_rank_batch"] == 4
     # every flag of the project's scripts, whichever module defines it
     assert {"split", "bin", "time_budget_minutes", "shuffle_buffer", "momentum",

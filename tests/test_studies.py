@@ -24,14 +24,16 @@ def test_the_noise_scale_model_is_recovered_from_steps_that_follow_it():
     assert noise == 100 and s_min == pytest.approx(44, rel=1e-6)
 
 
-def write_run(folder, optimizer, batch, base_lr, steps=None, noise=None, ended=True):
+def write_run(folder, optimizer, batch, base_lr, steps=None, noise=None, ended=True,
+              cpu="Xeon; avx2"):
     """A model dir as train_mcnn.py and experiments/batch_study/run leave it: flags.txt,
-    and summary.json unless it diverged (steps None and noise None: a `diverged` file)
-    or has not `ended`, with or without reaching the target."""
+    plan.json, and summary.json unless it diverged (steps None and noise None: a
+    `diverged` file) or has not `ended`, with or without reaching the target."""
     folder.mkdir(parents=True)
     (folder / "flags.txt").write_text(
         f"--optimizer={optimizer}\n--per_rank_batch=8\n--accumulate_steps={batch // 8}\n"
         f"--base_lr={base_lr}\n--base_batch=8\n--lr_scaling=linear\n--target_accuracy=0.8\n")
+    (folder / "plan.json").write_text(json.dumps({"cpu": cpu}))
     if not ended:
         return folder
     if steps is None and noise is None:
@@ -50,7 +52,7 @@ def test_the_batch_study_takes_each_batchs_fastest_rate_and_plots_the_model(tmp_
     dirs = [write_run(tmp_path / "a", "sgd", 8, 0.01, 440, 100),
             write_run(tmp_path / "b", "sgd", 8, 0.02, 500, 100),
             write_run(tmp_path / "c", "sgd", 64, 0.01, 100, 120),
-            write_run(tmp_path / "d", "sgd", 64, 0.02),  # diverged
+            write_run(tmp_path / "d", "sgd", 64, 0.02, cpu="EPYC; avx2"),  # diverged
             write_run(tmp_path / "e", "sgd", 512, 0.005, 48, 90),
             write_run(tmp_path / "f", "sgd", 1024, 0.01, None, 70),  # never reached
             write_run(tmp_path / "g", "sgd", 1024, 0.02, ended=False)]  # still going
@@ -64,6 +66,7 @@ def test_the_batch_study_takes_each_batchs_fastest_rate_and_plots_the_model(tmp_
     assert best["peak_lr"].tolist()[:3] == pytest.approx([0.01, 0.08, 0.32])
     table = pd.read_csv(tmp_path / "out" / "batch_study.csv")
     assert table["diverged"].tolist() == [False, False, False, True, False, False]
+    assert table["cpu"].tolist() == ["Xeon; avx2"] * 3 + ["EPYC; avx2"] + ["Xeon; avx2"] * 2
     fit = json.loads((tmp_path / "out" / "batch_study_fit.json").read_text())["sgd"]
     assert fit["global_batches"] == [8, 64, 512] and fit["measured_noise_scale"] == 100
     assert fit["fitted_s_min"] > 0 and fit["fitted_noise_scale"] > 0
@@ -72,7 +75,7 @@ def test_the_batch_study_takes_each_batchs_fastest_rate_and_plots_the_model(tmp_
 
 def test_the_batch_studys_table_is_its_record_of_runs_whose_folders_are_gone(tmp_path):
     study = [PYTHON, os.path.join(ROOT, "studies.py"), f"--output_dir={tmp_path}"]
-    first = [write_run(tmp_path / "sgd_8_x1", "sgd", 8, 0.01, 440, 100),
+    first = [write_run(tmp_path / "sgd_8_x1", "sgd", 8, 0.01, 440, 100, cpu="EPYC; avx2"),
              write_run(tmp_path / "sgd_64_x1", "sgd", 64, 0.01, 100, 120)]
     run([*study, f"--study_dirs={','.join(str(d) for d in first)}"])
     for folder in first:  # a new machine: the runs' folders are not in git
@@ -85,6 +88,7 @@ def test_the_batch_studys_table_is_its_record_of_runs_whose_folders_are_gone(tmp
     table = pd.read_csv(tmp_path / "batch_study.csv")
     assert table[["run", "steps_to_target"]].values.tolist() == [
         ["sgd_8_x1", 440], ["sgd_64_x1", 90], ["sgd_512_x1", 30], ["sgd_1024_x1", 20]]
+    assert table["cpu"].tolist() == ["EPYC; avx2"] + ["Xeon; avx2"] * 3  # where each ran
     best = pd.read_csv(tmp_path / "batch_study_best.csv")  # 512's sweep is still going
     assert best[["run", "steps_to_target"]].values.tolist() == [["sgd_8_x1", 440],
                                                                ["sgd_64_x1", 90]]
