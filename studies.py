@@ -140,17 +140,17 @@ def study_row(model_dir):
     peak = lr_schedule.scaled_learning_rate(float(given["base_lr"]), batch,
                                             int(given["base_batch"]), given["lr_scaling"])
     run.update(optimizer=given["optimizer"], global_batch=batch, peak_lr=peak,
-               target=float(given["target_accuracy"]))
-    cpu = (run_plan.read(model_dir) or {}).get("cpu")
+               target=float(given["target_accuracy"]),
+               cpu=(run_plan.read(model_dir) or {}).get("cpu"))
     if diverged:
-        return {**run, "reached": False, "diverged": True, "cpu": cpu}
+        return {**run, "reached": False, "diverged": True}
     with open(path) as f:
         summary = json.load(f)
     reached = summary["time_to_target"]
     return {**run, "reached": reached["reached"], "diverged": False,
             "final_accuracy": summary["final_accuracy"],
             **{f"{m}_to_target": reached.get(m, math.nan) for m in ("steps", "epochs", "images")},
-            "gradient_noise_scale": summary.get("gradient_noise_scale"), "cpu": cpu}
+            "gradient_noise_scale": summary.get("gradient_noise_scale")}
 
 
 def study_table(model_dirs, earlier=None):

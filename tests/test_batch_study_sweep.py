@@ -40,8 +40,8 @@ def trained_on(study, monkeypatch, steps_at):
 def test_where_the_linear_rule_fails_the_sweep_starts_from_the_batch_befores_rate(
         study, monkeypatch):
     # SGD at 1,024 as at 128 and up: only rates near x1/32 reach the target
-    steps = {1 / 16: 90, 1 / 32: 60, 1 / 64: 80}
-    trained = trained_on(study, monkeypatch, lambda f: steps.get(f, math.inf))
+    curve = {1 / 16: 90, 1 / 32: 60, 1 / 64: 80}
+    trained = trained_on(study, monkeypatch, lambda f: curve.get(f, math.inf))
     steps, factor = study.sweep("sgd", 1024, 150, earlier_factor=1 / 32)
     assert (steps, factor) == (60, 1 / 32)
     # the linear rule's three, the batch before's rate, then both its neighbours; no
