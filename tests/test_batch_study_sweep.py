@@ -69,7 +69,7 @@ def test_the_sweep_grows_past_its_edge_until_the_fastest_rate_is_inside(study, m
 def test_a_sweep_that_never_reaches_the_target_stops_at_its_limits(study, monkeypatch):
     trained = trained_on(study, monkeypatch, lambda f: math.inf)
     assert study.sweep("sgd", 1024, 150) == (math.inf, None)
-    assert trained == [1, 0.5, 2, *[2.0 ** -k for k in range(2, 7)]]  # down to x1/64
+    assert trained == [1, 0.5, 2, *[2.0 ** -k for k in range(2, 8)]]  # down to x1/128
 
 
 def test_a_resumed_sweep_knows_the_runs_that_ended_before(study, monkeypatch):
