@@ -9,12 +9,15 @@ Takes train_mcnn.py's flags (data, image size, batch, threads), so it measures w
 training runs. Each of --precisions is measured on its own, against its own
 roofline, and bf16_speedup compares them. Every figure is the median of --repeats
 timed runs after warm-up:
-- roofline: TensorFlow's rate on a large 5x5 convolution and a large matmul with
-  the same threads, in that precision; the convolution rate is the roofline the
-  model is held to;
+- roofline: TensorFlow's rate on a large 5x5 convolution (32 to 32 channels, forward
+  only) and a large matmul with the same threads, in that precision: the CPU's peaks,
+  which no layer of the M-CNN reaches;
 - train: training steps from tensors already in memory, and from the real input
   pipeline; achieved GFLOP/s (3x the forward pass's multiply-adds x 2) and its
-  fraction of the roofline; peak memory (RSS) of the process;
+  fraction of the convolution peak; peak memory (RSS) of the process;
+- layers: each distinct layer shape of the model alone, forward and the gradients
+  training needs (layer_limits.py), summed over the model's layers: the limit the
+  model's own layers set, and the step's fraction of it (layer_limit_fraction);
 - columns: forward and backward of each scale column alone: GFLOP/s and share of
   the time, which shows where the step falls short of the roofline;
 - input: the input pipeline alone, from TFRecords and straight from TIFFs;
@@ -43,6 +46,7 @@ import tensorflow as tf
 
 import data_pipeline
 import errors
+import layer_limits
 import mcnn_model
 import memory_probe
 import node_projection
@@ -56,8 +60,8 @@ import time_to_accuracy
 import train_mcnn
 import training_data
 
-flags.DEFINE_list("parts", ["roofline", "train", "columns", "input", "memory", "onednn",
-                            "scaling"], "What to measure.")
+flags.DEFINE_list("parts", ["roofline", "train", "layers", "columns", "input", "memory",
+                            "onednn", "scaling"], "What to measure.")
 flags.DEFINE_list("precisions", None, "Precisions to measure (float32, mixed_bfloat16); "
                   "default: float32, and mixed_bfloat16 too where the CPU has native bf16.")
 flags.DEFINE_list("memory_batches", ["1", "2", "4"], "Per-rank batches the memory fit is made "
@@ -312,7 +316,15 @@ def measure(precision, plan, manifest, make_data):
     if "train" in FLAGS.parts:
         figures.update(train_throughput(plan, make_data))
         if "conv5x5_gflops" in figures:
-            figures["roofline_fraction"] = figures["achieved_gflops"] / figures["conv5x5_gflops"]
+            figures["conv5x5_peak_fraction"] = (figures["achieved_gflops"]
+                                                / figures["conv5x5_gflops"])
+    if "layers" in FLAGS.parts:
+        figures.update(layer_limits.layer_limit(
+            plan.model.build(), plan.per_rank_batch,
+            lambda run: median_seconds(run, FLAGS.repeats)))
+        if "images_per_sec_memory" in figures:
+            figures["layer_limit_fraction"] = (figures["images_per_sec_memory"]
+                                               / figures["layer_limit_images_per_sec"])
     if "columns" in FLAGS.parts:
         figures.update(column_profile(plan))
     if "input" in FLAGS.parts:
@@ -353,9 +365,10 @@ def main(argv):
 
 
 def report(results):
-    """A table of the figures, one column per precision, then the JSON file."""
+    """A table of the figures, one column per precision, the layers timed alone, then the
+    JSON file."""
     columns = [name for name in results if isinstance(results[name], dict)]
-    rows = {figure: None for name in columns for figure in results[name]}
+    rows = {figure: None for name in columns for figure in results[name] if figure != "layers"}
 
     def cell(value):
         return f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -368,6 +381,12 @@ def report(results):
     for figure in rows:
         print(f"{figure:{width}s} " + " ".join(
             f"{cell(results[name].get(figure, '-')):>16s}" for name in columns))
+    for name in columns:
+        if "layers" in results[name]:
+            print(f"\n{name}: the model's layers timed alone (ms per pass of the batch)")
+            for row in results[name]["layers"]:
+                print(f"  {row['layer']:48s} x{row['count']:<3d} {row['ms']:9.2f} ms "
+                      f"{row['gflops']:8.1f} GFLOP/s  {row['time_share']:6.1%} of the sum")
     with open(FLAGS.output, "w") as f:
         json.dump(results, f, indent=2)
 

@@ -28,6 +28,8 @@ class Recipe:
     label_smoothing: float = 0.1
     fp16_allreduce: bool = False
     allreduce_groups: int = 0
+    clip_norm: float = 0.0
+    dense_rate_fan_in: int = 0
 
     @property
     def l2(self):
@@ -54,6 +56,18 @@ flags.DEFINE_bool("fp16_allreduce", Recipe.fp16_allreduce, "Send gradients as fp
 flags.DEFINE_integer("allreduce_groups", Recipe.allreduce_groups, "0: Horovod's default, each "
                      "gradient is sent as soon as it is ready, overlapping the backward pass; "
                      "N: in N groups, each once all of its gradients are ready.")
+flags.DEFINE_float("clip_norm", Recipe.clip_norm, "Clip each step's averaged gradient to this "
+                   "global norm (Pascanu et al. 2013; 0: no clipping).", lower_bound=0)
+flags.DEFINE_integer("dense_rate_fan_in", Recipe.dense_rate_fan_in, "SGD: a dense layer with a "
+                     "larger fan-in steps at the learning rate x this / its fan-in, as one of "
+                     "this fan-in would (one step moves a dense layer's output in proportion "
+                     "to its fan-in, and fc_512's grows with the field: 4,096 at 256 x 256, "
+                     "81,920 at full size). 0: one rate for every layer.", lower_bound=0)
+flags.register_multi_flags_validator(
+    ["dense_rate_fan_in", "optimizer"],
+    lambda given: not given["dense_rate_fan_in"] or given["optimizer"] == "sgd",
+    message="--dense_rate_fan_in applies to --optimizer=sgd only (adam, adamw and lars step "
+            "each weight tensor by its own gradient's scale already)")
 FLAGS = flags.FLAGS
 
 
@@ -124,13 +138,34 @@ def accumulated_gradients(model, images, labels, num_classes, recipe, accumulate
 def make_train_step(model, optimizer, num_classes, recipe, accumulate=1, average=True):
     """train_step(images, labels) -> (loss, small_norm2, big_norm2): one update from
     this rank's per-rank batch x `accumulate` images."""
+    rate_factors = dense_rate_factors(model, recipe.dense_rate_fan_in)
+
     @tf.function
     def train_step(images, labels):
         loss, gradients, small_norm2 = batch_gradients(model, images, labels, num_classes,
                                                        recipe, accumulate, average)
+        big_norm2 = tf.linalg.global_norm(gradients) ** 2
+        if recipe.clip_norm:
+            gradients, _ = tf.clip_by_global_norm(gradients, recipe.clip_norm,
+                                                  use_norm=tf.sqrt(big_norm2))
+        gradients = [g * factor if factor != 1 else g
+                     for g, factor in zip(gradients, rate_factors)]
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        return loss, small_norm2, tf.linalg.global_norm(gradients) ** 2
+        return loss, small_norm2, big_norm2
     return train_step
+
+
+def dense_rate_factors(model, fan_in):
+    """Per trainable variable of `model`, the factor its SGD step is scaled by: fan_in /
+    the layer's fan-in for the kernels of dense layers whose fan-in is larger, else 1
+    (fan_in 0: 1 everywhere). With plain or momentum SGD, scaling a gradient scales that
+    weight's rate. Why: a step of rate r moves a dense layer's output on an input x by
+    r |x|^2 times its gradient there, and |x|^2 grows with the fan-in."""
+    scaled = {}
+    for layer in model.layers:
+        if fan_in and isinstance(layer, tf.keras.layers.Dense) and layer.kernel.shape[0] > fan_in:
+            scaled[layer.kernel.ref()] = fan_in / layer.kernel.shape[0]
+    return [scaled.get(v.ref(), 1.0) for v in model.trainable_variables]
 
 
 def make_optimizer(learning_rate, recipe):

@@ -49,7 +49,10 @@ flags.DEFINE_float("base_lr", 0.01, "Learning rate at --base_batch images; also 
 flags.DEFINE_integer("base_batch", 8, "Global batch at which --base_lr was tuned.")
 flags.DEFINE_enum("lr_scaling", "linear", lr_schedule.SCALING_RULES,
                   "How the peak rate grows with the global batch.")
-flags.DEFINE_float("warmup_epochs", 5, "Linear warm-up from --base_lr to the peak.")
+flags.DEFINE_float("warmup_epochs", 5, "Linear warm-up from --warmup_initial_lr to the peak.")
+flags.DEFINE_float("warmup_initial_lr", 0, "The warm-up's starting rate; 0: --base_lr (Goyal "
+                   "et al. 2017), which at a global batch of --base_batch is the peak itself, "
+                   "so that a run there has no warm-up.", lower_bound=0)
 flags.DEFINE_enum("lr_decay", "linear", lr_schedule.DECAYS, "Decay after the warm-up.")
 flags.DEFINE_list("decay_epochs", [], "Epochs at which --lr_decay=step divides the rate by 10.")
 flags.DEFINE_float("end_lr", 1e-4, "Rate at the last step (linear, cosine); floor for step.")
@@ -119,6 +122,7 @@ class Plan:
     total_steps: int
     eval_steps: int  # the held-out split is evaluated every this many steps
     base_lr: float
+    initial_lr: float  # the warm-up's first rate
     peak_lr: float
     lr_scaling: str
     warmup_steps: int
@@ -135,8 +139,8 @@ class Plan:
         return self.per_rank_batch * self.accumulate_steps
 
     def learning_rate(self):
-        """The schedule: warm-up from base_lr to peak_lr, then lr_decay to end_lr."""
-        return lr_schedule.WarmupThenDecay(self.base_lr, self.peak_lr, self.warmup_steps,
+        """The schedule: warm-up from initial_lr to peak_lr, then lr_decay to end_lr."""
+        return lr_schedule.WarmupThenDecay(self.initial_lr, self.peak_lr, self.warmup_steps,
                                            self.total_steps, self.end_lr, self.lr_decay,
                                            self.decay_steps)
 
@@ -260,7 +264,7 @@ def resolve(manifest, precision, precision_why, rank_threads, kept=None, rate=No
         threads=rank_threads, cpu=tf_env.cpu_description(), per_rank_batch=per_rank_batch,
         accumulate_steps=accumulate, global_batch=global_batch, train_fields=train_fields,
         steps_per_epoch=steps_per_epoch, epochs=epochs, **steps_of(epochs, steps_per_epoch),
-        base_lr=FLAGS.base_lr,
+        base_lr=FLAGS.base_lr, initial_lr=FLAGS.warmup_initial_lr or FLAGS.base_lr,
         peak_lr=lr_schedule.scaled_learning_rate(FLAGS.base_lr, global_batch,
                                                  FLAGS.base_batch, FLAGS.lr_scaling),
         lr_scaling=FLAGS.lr_scaling, lr_decay=FLAGS.lr_decay, end_lr=FLAGS.end_lr,

@@ -56,10 +56,11 @@ FIT_FILE = "batch_study_fit.json"
 def recipe_table(recipe_dirs, target):
     """One row per recipe: a folder of time-to-accuracy runs (benchmark.py
     --parts=time_to_accuracy --model_dir=FOLDER: PRECISION_seedN model dirs), named by
-    the folder. Per seed, the epochs to `target` held-out field accuracy (the first
-    evaluation at or above it; NEVER if none was, or the run diverged), their median
-    and spread, and the final accuracy. Raises ValueError for a run that stopped at a
-    lower target than `target`: what came after is not known."""
+    the folder. Per seed, the epochs and seconds to `target` held-out field accuracy (the
+    first evaluation at or above it, seconds from the start of training with the
+    evaluations, as MLPerf counts; NEVER if none was, or the run diverged), their medians
+    and the epochs' spread, and the final accuracy. Raises ValueError for a run that
+    stopped at a lower target than `target`: what came after is not known."""
     rows = []
     for folder in recipe_dirs:
         seeds = {}
@@ -67,31 +68,35 @@ def recipe_table(recipe_dirs, target):
             if "_seed" in name and os.path.isdir(os.path.join(folder, name)):
                 precision, seed = name.rsplit("_seed", 1)
                 seeds[int(seed)] = epochs_to(os.path.join(folder, name), target)
-        epochs = [e for e, _ in seeds.values()]
         middle, least, most = time_to_accuracy.median_and_spread(
-            [None if e == NEVER else e for e in epochs])
+            [None if e == NEVER else e for e, _, _ in seeds.values()])
+        middle_seconds = time_to_accuracy.median_and_spread(
+            [None if s == NEVER else s for _, s, _ in seeds.values()])[0]
         rows.append({"recipe": os.path.basename(os.path.normpath(folder)),
                      "precision": precision, "target": target, "median_epochs": middle,
-                     "min_epochs": least, "max_epochs": most,
-                     "reached": f"{sum(e != NEVER for e in epochs)} of {len(epochs)}",
-                     **{f"seed{s}_epochs": e for s, (e, _) in sorted(seeds.items())},
-                     **{f"seed{s}_final": f for s, (_, f) in sorted(seeds.items())}})
+                     "min_epochs": least, "max_epochs": most, "median_seconds": middle_seconds,
+                     "reached": f"{sum(e != NEVER for e, _, _ in seeds.values())} of {len(seeds)}",
+                     **{f"seed{s}_epochs": e for s, (e, _, _) in sorted(seeds.items())},
+                     **{f"seed{s}_seconds": t for s, (_, t, _) in sorted(seeds.items())},
+                     **{f"seed{s}_final": f for s, (_, _, f) in sorted(seeds.items())}})
     return pd.DataFrame(rows)
 
 
 def epochs_to(model_dir, target):
-    """(epochs to `target` or NEVER, final held-out accuracy or None) of one run."""
+    """(epochs to `target` or NEVER, seconds to it or NEVER, final held-out accuracy or
+    None) of one run."""
     path = os.path.join(model_dir, "summary.json")
     if not os.path.isfile(path):  # diverged
-        return NEVER, None
+        return NEVER, NEVER, None
     with open(path) as f:
         summary = json.load(f)
     stopped_at = (summary.get("time_to_target") or {}).get("reached") and summary["target_accuracy"]
     if stopped_at and stopped_at < target:
         raise ValueError(f"{model_dir} stopped at {stopped_at}, below {target}")
-    reached = next((h["epoch"] for h in summary["eval_history"] if h["accuracy"] >= target),
-                   NEVER)
-    return reached, summary["final_accuracy"]
+    reached = next((h for h in summary["eval_history"] if h["accuracy"] >= target), None)
+    if reached is None:
+        return NEVER, NEVER, summary["final_accuracy"]
+    return reached["epoch"], reached["seconds"], summary["final_accuracy"]
 
 
 def plot_recipes(table, path):

@@ -17,14 +17,16 @@ def test_benchmark_reports_its_figures_per_precision(tmp_path):
                   "--image_width=128", "--synthetic_classes=2", "--synthetic_compounds_per_class=1",
                   "--synthetic_fields_per_treatment=4", "--per_rank_batch=2", "--steps=2",
                   "--accumulate_steps=2", "--optimizer=lars",
-                  "--input_batches=2", "--repeats=1", "--parts=roofline,train,columns,input",
+                  "--input_batches=2", "--repeats=1",
+                  "--parts=roofline,train,layers,columns,input",
                   "--precisions=float32,mixed_bfloat16"])
     results = json.loads(output.read_text())
     assert results["cpu"] == tf_env.cpu_description() and results["cpu"] in result.stdout
     assert results["image_shape"] == [128, 128, 3]
     assert results["bf16_speedup"] == pytest.approx(
         results["mixed_bfloat16"]["images_per_sec"] / results["float32"]["images_per_sec"])
-    assert "bf16_speedup" in result.stdout and "roofline_fraction" in result.stdout
+    assert "bf16_speedup" in result.stdout and "layer_limit_fraction" in result.stdout
+    assert "Conv2D 16 @ 128x128x16 +input gradient" in result.stdout
     for precision in ("float32", "mixed_bfloat16"):
         check_figures(results[precision])
         assert results[precision]["precision"] == precision
@@ -38,7 +40,19 @@ def check_figures(figures):
                  "achieved_gflops", "peak_rss_gb", "tfrecord_images_per_sec",
                  "tiff_images_per_sec", "images_per_sec_per_rank"):
         assert figures[name] > 0, name
-    assert 0 < figures["roofline_fraction"] and 0 < figures["pipeline_vs_memory_ratio"]
+    assert 0 < figures["conv5x5_peak_fraction"] and 0 < figures["pipeline_vs_memory_ratio"]
+    # Every layer that computes, timed alone: per column a pre-pool (not column 0), three
+    # convolutions (the first without its input's gradient) and a post-pool (not column
+    # 6); then the merge, its pool and the two dense layers.
+    layers = figures["layers"]
+    assert sum(row["count"] for row in layers) == 6 + 7 * 3 + 6 + 4
+    assert abs(sum(row["time_share"] for row in layers) - 1) < 1e-3
+    assert all(row["ms"] > 0 for row in layers)
+    assert all(row["gflops"] > 0 for row in layers if row["layer"].startswith(("Conv", "Dense")))
+    assert [row["layer"] for row in layers][:2] == ["Conv2D 16 @ 128x128x3",
+                                                   "Conv2D 16 @ 128x128x16 +input gradient"]
+    assert figures["layer_limit_fraction"] == pytest.approx(
+        figures["images_per_sec_memory"] / figures["layer_limit_images_per_sec"])
     shares = [figures[f"scale_{k}_time_share"] for k in range(7)]
     assert abs(sum(shares) - 1) < 1e-6 and all(figures[f"scale_{k}_gflops"] > 0 for k in range(7))
     # 3 x the forward pass of the 128 x 128 M-CNN

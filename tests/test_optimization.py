@@ -1,6 +1,8 @@
 """optimization.py: the fused SGD against Keras's, LARS against its formula, the gradient
-noise scale against a known noise.
+noise scale against a known noise, the dense layers' rate by fan-in and clipping.
 (Accumulation against 2 ranks and against one larger batch: test_horovod_training.py.)"""
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -64,3 +66,27 @@ def test_one_batch_size_gives_no_noise_scale():
     noise_scale = optimization.GradientNoiseScale(small_batch=8, big_batch=8)
     noise_scale.add(2.0, 1.0)
     assert noise_scale.value is None
+
+
+def test_a_wider_dense_layer_steps_at_its_scaled_rate_after_clipping():
+    """--dense_rate_fan_in=16: a dense layer of fan-in 64 steps at 16/64 of the rate, one of
+    fan-in 16 at the rate; --clip_norm first scales every gradient to that global norm."""
+    inputs = tf.keras.Input((64,))
+    logits = tf.keras.layers.Dense(3, name="logits")(tf.keras.layers.Dense(16, name="wide")(inputs))
+    model = tf.keras.Model(inputs, logits)
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.normal(size=(8, 64)).astype(np.float32))
+    labels = tf.constant(rng.integers(0, 3, size=8))
+    plain = optimization.Recipe(weight_decay=0.0, label_smoothing=0.0)
+    _, gradients = optimization.local_gradients(model, images, labels, 3, plain)
+    norm = float(tf.linalg.global_norm(gradients))
+    start = [v.numpy() for v in model.trainable_variables]
+    recipe = dataclasses.replace(plain, dense_rate_fan_in=16, clip_norm=norm / 2)
+    step = optimization.make_train_step(model, tf.keras.optimizers.SGD(0.1), 3, recipe,
+                                        average=False)
+    _, _, big_norm2 = step(images, labels)
+    assert float(big_norm2) == pytest.approx(norm ** 2, rel=1e-5)  # measured before clipping
+    factors = {"wide/kernel:0": 16 / 64}  # biases and the 16-wide logits: the plain rate
+    for variable, before, gradient in zip(model.trainable_variables, start, gradients):
+        expected = before - 0.1 * factors.get(variable.name, 1.0) * gradient.numpy() / 2
+        np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-7)

@@ -48,9 +48,22 @@ def test_the_authors_flag_file_plans_their_global_batch_and_schedule():
     assert [round(r, 6) for r in resolved["rates"].values()] == [0.001, 0.008, 0.0001]
     assert plan["recipe"] == {"optimizer": "sgd", "momentum": 0.9, "lars_eta": 0.001,
                               "weight_decay": 5e-5, "label_smoothing": 0.1,
-                              "fp16_allreduce": False, "allreduce_groups": 0}
+                              "fp16_allreduce": False, "allreduce_groups": 0,
+                              "clip_norm": 0.0, "dense_rate_fan_in": 0}
     assert plan["model"]["image_shape"] == [1024, 1280, 3] and plan["model"]["num_classes"] == 12
     assert plan["memory"]["accumulate"] == 32
+
+
+def test_a_warm_up_on_one_rank_ramps_from_its_own_initial_rate():
+    """At a global batch of --base_batch the warm-up would start at the peak; with
+    --warmup_initial_lr it starts there."""
+    flat = resolve("--per_rank_batch=4", "--base_batch=4", "--base_lr=0.002", "--epochs=10",
+                   "--warmup_epochs=1")
+    assert [round(r, 6) for r in flat["rates"].values()] == [0.002, 0.002, 0.0001]
+    ramp = resolve("--per_rank_batch=4", "--base_batch=4", "--base_lr=0.002", "--epochs=10",
+                   "--warmup_epochs=1", "--warmup_initial_lr=0.0002")
+    assert [round(r, 6) for r in ramp["rates"].values()] == [0.0002, 0.002, 0.0001]
+    assert ramp["plan"]["initial_lr"] == 0.0002 and ramp["plan"]["base_lr"] == 0.002
 
 
 def test_an_automatic_batch_is_resolved_in_the_plan_not_in_the_flags():

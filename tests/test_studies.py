@@ -107,7 +107,8 @@ def write_seed(folder, accuracies, target=0.95):
     """A time-to-accuracy run's model dir: its evaluations once an epoch, stopped at
     `target` if it reached it."""
     folder.mkdir(parents=True)
-    history = [{"epoch": e + 1.0, "accuracy": a} for e, a in enumerate(accuracies)]
+    history = [{"epoch": e + 1.0, "accuracy": a, "seconds": 60.0 * (e + 1)}
+               for e, a in enumerate(accuracies)]
     (folder / "summary.json").write_text(json.dumps({
         "eval_history": history, "final_accuracy": accuracies[-1], "target_accuracy": target,
         "time_to_target": {"reached": accuracies[-1] >= target}}))
@@ -124,6 +125,8 @@ def test_the_recipe_table_counts_epochs_to_the_target_from_each_seeds_evaluation
     assert table[["recipe", "median_epochs", "seed0_epochs", "seed1_epochs",
                   "seed2_epochs", "reached"]].values.tolist() == [
         ["faster", "4.0", "2.0", "4.0", "never", "2 of 3"]]
+    assert table[["median_seconds", "seed0_seconds", "seed1_seconds", "seed2_seconds"]
+                 ].values.tolist() == [["240.0", "120.0", "240.0", "never"]]
     assert plt.imread(tmp_path / "recipes.png").shape[1] > 500
     write_seed(tmp_path / "lower" / "float32_seed0", [0.5, 0.85], target=0.8)
     with pytest.raises(ValueError, match="stopped at 0.8, below 0.9"):
