@@ -385,7 +385,7 @@ def report(results):
         if "layers" in results[name]:
             print(f"\n{name}: the model's layers timed alone (ms per pass of the batch)")
             for row in results[name]["layers"]:
-                print(f"  {row['layer']:48s} x{row['count']:<3d} {row['ms']:9.2f} ms "
+                print(f"  {row['layer']:44s} x{row['count']:<3d} {row['ms']:9.2f} ms "
                       f"{row['gflops']:8.1f} GFLOP/s  {row['time_share']:6.1%} of the sum")
     with open(FLAGS.output, "w") as f:
         json.dump(results, f, indent=2)

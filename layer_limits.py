@@ -17,7 +17,7 @@ import mcnn_model
 
 SKIPPED = (tf.keras.layers.InputLayer, tf.keras.layers.Flatten, tf.keras.layers.Concatenate,
            tf.keras.layers.Rescaling, tf.keras.layers.ZeroPadding2D, tf.keras.layers.Permute)
-Shape = collections.namedtuple("Shape", "kind input_shape filters input_gradient")
+Shape = collections.namedtuple("Shape", "kind input_shape size input_gradient")
 
 
 def model_layers(model):
@@ -38,8 +38,11 @@ def model_layers(model):
 
 
 def shape_of(layer, input_gradient):
+    """The layer's Shape: its kind, input shape, size (filters, units or pooling window)
+    and whether it passes a gradient to its input."""
+    size = getattr(layer, "filters", getattr(layer, "units", getattr(layer, "pool_size", None)))
     return Shape(type(layer).__name__, tuple(layer.input_shape[1:]),
-                 getattr(layer, "filters", getattr(layer, "units", None)), input_gradient)
+                 size[0] if isinstance(size, tuple) else size, input_gradient)
 
 
 def layer_step(layer, input_gradient):
@@ -93,9 +96,11 @@ def time_layers(model, batch, seconds_of):
 
 
 def describe(shape):
-    """'Conv2D 16 @ 1024x1280x16 (input gradient)' and the like."""
+    """'Conv2D 16 @ 1024x1280x16 +input gradient' (16 filters on that input; a pooling
+    layer's number is its window) and the like."""
     size = "x".join(str(s) for s in shape.input_shape)
-    return (f"{shape.kind}{f' {shape.filters}' if shape.filters else ''} @ {size}"
+    kind = shape.kind.replace("WithFp32Gradient", "")
+    return (f"{kind}{f' {shape.size}' if shape.size else ''} @ {size}"
             + (" +input gradient" if shape.input_gradient else ""))
 
 
@@ -107,6 +112,6 @@ def layer_limit(model, batch, seconds_of):
     return {"layer_limit_seconds_per_image": total / batch,
             "layer_limit_images_per_sec": batch / total,
             "layers": [{"layer": describe(r["shape"]), "count": r["count"],
-                        "ms": round(1000 * r["seconds"], 2), "gflops": round(r["gflops"], 1),
+                        "ms": float(f"{1000 * r['seconds']:.4g}"), "gflops": float(f"{r['gflops']:.4g}"),
                         "time_share": round(r["count"] * r["seconds"] / total, 4)}
                        for r in rows]}

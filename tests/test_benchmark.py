@@ -46,6 +46,7 @@ def check_figures(figures):
     # 6); then the merge, its pool and the two dense layers.
     layers = figures["layers"]
     assert sum(row["count"] for row in layers) == 6 + 7 * 3 + 6 + 4
+    assert "MaxPool2D 64 @ 128x128x3" in [row["layer"] for row in layers]  # column 6's pre-pool
     assert abs(sum(row["time_share"] for row in layers) - 1) < 1e-3
     assert all(row["ms"] > 0 for row in layers)
     assert all(row["gflops"] > 0 for row in layers if row["layer"].startswith(("Conv", "Dense")))
