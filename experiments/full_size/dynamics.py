@@ -7,7 +7,7 @@ layer's update-to-weight ratio |w_after - w_before| / |w_before| (kernels), and 
 --probe_every steps the share of dead ReLU units per layer (channels whose output is
 zero at every pixel of the probe fields: the first --probe_fields training fields,
 unaugmented) and the spread of fc_512's output on them; the held-out field accuracy at
-the end of each epoch. One JSON file per run; --tabulate prints the tables of many.
+the end of each epoch; the gradient's global norm at every step. One JSON file per run; --tabulate prints the tables of many.
 
     experiments/full_size/dynamics           # both sizes, seeds 0-2, then the tables
     .venv/bin/python experiments/full_size/dynamics.py --flagfile=experiments/demo.flags \\
@@ -114,8 +114,8 @@ def record_run():
               "precision": precision, "cpu": plan.cpu, "peak_lr": plan.peak_lr,
               "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
               "fc_512_fan_in": int(named["fc_512"].shape[0]), "optimizer": plan.recipe.optimizer,
-              "loss": [], "update_ratio": {name: [] for name in named}, "probes": [],
-              "held_out": []}
+              "loss": [], "gradient_norm": [], "update_ratio": {name: [] for name in named},
+              "probes": [], "held_out": []}
 
     def add_probe(step):
         dead, spread = probe(probe_images)
@@ -125,8 +125,9 @@ def record_run():
     started = time.time()
     for step in range(1, FLAGS.steps + 1):
         before = {name: v.numpy() for name, v in named.items()}
-        loss, _, _ = train_step(*next(batches))
+        loss, _, norm2 = train_step(*next(batches))
         record["loss"].append(float(loss))
+        record["gradient_norm"].append(float(norm2) ** 0.5)
         for name, v in named.items():
             record["update_ratio"][name].append(float(
                 np.linalg.norm(v.numpy() - before[name]) / np.linalg.norm(before[name])))
@@ -147,10 +148,6 @@ def size_name(record):
     return "x".join(str(s) for s in record["image_shape"][:2])
 
 
-def median_over(records, value):
-    return statistics.median(value(r) for r in records)
-
-
 def layer_groups():
     """(label, layers): the columns' convolutions at full resolution and coarser, the merge
     and the two dense layers."""
@@ -159,53 +156,81 @@ def layer_groups():
             ("merge_conv", ["merge_conv"]), ("fc_512", ["fc_512"]), ("logits", ["logits"])]
 
 
+def over_seeds(records, value, form="{:.2f}"):
+    """The median over `records` (one size's seeds) of value(record), formatted; '-' where
+    no record has it."""
+    values = [v for v in map(value, records) if v is not None]
+    return form.format(statistics.median(values)) if values else "-"
+
+
+def window_mean(series, first, last, reduce=np.mean):
+    """reduce() of steps first..last (1-based) of a per-step series, or None without one."""
+    return reduce(series[first - 1:last]) if series else None
+
+
+def dead_share(record, layers, step):
+    return np.mean([p["dead"][n] for p in record["probes"] if p["step"] == step for n in layers])
+
+
+def markdown(header, rows):
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
 def tabulate(paths):
+    """Prints the runs' first steps per field size, medians over seeds, as markdown."""
     by_size = {}
     for path in paths:
         with open(path) as f:
             record = json.load(f)
         by_size.setdefault(size_name(record), []).append(record)
     sizes = sorted(by_size, key=lambda s: int(s.split("x")[0]))
-    first = by_size[sizes[0]][0]
+    runs = [by_size[s] for s in sizes]
+    first = runs[0][0]
     print(f"CPU: {first['cpu']}; {first['precision']}; {first['optimizer']} at a peak rate of "
-          f"{first['peak_lr']:g}, global batch {first['global_batch']}; medians over seeds "
-          + ", ".join(f"{s}: {sorted(r['seed'] for r in by_size[s])}" for s in sizes))
-    print("\n| | " + " | ".join(sizes) + " |\n|---|" + "---|" * len(sizes))
-    row = lambda label, cell: print(f"| {label} | " + " | ".join(  # noqa: E731
-        cell(by_size[s]) for s in sizes) + " |")
-    row("fc_512 fan-in", lambda rs: f"{rs[0]['fc_512_fan_in']:,}")
-    for steps in ((1, 1), (2, 5), (6, 20), (21, 60), (61, 100)):
-        row(f"loss, steps {steps[0]}-{steps[1]} (mean)", lambda rs: f"{median_over(rs, lambda r: np.mean(r['loss'][steps[0] - 1:steps[1]])):.2f}")  # noqa: E501
-    for epoch in (1, 2, 3):
-        row(f"held-out accuracy, epoch {epoch}", lambda rs: " / ".join(
-            f"{h['accuracy']:.2f}" for r in sorted(rs, key=lambda r: r["seed"])
-            for h in r["held_out"] if h["epoch"] == epoch))
-    print("\nUpdate-to-weight ratio per step (median over steps; in brackets the largest), "
-          "steps 1-10 and 11-100:\n")
-    print("| layers | " + " | ".join(f"{s}, steps 1-10 | {s}, 11-100" for s in sizes)
-          + " |\n|---|" + "---|---|" * len(sizes))
+          f"{first['peak_lr']:g}, global batch {first['global_batch']}; seeds "
+          + ", ".join(f"{s}: {sorted(r['seed'] for r in by_size[s])}" for s in sizes)
+          + "; medians over seeds\n")
+    windows = ((1, 1), (2, 5), (6, 20), (21, 60), (61, 100))
+    rows = [["fc_512 fan-in", *(f"{rs[0]['fc_512_fan_in']:,}" for rs in runs)]]
+    rows += [[f"loss, steps {a}-{b} (mean)",
+              *(over_seeds(rs, lambda r: window_mean(r["loss"], a, b)) for rs in runs)]
+             for a, b in windows]
+    rows += [[f"gradient norm, steps {a}-{b} (median)",
+              *(over_seeds(rs, lambda r: window_mean(r.get("gradient_norm"), a, b, np.median),
+                           "{:.3g}") for rs in runs)] for a, b in windows]
+    rows += [[f"held-out accuracy, epoch {epoch} (seeds)",
+              *(" / ".join(f"{h['accuracy']:.2f}" for r in sorted(rs, key=lambda r: r["seed"])
+                           for h in r["held_out"] if h["epoch"] == epoch) for rs in runs)]
+             for epoch in (1, 2, 3)]
+    markdown(["", *sizes], rows)
+    print("\nUpdate-to-weight ratio |w_after - w_before| / |w_before| per step: the median "
+          "over the group's layers, steps and seeds (the largest in brackets)\n")
+    spans = ((0, 10), (10, 100))
+    header = ["layers", *(f"{s}, steps {a + 1}-{b}" for s in sizes for a, b in spans)]
+    rows = []
     for label, layers in layer_groups():
         cells = []
-        for s in sizes:
-            for lo, hi in ((0, 10), (10, 100)):
-                ratios = [x for r in by_size[s] for n in layers for x in r["update_ratio"][n][lo:hi]]
+        for rs in runs:
+            for a, b in spans:
+                ratios = [x for r in rs for n in layers for x in r["update_ratio"][n][a:b]]
                 cells.append(f"{np.median(ratios):.1e} ({max(ratios):.1e})")
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    print("\nShare of dead ReLU units (no output on any pixel of the probe fields), mean over "
-          "the group's layers, median over seeds:\n")
-    probe_steps = [p["step"] for p in first["probes"] if p["step"] in (0, 10, 20, 50, 100)]
-    print("| layers | " + " | ".join(f"{s}, step {t}" for s in sizes for t in probe_steps)
-          + " |\n|---|" + "---|" * (len(sizes) * len(probe_steps)))
-    for label, layers in layer_groups()[:3]:
-        cells = [f"{median_over(by_size[s], lambda r: np.mean([p['dead'][n] for p in r['probes'] if p['step'] == t for n in layers])):.2f}"  # noqa: E501
-                 for s in sizes for t in probe_steps]
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    row_steps = " / ".join(str(t) for t in probe_steps)
-    print(f"\nfc_512 output spread on the probe fields at steps {row_steps}:\n")
-    for s in sizes:
+        rows.append([label, *cells])
+    markdown(header, rows)
+    print("\nShare of dead ReLU units (channels with no output on any pixel of the probe "
+          "fields), the mean over the group's layers, median over seeds\n")
+    probed = [p["step"] for p in first["probes"] if p["step"] in (0, 10, 20, 50, 100)]
+    markdown(["layers", *(f"{s}, step {t}" for s in sizes for t in probed)],
+             [[label, *(over_seeds(rs, lambda r: dead_share(r, layers, t))
+                        for rs in runs for t in probed)]
+              for label, layers in layer_groups()[:3]])
+    print(f"\nfc_512's output spread on the probe fields at steps "
+          f"{' / '.join(map(str, probed))}, per seed:\n")
+    for s, rs in zip(sizes, runs):
         print(f"- {s}: " + "; ".join(" / ".join(f"{p['fc_512_spread']:.2g}" for p in r["probes"]
-                                               if p["step"] in probe_steps)
-                                     for r in sorted(by_size[s], key=lambda r: r["seed"])))
+                                               if p["step"] in probed)
+                                     for r in sorted(rs, key=lambda r: r["seed"])))
 
 
 def main(argv):
