@@ -59,16 +59,6 @@ def layer_step(layer, input_gradient):
     return step
 
 
-def forward_flops(layer):
-    """Multiply-adds x 2 of one image's pass through a convolution or dense layer (else 0)."""
-    if isinstance(layer, tf.keras.layers.Conv2D):
-        kh, kw, cin, cout = layer.kernel.shape
-        return 2 * kh * kw * cin * cout * layer.output_shape[1] * layer.output_shape[2]
-    if isinstance(layer, tf.keras.layers.Dense):
-        return 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
-    return 0
-
-
 def time_layers(model, batch, seconds_of):
     """[{shape, count, seconds, gflops}] per distinct layer shape of `model` (a built
     M-CNN in its precision, channels_last): seconds of one training pass of one such
@@ -91,7 +81,7 @@ def time_layers(model, batch, seconds_of):
         seconds = seconds_of(lambda: [float(g) for g in step(inputs, upstream)])
         passes = 1 + bool(layer.trainable_weights) + key.input_gradient
         rows.append({"shape": key, "count": entry["count"], "seconds": seconds,
-                     "gflops": passes * forward_flops(layer) * batch / seconds / 1e9})
+                     "gflops": passes * mcnn_model.layer_forward_flops(layer) * batch / seconds / 1e9})
     return rows
 
 

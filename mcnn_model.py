@@ -257,13 +257,17 @@ def mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute, s
 def forward_flops(model):
     """Floating-point operations of one image's forward pass: 2 per multiply-add of
     the convolutions and dense layers (pooling and activations are negligible)."""
-    flops = 0
-    for layer in model.submodules:
-        if isinstance(layer, tf.keras.layers.Conv2D):
-            kh, kw, cin, cout = layer.kernel.shape
-            spatial = (layer.output.shape[1:3] if layer.data_format == "channels_last"
-                       else layer.output.shape[2:4])
-            flops += 2 * spatial[0] * spatial[1] * kh * kw * cin * cout
-        elif isinstance(layer, tf.keras.layers.Dense):
-            flops += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
-    return flops
+    return sum(layer_forward_flops(layer) for layer in model.submodules)
+
+
+def layer_forward_flops(layer):
+    """2 x the multiply-adds of one image through `layer`, a built convolution or dense
+    layer; 0 for any other layer."""
+    if isinstance(layer, tf.keras.layers.Conv2D):
+        kh, kw, cin, cout = layer.kernel.shape
+        spatial = (layer.output.shape[1:3] if layer.data_format == "channels_last"
+                   else layer.output.shape[2:4])
+        return 2 * spatial[0] * spatial[1] * kh * kw * cin * cout
+    if isinstance(layer, tf.keras.layers.Dense):
+        return 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    return 0

@@ -28,6 +28,7 @@ from absl import app, flags  # noqa: E402
 import horovod.tensorflow as hvd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import evaluation  # noqa: E402
 import mcnn_model  # noqa: E402
 import optimization  # noqa: E402
 import run_plan  # noqa: E402
@@ -82,13 +83,11 @@ def relu_probe(model):
     return probe
 
 
-def held_out_accuracy(model, make_data, batch):
-    correct = total = 0
-    for images, labels, _ in make_data("eval", training_data.feed(batch, provenance=True)):
-        predicted = tf.argmax(model(images, training=False), axis=1)
-        correct += int(tf.reduce_sum(tf.cast(predicted == tf.cast(labels, tf.int64), tf.int32)))
-        total += int(labels.shape[0])
-    return correct / total
+def held_out_accuracy(predict, make_data, classes, batch=4):
+    """The share of held-out fields predicted right, as evaluation.py predicts them."""
+    fields, _ = evaluation.predicted_fields(
+        predict, make_data("eval", training_data.feed(batch, provenance=True)), classes)
+    return float((fields["label"] == fields["prediction"]).mean())
 
 
 def record_run():
@@ -107,6 +106,7 @@ def record_run():
     train_step = plan.train_step(model, optimizer)
     named = kernels(model)
     probe = relu_probe(model)
+    predict = evaluation.make_predict(model, plan.model.image_shape, plan.model.stored_dtype)
     probe_images = next(iter(make_data("train", training_data.feed(FLAGS.probe_fields))))[0]
     batches = iter(make_data("train", training_data.feed(plan.per_rank_batch, training=True,
                                                          seed=plan.seed)))
@@ -135,7 +135,8 @@ def record_run():
             add_probe(step)
         if step % plan.steps_per_epoch == 0:
             record["held_out"].append({"epoch": step // plan.steps_per_epoch,
-                                       "accuracy": held_out_accuracy(model, make_data, 4)})
+                                       "accuracy": held_out_accuracy(predict, make_data,
+                                                                     manifest["classes"])})
             print(f"{field} seed {FLAGS.seed} epoch {step // plan.steps_per_epoch}: loss "
                   f"{loss:.3f}, held-out {record['held_out'][-1]['accuracy']:.3f}, "
                   f"{time.time() - started:.0f} s", flush=True)
