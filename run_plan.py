@@ -62,7 +62,12 @@ flags.DEFINE_integer("seed", 0, "Seed for weights, shuffling and augmentation.")
 # Initial weights (the architecture is the published one either way)
 flags.DEFINE_enum("initializer", "glorot_uniform", ["glorot_uniform", "he_normal"],
                   "Initial kernels of the convolutions (all ReLU layers): Glorot as the "
-                  "authors, or He et al. 2015's for ReLU. The dense layers stay Glorot.")
+                  "authors, or He et al. 2015's for ReLU.")
+flags.DEFINE_enum("fc_512_initializer", "glorot_uniform", ["glorot_uniform", "tiled"],
+                  "Initial kernel of fc_512: Glorot as the authors, or tiled: one Glorot "
+                  "block repeated at every position of the merged 8 x 10 grid (at full "
+                  "size) over their number, so that it starts as global average pooling "
+                  "and a dense layer (mcnn_model.PositionTiled).")
 # Execution
 flags.DEFINE_enum("data_format", "channels_last", ["channels_last", "channels_first"],
                   "Layout of the convolutions.")
@@ -89,6 +94,7 @@ class Model:
     recompute: bool
     data_format: str
     initializer: str
+    fc_512_initializer: str = "glorot_uniform"
 
     @property
     def stored_dtype(self):
@@ -100,7 +106,8 @@ class Model:
         training_data.input_standardization gives it, or None for pixels / 255."""
         return mcnn_model.build_mcnn(
             self.image_shape, self.num_classes, self.data_format, self.stored_dtype,
-            self.recompute, self.precision, standardization, self.initializer)
+            self.recompute, self.precision, standardization, self.initializer,
+            self.fc_512_initializer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +230,7 @@ def model_of(image_shape, num_classes, input_dtype, precision):
     """The Model a run of these flags builds for fields of `image_shape` stored as
     `input_dtype`."""
     return Model(tuple(image_shape), num_classes, input_dtype, precision, FLAGS.recompute,
-                 FLAGS.data_format, FLAGS.initializer)
+                 FLAGS.data_format, FLAGS.initializer, FLAGS.fc_512_initializer)
 
 
 def memory_estimate(model, accumulate):
@@ -276,8 +283,9 @@ def steps_of(epochs, steps_per_epoch):
     total_steps = max(1, round(epochs * steps_per_epoch))
     warmup_steps = round(FLAGS.warmup_epochs * steps_per_epoch)
     if warmup_steps >= total_steps:
-        raise app.UsageError(f"--warmup_epochs={FLAGS.warmup_epochs} is not shorter than "
-                             f"--epochs={epochs:g}")
+        raise app.UsageError(f"--warmup_epochs={FLAGS.warmup_epochs:g} is not shorter than "
+                             f"--epochs={epochs:g}: lower --warmup_epochs (to "
+                             f"{epochs / 10:.2g}, a tenth of the run, say) or raise --epochs")
     return {"total_steps": total_steps, "warmup_steps": warmup_steps,
             "eval_steps": max(1, round(FLAGS.eval_every * steps_per_epoch)),
             "decay_steps": tuple(round(float(e) * steps_per_epoch) for e in FLAGS.decay_epochs)}

@@ -108,6 +108,30 @@ def test_he_initialisation_gives_the_relu_layers_twice_the_variance_over_fan_in(
     assert he.count_params() == glorot.count_params()
 
 
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_tiled_fc_512_starts_as_global_average_pooling_and_a_dense_layer(data_format):
+    """PositionTiled: fc_512 on the flattened grid equals a (channels, units) Glorot block
+    applied to the channels averaged over the grid, in either layout; same parameters."""
+    tf.keras.utils.set_random_seed(0)
+    model = mcnn_model.build_mcnn((256, 384, 3), 3, data_format,
+                                  fc_512_initializer="tiled")
+    kernel = model.get_layer("fc_512").kernel.numpy()
+    positions = (256 // 128) * (384 // 128)
+    blocks = kernel.reshape(positions, mcnn_model.MERGE_FILTERS, mcnn_model.HIDDEN_UNITS)
+    assert np.array_equal(blocks, np.broadcast_to(blocks[0], blocks.shape))
+    glorot_limit = np.sqrt(6 / (mcnn_model.MERGE_FILTERS + mcnn_model.HIDDEN_UNITS))
+    assert np.abs(blocks[0] * positions).max() == pytest.approx(glorot_limit, rel=0.01)
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 256, 384, 3), np.uint8)
+    merged = tf.keras.Model(model.input, model.get_layer("merge_pool").output)(images)
+    if data_format == "channels_first":
+        merged = tf.transpose(merged, (0, 2, 3, 1))
+    pooled = tf.reduce_mean(merged, axis=(1, 2)).numpy()
+    fc_512 = tf.keras.Model(model.input, model.get_layer("fc_512").output)(images).numpy()
+    np.testing.assert_allclose(fc_512, pooled @ (blocks[0] * positions), rtol=1e-4, atol=1e-5)
+    assert model.count_params() == mcnn_model.parameter_count((256, 384, 3), 3)
+
+
 @pytest.mark.parametrize("shape", [(0, 128, 3), (128, 128, 0), (128, 128)])
 def test_shapes_without_pixels_or_channels_are_refused(shape):
     with pytest.raises(ValueError, match="each at least 1"):
