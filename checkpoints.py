@@ -23,6 +23,7 @@ import data_pipeline
 import errors
 import illumination
 import model_files
+import run_log
 from run_log import log
 
 flags.DEFINE_integer("checkpoint_every", 1, "Checkpoint every this many epochs.")
@@ -39,7 +40,8 @@ FLAGS = flags.FLAGS
 
 # What a run leaves in its model dir besides flags.txt; --overwrite deletes them.
 RUN_OUTPUTS = (model_files.CHECKPOINTS, model_files.SAVED_MODEL, model_files.DATA_MANIFEST,
-               illumination.ILLUMINATION_DIR, "tensorboard", "evaluation", "summary.json")
+               illumination.ILLUMINATION_DIR, "tensorboard", "evaluation", "summary.json",
+               run_log.HISTORY)
 
 
 @flags.multi_flags_validator(["resume", "overwrite"],
@@ -56,11 +58,40 @@ def make_checkpoint(model, optimizer, global_batch):
                                global_batch=tf.Variable(global_batch, dtype=tf.int64))
 
 
+class CheckpointManager(tf.train.CheckpointManager):
+    """tf.train.CheckpointManager whose pruning deletes the files of the checkpoints it
+    drops by their names. TensorFlow's reads `<folder>/ckpt-N.index` as a glob pattern
+    (tensorflow/tensorflow#34290): in a model dir named `runs/lr[1]` it deleted
+    `runs/lr1`'s checkpoints and never its own."""
+
+    def _sweep(self):
+        """TensorFlow 2.18's CheckpointManager._sweep, files deleted literally."""
+        if not self._max_to_keep:
+            return
+        while len(self._maybe_delete) > self._max_to_keep:
+            path, timestamp = self._maybe_delete.popitem(last=False)
+            if (self._keep_checkpoint_every_n_hours
+                    and timestamp - self._keep_checkpoint_every_n_hours * 3600.
+                    >= self._last_preserved_timestamp):
+                self._last_preserved_timestamp = timestamp
+                continue
+            remove_files_of(path)
+
+
+def remove_files_of(path):
+    """Deletes checkpoint `path`'s files (`path.index`, `path.data-*`), taking the path
+    literally."""
+    folder, name = os.path.split(path)
+    for file in os.listdir(folder or "."):
+        if file == name + ".index" or file.startswith(name + ".data-"):
+            os.remove(os.path.join(folder, file))
+
+
 def open_checkpoints(checkpoint, model_dir):
     """The manager that writes and prunes the model dir's checkpoints; opened after
     agree_on_start, which mends the folder's index if it has to."""
-    return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, model_files.CHECKPOINTS),
-                                      max_to_keep=FLAGS.keep_checkpoints)
+    return CheckpointManager(checkpoint, os.path.join(model_dir, model_files.CHECKPOINTS),
+                             max_to_keep=FLAGS.keep_checkpoints)
 
 
 def checkpoint_due(step, steps_per_epoch):
@@ -170,9 +201,11 @@ def indexed_checkpoint(folder):
     """The latest checkpoint the folder's index names, or None if it names none or
     cannot be read."""
     try:
-        return tf.train.latest_checkpoint(folder)
+        state = tf.train.get_checkpoint_state(folder)
     except (ValueError, tf.errors.OpError):
         return None
+    path = state and state.model_checkpoint_path  # joined to the folder if relative
+    return path if path and os.path.isfile(path + ".index") else None
 
 
 def set_aside(path):
@@ -236,7 +269,8 @@ def save_checkpoint(manager, model, step, lr):
     try:
         manager.save(checkpoint_number=step)
     except data_pipeline.WRITE_ERRORS as e:
-        for partial in glob.glob(os.path.join(manager.directory, f"ckpt-{step}[._]*")):
+        for partial in glob.glob(os.path.join(glob.escape(manager.directory),
+                                              f"ckpt-{step}[._]*")):
             shutil.rmtree(partial, ignore_errors=True) if os.path.isdir(partial) else os.remove(
                 partial)
         reason = errors.error_text(e)
@@ -260,18 +294,33 @@ def export_finished(manager, model, model_dir):
 
 
 class StopSignals:
-    """SIGTERM (a scheduler's warning before SIGKILL), SIGINT, or SIGUSR1 (how the launcher
-    passes a SIGTERM on through mpirun, which forwards SIGUSR1 to every rank at once) to
-    any rank: every rank stops at the same step boundary, after a checkpoint."""
+    """SIGTERM (a scheduler's warning before SIGKILL), SIGINT (Ctrl-C), or SIGUSR1 and
+    SIGUSR2 (how the launcher passes a SIGTERM or a Ctrl-C on through mpirun, which
+    forwards them to every rank at once) to any rank: every rank stops at the same step
+    boundary, after a checkpoint, and the stop line names what the user did."""
+    # When ranks receive different signals, the one named: the user's own before the
+    # scheduler's, a signal received before one passed on.
+    PRECEDENCE = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+    MEANING = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM",
+               signal.SIGUSR1: "SIGUSR1 (a SIGTERM to ./launch, passed on)",
+               signal.SIGUSR2: "SIGUSR2 (Ctrl-C to ./launch, passed on)"}
+    EXIT = {signal.SIGUSR1: 128 + signal.SIGTERM, signal.SIGUSR2: 128 + signal.SIGINT}
 
     def __init__(self):
         self.received = 0
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for signum in self.PRECEDENCE:
             signal.signal(signum, self.handle)
 
     def handle(self, signum, frame):
-        self.received = signum
+        self.received = self.received or signum  # the first: the launcher's follows Ctrl-C
 
     def agreed(self):
-        """Collective: the signal any rank received, or 0."""
-        return int(hvd.allreduce(tf.constant(self.received), op=hvd.Max, name="stop_signal"))
+        """Collective: the signal any rank received (the highest in PRECEDENCE), or 0."""
+        rank = self.PRECEDENCE.index(self.received) + 1 if self.received else 0
+        agreed = int(hvd.allreduce(tf.constant(rank), op=hvd.Max, name="stop_signal"))
+        return self.PRECEDENCE[agreed - 1] if agreed else 0
+
+    @classmethod
+    def describe(cls, signum):
+        """(what the stop line calls `signum`, the exit status it ends with)."""
+        return cls.MEANING[signum], cls.EXIT.get(signum, 128 + signum)

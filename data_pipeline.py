@@ -11,7 +11,6 @@ r, r+n, ...), so shards must be at least as many as ranks.
 import contextlib
 import dataclasses
 import fcntl
-import itertools
 import json
 import math
 import os
@@ -102,11 +101,35 @@ def finish_dataset(staging, output_dir, manifest):
     os.rename(staging, output_dir)
 
 
-def split_entry(files, labels, num_classes):
+def split_entry(files, labels, num_classes, shard_counts):
     """A split as the manifest records it: its shard `files` (names in the data set's
-    folder), its field count and the fields of each class (`labels`, class indices)."""
+    folder), its field count, the fields of each class (`labels`, class indices) and
+    of each shard (`shard_counts`, so that a shard cut at a record boundary is found)."""
+    if len(shard_counts) != len(files) or sum(shard_counts) != len(labels):
+        raise ValueError(f"{len(files)} shards of {shard_counts} fields do not hold the "
+                         f"split's {len(labels)}")
     return {"files": list(files), "count": len(labels),
-            "class_counts": np.bincount(np.asarray(labels, int), minlength=num_classes).tolist()}
+            "class_counts": np.bincount(np.asarray(labels, int), minlength=num_classes).tolist(),
+            "shard_counts": [int(n) for n in shard_counts]}
+
+
+def untrained_classes(manifest):
+    """{class: held-out fields} of the classes with no training field in the data set
+    `manifest` describes (a split by plate, say, that held out the one plate of an MoA);
+    {} where the manifest has no class counts."""
+    train, held_out = (manifest["splits"].get(s, {}).get("class_counts") for s in ("train", "eval"))
+    if not train:
+        return {}
+    return {name: int(held_out[k]) if held_out else 0
+            for k, name in enumerate(manifest["classes"]) if train[k] == 0}
+
+
+def shard_counts(manifest, split):
+    """{shard path: its record count} of `split`, or {} for a data set converted before
+    the manifest recorded them."""
+    entry = manifest["splits"][split]
+    return dict(zip((os.path.join(manifest["source"], f) for f in entry["files"]),
+                    entry.get("shard_counts", [])))
 
 
 def new_manifest(description, dtype, splits):
@@ -180,44 +203,6 @@ def split_files(manifest, split, rank=0, num_ranks=1):
     return rank_files(files, rank, num_ranks)
 
 
-def scan_shards(files, manifest):
-    """Reads every record of `files` and checks it against the manifest.
-
-    Returns ({file: indices of its good records}, [problems, each naming file and
-    record]). A corrupt or truncated record ends its file: TFRecords cannot be
-    resynchronised after one.
-    """
-    good, problems = {}, []
-    for filename in files:
-        good[filename] = []
-        records = iter(tf.data.TFRecordDataset(filename))
-        for index in itertools.count():
-            try:
-                record = next(records)
-            except StopIteration:
-                break
-            except tf.errors.DataLossError as e:
-                problems.append(f"{filename}: record {index} and after are corrupt or "
-                                f"truncated ({errors.error_text(e)})")
-                break
-            try:
-                parse_record(record, filename, tuple(manifest["image_shape"]),
-                             len(manifest["classes"]), manifest["dtype"])
-                good[filename].append(index)
-            except tf.errors.InvalidArgumentError as e:
-                problems.append(f"{filename}: record {index}: {errors.error_text(e)}")
-    return good, problems
-
-
-def explain_data_loss(files, manifest, error):
-    """tf.data's DataLossError, which names no file, as an InputError naming the shards
-    and records at fault."""
-    _, problems = scan_shards(files, manifest)
-    where = "; ".join(problems) or "no shard fails when read again"
-    return errors.InputError(f"{where}. Rerun with --skip_bad_records to skip such records "
-                             f"(tf.data said: {errors.error_text(error)})")
-
-
 def tiff_input_error(error):
     """The errors.InputError that make_tiff_dataset's reader raised inside tf.data, out of
     the TensorFlow error that carries it (with a Python traceback); None for others."""
@@ -282,7 +267,7 @@ def augment(image, intensity_jitter=0.0):
 def make_dataset(manifest, split, feed, good_records=None):
     """(images, labels) batches of this rank's part of `split` of the data set
     `manifest` (read_manifest) describes; with feed.provenance, (images, labels,
-    {compound, concentration, plate, well}). With `good_records` (from scan_shards),
+    {compound, concentration, plate, well}). With `good_records` (from shard_checks.scan_shards),
     only those records of each file are read.
 
     Images stay in the stored integer dtype (the model scales them to [0, 1]).
@@ -292,18 +277,24 @@ def make_dataset(manifest, split, feed, good_records=None):
     files = split_files(manifest, split, feed.rank, feed.num_ranks)
     image_shape = tuple(manifest["image_shape"])
     num_classes = len(manifest["classes"])
+    counts = shard_counts(manifest, split)
 
-    def read_file(filename, good=None):
+    def read_file(filename, count_or_good):
+        """count_or_good: the file's record count (a shard cut between records would read
+        as a shorter one) or, with good_records, the indices of the records to keep."""
         records = tf.data.TFRecordDataset(filename, buffer_size=8 << 20)
-        if good is not None:  # the indices of the records to keep
+        if good_records is not None:
+            good = count_or_good
             records = records.take(tf.reduce_max(good) + 1).enumerate().filter(
                 lambda i, _: tf.reduce_any(tf.equal(good, i))).map(lambda _, record: record)
-        records = records.map(lambda record: parse_record(record, filename, image_shape,
-                                                          num_classes, manifest["dtype"]))
-        return records
+        elif counts:
+            records = records.apply(tf.data.experimental.assert_cardinality(count_or_good))
+        return records.map(lambda record: parse_record(record, filename, image_shape,
+                                                       num_classes, manifest["dtype"]))
 
     if good_records is None:
-        ds = tf.data.Dataset.from_tensor_slices(files)
+        ds = tf.data.Dataset.from_tensor_slices(
+            (files, tf.constant([counts.get(f, 0) for f in files], tf.int64)))
     else:
         files = [f for f in files if good_records.get(f)]
         if not files:

@@ -5,7 +5,7 @@ import re
 import sys
 import traceback
 
-from absl import app
+from absl import app, flags
 
 
 class InputError(ValueError):
@@ -15,6 +15,25 @@ class InputError(ValueError):
 class OutputError(RuntimeError):
     """A folder that cannot be written (a full disk, no permission): the message names
     it, the reason, and what is kept."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C, caught where the program knows what it kept: the message says that, and
+    how to resume."""
+
+
+class SameOnEveryRank(app.UsageError):
+    """A usage error every rank of a job finds alike (the data set's manifest against the
+    job's size): rank 0 alone says it."""
+
+
+def rank_in_job():
+    """This process's rank as the launcher set it (Open MPI, Horovod's), 0 outside a job;
+    readable before Horovod starts."""
+    for name in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def error_text(error):
@@ -39,10 +58,28 @@ def run_main(main):
         try:
             return main(argv)
         except (InputError, OutputError, app.UsageError, FloatingPointError) as error:
-            print(f"{os.path.basename(sys.argv[0])}: {error}", file=sys.stderr, flush=True)
+            if not (isinstance(error, SameOnEveryRank) and rank_in_job() != 0):
+                print(f"{os.path.basename(sys.argv[0])}: {error}", file=sys.stderr, flush=True)
+        except (Interrupted, KeyboardInterrupt) as stop:
+            print(f"{os.path.basename(sys.argv[0])}: {stop or 'stopped by Ctrl-C'}",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(130)
         except Exception:  # a bug: its traceback, and the same prompt exit
             traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
-    app.run(main_reporting_bad_input)
+    app.run(main_reporting_bad_input, flags_parser=parse_flags_once)
+
+
+def parse_flags_once(argv):
+    """absl's flag parsing, but a bad flag is said in one line, by rank 0 alone: every
+    rank of a job parses the same command line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        if rank_in_job() == 0:
+            print(f"{os.path.basename(argv[0])}: {' '.join(str(error).split())} (--helpshort "
+                  f"lists the flags)", file=sys.stderr, flush=True)
+        sys.exit(1)

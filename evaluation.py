@@ -54,13 +54,14 @@ def treatment_votes(fields, num_classes):
     return fields.groupby(TREATMENT, sort=True)[["label", "prediction"]].apply(vote).reset_index()
 
 
-def summarize(fields, classes, split_by_field=()):
+def summarize(fields, classes, split_by_field=(), untrained=()):
     """Metrics of a frame with label, prediction, compound and concentration per field.
 
     `split_by_field`: classes whose held-out fields are of compounds seen in training
     (a split by compound of a class with one compound); with any, the per-class table
     says which, and "accuracy_by_compound" is the field accuracy of the other classes
-    alone, the honest figure of a split by compound."""
+    alone, the honest figure of a split by compound. `untrained`: classes with no
+    training field; with any, "accuracy_trained_classes" leaves their fields out."""
     treatments = treatment_votes(fields, len(classes))
     per_class = per_class_table(fields["label"], fields["prediction"], classes)
     metrics = {
@@ -79,6 +80,13 @@ def summarize(fields, classes, split_by_field=()):
         metrics["accuracy_by_compound"] = (float(np.mean(
             fields["label"][by_compound] == fields["prediction"][by_compound]))
             if by_compound.any() else None)
+    if untrained:
+        per_class["trained"] = [c not in untrained for c in classes]
+        trained = ~fields["label"].isin([classes.index(c) for c in untrained])
+        metrics["untrained_classes"] = list(untrained)
+        metrics["accuracy_trained_classes"] = (float(np.mean(
+            fields["label"][trained] == fields["prediction"][trained]))
+            if trained.any() else None)
     return metrics
 
 
@@ -100,7 +108,8 @@ def write_report(folder, fields, metrics, classes, step=None, field_profiles=Non
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump({"step": step, **{k: metrics[k] for k in (
             "fields", "accuracy", "treatments", "treatment_accuracy", "split_by_field",
-            "accuracy_by_compound", *NSC_FIGURES) if k in metrics}}, f, indent=2)
+            "accuracy_by_compound", "untrained_classes", "accuracy_trained_classes",
+            *NSC_FIGURES) if k in metrics}}, f, indent=2)
     if field_profiles is not None:
         tables = profiles.profile_tables(
             fields.assign(moa=[classes[k] for k in fields["label"]]), field_profiles)
@@ -119,6 +128,11 @@ def format_per_class(metrics):
     by_compound = metrics.get("accuracy_by_compound")
     honest = (f"; without {', '.join(apart)} (split by field): field accuracy "
               + (f"{by_compound:.4f}" if by_compound is not None else "none left")) if apart else ""
+    if metrics.get("untrained_classes"):
+        trained = metrics["accuracy_trained_classes"]
+        honest += (f"; without {', '.join(metrics['untrained_classes'])} (no training "
+                   f"field): field accuracy "
+                   + (f"{trained:.4f}" if trained is not None else "none left"))
     nsc = f"\n{format_nsc(metrics)}" if "nsc" in metrics else ""
     return (f"field accuracy {metrics['accuracy']:.4f} ({metrics['fields']} fields), "
             f"treatment accuracy {metrics['treatment_accuracy']:.4f} "
@@ -169,13 +183,13 @@ def nsc_figures(held_out, held_out_profiles, training, training_profiles, classe
 
 
 def evaluate(predict, batches, classes, split_by_field=(), reference=None, control=None,
-             plate_batches=None):
+             plate_batches=None, untrained=()):
     """(fields, their profiles, metrics) of the whole held-out split (summarize): each
     rank predicts its own `batches`, and Horovod gathers every field's result on all
     ranks. With `reference` (the training split's batches, as `batches`), the metrics
     have NSC, NSCB and NSC of all treatments too (nsc_figures)."""
     fields, field_profiles = predicted_fields(predict, batches, classes, "eval_fields")
-    metrics = summarize(fields, classes, split_by_field)
+    metrics = summarize(fields, classes, split_by_field, untrained)
     if reference is not None:
         training, training_profiles = predicted_fields(predict, reference, classes,
                                                        "train_fields")

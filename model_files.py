@@ -1,10 +1,13 @@
 """What a training run's model dir holds, and how it is written and read: the record of
 its training data (record_data), the export, its checkpoints found and restored (the
 newest that restores whole), and a trained model loaded for prediction."""
+import contextlib
+import glob
 import json
 import os
 import re
 import shutil
+import tempfile
 
 import tf_env  # noqa: F401  (before TensorFlow)
 import tensorflow as tf
@@ -79,6 +82,20 @@ def checkpoints_in(folder):
     return [os.path.join(folder, f"ckpt-{step}") for step in sorted(steps, reverse=True)]
 
 
+@contextlib.contextmanager
+def readable_by_tensorflow(path):
+    """`path`, or, where its folder has a character a glob reads ([ ] * ?), the same file
+    through a symlink to that folder from one without: TensorFlow's checkpoint and
+    SavedModel readers look their files up by pattern (tensorflow/tensorflow#34290)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if not glob.has_magic(folder):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="mcnn-") as alias:
+        os.symlink(folder, os.path.join(alias, "folder"))
+        yield os.path.join(alias, "folder", name)
+
+
 def restore_newest(checkpoint, folder):
     """Restores into `checkpoint` (a tf.train.Checkpoint) the newest checkpoint of
     `folder` that restores whole. Returns (its path or None, [(path, reason)] of
@@ -86,9 +103,10 @@ def restore_newest(checkpoint, folder):
     failed = []
     for path in checkpoints_in(folder):
         try:
-            status = checkpoint.restore(path)
-            status.assert_existing_objects_matched()
-            status.expect_partial()  # prediction has no optimizer to restore
+            with readable_by_tensorflow(path) as readable:
+                status = checkpoint.restore(readable)
+                status.assert_existing_objects_matched()
+                status.expect_partial()  # prediction has no optimizer to restore
             return path, failed
         except Exception as error:  # noqa: BLE001  damaged files fail in many ways
             failed.append((path, errors.error_text(error)[:300]
@@ -113,7 +131,8 @@ def load_trained(model_dir, precision="float32", say=print):
                        standardization=manifest.get("input_standardization"))
     exported = os.path.join(model_dir, SAVED_MODEL)
     try:
-        model.set_weights(tf.keras.models.load_model(exported, compile=False).get_weights())
+        with readable_by_tensorflow(exported) as readable:
+            model.set_weights(tf.keras.models.load_model(readable, compile=False).get_weights())
         return model, manifest
     except Exception as error:  # noqa: BLE001  a missing or damaged SavedModel
         reason = errors.error_text(error)[:300]

@@ -9,6 +9,7 @@ converter (prepare_data.py), training straight from TIFFs (data_pipeline.py) and
 prediction (predict.py) all read plates here.
 """
 import os
+import re
 import sys
 
 import numpy as np
@@ -36,8 +37,37 @@ def require_columns(table, columns, path, flag_of=None):
 
 
 def concentration_key(values):
-    # Join on concentrations as numbers: "0.10" in one table is 0.1 in the other.
-    return pd.to_numeric(values, errors="coerce").round(9)
+    # Join on concentrations as numbers: "0.10" in one table is 0.1 in the other, and
+    # "0,1" (a decimal comma, as Excel writes it in much of Europe) is 0.1 too.
+    return pd.to_numeric(pd.Series(values).astype(str).str.replace(",", ".", regex=False),
+                         errors="coerce").round(9)
+
+
+def read_table(path):
+    """A CSV table as strings (empty cells ""): comma-separated, or `;`-separated when its
+    header has more `;` than `,` (Excel's CSV where the decimal mark is a comma). Raises
+    InputError naming the file, and the line of a row that does not parse."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = f.readline()
+        separator = ";" if header.count(";") > header.count(",") else ","
+        return pd.read_csv(path, dtype=str, keep_default_na=False, sep=separator,
+                           encoding="utf-8-sig")
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save "
+                         f"it as CSV UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: empty, not a table") from None
+    except pd.errors.ParserError as e:
+        found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
+        if not found:
+            raise InputError(f"{path}: not a CSV table ({str(e).strip()})") from None
+        expected, line, saw = found.groups()
+        raise InputError(
+            f"{path}, line {line}: {saw} values where the header has {expected} columns; a "
+            f"value with a {separator!r} in it needs double quotes") from None
 
 
 def read_fields(image_table, image_root, channels, columns, moa_table=None, control=None,
@@ -47,7 +77,7 @@ def read_fields(image_table, image_root, channels, columns, moa_table=None, cont
     file (the first channel's, as the table names it), batch where columns name one,
     and, with `moa_table`, moa.
     A PathName that is absolute (as CellProfiler writes them) is not under image_root."""
-    images = pd.read_csv(image_table, dtype=str, keep_default_na=False)
+    images = read_table(image_table)
     flag_of = {columns[k].format(c): f"{k}_column" for k in ("filename", "pathname")
                for c in channels}
     flag_of.update({columns[k]: f"{k}_column" for k in ("compound", "concentration", "plate",
@@ -63,9 +93,9 @@ def read_fields(image_table, image_root, channels, columns, moa_table=None, cont
     })
     for channel in channels:
         fields[f"path_{channel}"] = [
-            os.path.join(image_root or "", folder, name) for folder, name in zip(
-                images[columns["pathname"].format(channel)],
-                images[columns["filename"].format(channel)])]
+            os.path.join(image_root or "", local_path(folder), local_path(name))
+            for folder, name in zip(images[columns["pathname"].format(channel)],
+                                    images[columns["filename"].format(channel)])]
     if columns.get("batch"):
         require_columns(images, [columns["batch"]], image_table,
                         {columns["batch"]: "batch_column"})
@@ -74,13 +104,38 @@ def read_fields(image_table, image_root, channels, columns, moa_table=None, cont
     first = channels[0]
     fields["file"] = [os.path.join(folder, name) for folder, name in zip(
         images[columns["pathname"].format(first)], images[columns["filename"].format(first)])]
+    refuse_repeated_files(fields, channels, image_table)
     if moa_table is None:
         return fields
     return attach_moa(fields, moa_table, columns, control, include_control, missing_moa)
 
 
+def local_path(path):
+    """A table's path with Windows separators (`Week1\\Week1_22123`, as CellProfiler on
+    Windows writes them, CellProfiler#1385) read as this system's."""
+    return path.replace("\\", os.sep) if os.sep == "/" else path
+
+
+def refuse_repeated_files(fields, channels, image_table):
+    """Raises InputError naming the rows that list a file another row lists too: the
+    same field twice would be trained on twice, or both trained on and held out."""
+    paths = pd.concat([fields[["table_row", f"path_{c}"]].set_axis(["table_row", "path"], axis=1)
+                       for c in channels])
+    paths["path"] = paths["path"].map(os.path.normpath)
+    paths = paths.drop_duplicates()  # one file may hold all of a field's channels
+    repeated = paths[paths.duplicated("path", keep=False)]
+    if repeated.empty:
+        return
+    groups = repeated.groupby("path", sort=False)["table_row"].apply(sorted)
+    listing = "; ".join(f"rows {', '.join(map(str, rows))}: {path}"
+                        for path, rows in list(groups.items())[:3])
+    more = f" (and {len(groups) - 3} more files)" if len(groups) > 3 else ""
+    raise InputError(f"{image_table}: the same file on more than one row, as if a field were "
+                     f"listed twice: {listing}{more}; list each field once")
+
+
 def attach_moa(fields, moa_table, columns, control, include_control, missing_moa):
-    moas = pd.read_csv(moa_table, dtype=str, keep_default_na=False)
+    moas = read_table(moa_table)
     keys = [columns["moa_compound"], columns["moa_concentration"]]
     require_columns(moas, keys + [columns["moa"]], moa_table, {
         columns[k]: f"{k}_column" for k in ("moa_compound", "moa_concentration", "moa")})
@@ -94,7 +149,9 @@ def attach_moa(fields, moa_table, columns, control, include_control, missing_moa
             columns={keys[0]: "compound", columns["moa"]: "moa"}),
         on=["compound", "_conc"], how="left").drop(columns="_conc")
     fields["moa"] = fields["moa"].fillna("")
-    report_unmatched_moa_rows(moas, keys, fields, moa_table)
+    unmatched = report_unmatched_moa_rows(moas, keys, fields, moa_table)
+    if missing_moa == "skip":
+        refuse_another_screens_table(moas, unmatched, columns["moa"], moa_table, control)
     unlabelled = fields[fields["moa"] == ""]
     if not unlabelled.empty:
         treatments = unlabelled.groupby(["compound", "concentration"]).size()
@@ -126,7 +183,7 @@ def report_unmatched_moa_rows(moas, keys, fields, moa_table):
     compound_column, concentration_column = keys
     unmatched = moas[[(c, k) not in matched for c, k in zip(moas[compound_column], moas["_conc"])]]
     if unmatched.empty:
-        return
+        return unmatched
     near = {name_key(c): c for c in fields["compound"].unique()}
     listing = []
     for index, row in unmatched.iterrows():
@@ -136,6 +193,22 @@ def report_unmatched_moa_rows(moas, keys, fields, moa_table):
         listing.append(f"row {index + 2}: {compound!r} @ {row[concentration_column]}{hint}")
     print(f"{moa_table}: {len(listing)} row(s) match no treatment of the image table: "
           f"{'; '.join(listing)}", file=sys.stderr)
+    return unmatched
+
+
+def refuse_another_screens_table(moas, unmatched, moa_column, moa_table, control):
+    """Raises InputError when the MoA table looks like another screen's: most of its
+    treatments, or every treatment of an MoA, match no field of the image table."""
+    labelled = moas[moas[moa_column] != control]
+    lost = sorted(set(labelled[moa_column]) - set(labelled.drop(unmatched.index, errors="ignore")[
+        moa_column]))
+    if len(unmatched) * 2 <= len(moas) and not lost:
+        return
+    whole = f"; no field of {len(lost)} MoA(s): {', '.join(lost[:5])}" if lost else ""
+    raise InputError(
+        f"{moa_table}: {len(unmatched)} of its {len(moas)} treatments match no field of the "
+        f"image table{whole}. Is it this screen's MoA table? --missing_moa=skip_any converts "
+        f"what matches anyway")
 
 
 def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS, columns=None,
@@ -162,6 +235,7 @@ def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS
     fields["split"] = splits.assign_split(fields, split, eval_fraction, seed)
     by_field = splits.split_by_field(fields, split)
     splits.announce_split_by_field(fields, by_field, control)
+    splits.announce_untrained_classes(fields, split)
     for side in ("train", "eval"):
         if not (fields["split"] == side).any():
             raise InputError(f"--split={split} left no {side} fields "
@@ -275,8 +349,11 @@ def define_conversion_flags(flags):
     flags.DEFINE_float("eval_fraction", 0.2, "Share of compounds, plates or fields held out.")
     flags.DEFINE_bool("include_dmso", False, "Keep the control as a class (13 classes on BBBC021).")
     flags.DEFINE_string("control_moa", "DMSO", "The MoA label of the control treatment.")
-    flags.DEFINE_enum("missing_moa", "skip", ["skip", "error"],
-                      "Treatments without an MoA: list and skip them, or stop.")
+    flags.DEFINE_enum("missing_moa", "skip", ["skip", "skip_any", "error"],
+                      "Treatments without an MoA: skip: list and skip them, but stop when "
+                      "the MoA table looks like another screen's (most of its treatments, "
+                      "or all of one MoA's, match no field); skip_any: skip however many; "
+                      "error: stop at any.")
     flags.DEFINE_enum("scaling", "per_plate", ["per_plate", "per_channel"],
                       "Intensity ranges per plate and channel, or per channel overall.")
     flags.DEFINE_list("percentiles", ["0.1", "99.9"], "Low and high percentile of the range.")

@@ -129,8 +129,13 @@ def main(argv):
     batches = shard_batches(manifest) if FLAGS.data_dir else table_batches(manifest)
     predict = evaluation.make_predict(model, manifest["image_shape"],
                                       data_pipeline.DTYPES[manifest["dtype"]])
-    everyone = [part for part in hvd.allgather_object(
-        predict_fields(predict, batches, classes), name="predictions") if part is not None]
+    try:
+        mine = predict_fields(predict, batches, classes)
+    except KeyboardInterrupt:
+        raise errors.Interrupted(f"stopped by Ctrl-C while predicting: nothing was written "
+                                 f"({FLAGS.output} is untouched); rerun the same command") from None
+    everyone = [part for part in hvd.allgather_object(mine, name="predictions")
+                if part is not None]
     if hvd.rank() != 0:
         return
     fields = pd.concat([f for f, _ in everyone], ignore_index=True)

@@ -20,6 +20,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import sys
 import time
 
 import data_pipeline
@@ -111,7 +113,8 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
 
     splits = {side: data_pipeline.split_entry(
         [n for n, _ in plan if n.startswith(side)],
-        fields.loc[fields["split"] == side, "moa"].map(class_index), len(classes))
+        fields.loc[fields["split"] == side, "moa"].map(class_index), len(classes),
+        [len(indices) for n, indices in plan if n.startswith(side)])
         for side in ("train", "eval")}
     manifest = data_pipeline.new_manifest({
         **data, "illumination": recorded_illumination,
@@ -134,7 +137,8 @@ def write_shards(todo, fields, staging, data, dtype, class_index, workers, progr
     total = sum(len(indices) for _, indices in todo)
     # spawn, not fork: the caller may be an MPI rank with TensorFlow running.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                initializer=leave_ctrl_c_to_the_parent) as pool:
         futures = [pool.submit(write_shard, os.path.join(staging, name),
                                [fields.loc[i].to_dict() for i in indices], data, dtype,
                                class_index) for name, indices in todo]
@@ -147,7 +151,17 @@ def write_shards(todo, fields, staging, data, dtype, class_index, workers, progr
             pool.shutdown(cancel_futures=True)  # not the rest of the shards after a failure
             if isinstance(error, data_pipeline.WRITE_ERRORS):
                 raise cannot_write(staging, error) from None
+            if isinstance(error, KeyboardInterrupt):
+                raise errors.Interrupted(
+                    f"stopped by Ctrl-C: {done} of {total} fields written are kept in "
+                    f"{staging}; rerun the same command to resume") from None
             raise
+
+
+def leave_ctrl_c_to_the_parent():
+    """A worker ignores SIGINT (Ctrl-C reaches the whole process group): the parent
+    stops the pool and says what is kept, instead of one traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def cannot_write(staging, error):
@@ -155,6 +169,9 @@ def cannot_write(staging, error):
         f"could not write to {staging}: {errors.error_text(error)}. The shards "
         f"written so far are kept there; free space or fix the folder, then rerun the same "
         f"command to resume")
+
+
+FEW_RANKS = 8  # two nodes of four ranks: fewer shards than this in a split is worth a word
 
 
 def main(_):
@@ -167,6 +184,11 @@ def main(_):
           f"split by {FLAGS.split}")
     if plates.describe_binning(manifest):
         print(plates.describe_binning(manifest))
+    shards = {side: len(manifest["splits"][side]["files"]) for side in ("train", "eval")}
+    if min(shards.values()) < FEW_RANKS:
+        print(f"{shards['train']} train and {shards['eval']} held-out shards: a run trains on "
+              f"at most {min(shards.values())} ranks (each reads whole shards of both); a "
+              f"smaller --images_per_shard makes more", file=sys.stderr)
 
 
 if __name__ == "__main__":

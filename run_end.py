@@ -31,7 +31,9 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected):
     global_batch, timer, metrics = outcome.global_batch, outcome.timer, outcome.metrics
     images_per_sec = timer.steps * global_batch / timer.seconds if timer.steps else None
     summary = {
-        "time_to_train_s": round(seconds, 2),
+        "time_to_train_s": round(seconds, 2),  # over all the run's starts
+        "time_this_start_s": round(time.time() - run.started, 2),
+        "starts": run.past[2] + 1,
         "target_accuracy": FLAGS.target_accuracy or None,
         "time_to_target": ({"reached": bool(outcome.target), **(outcome.target or {})}
                            if FLAGS.target_accuracy else None),
@@ -82,7 +84,7 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected):
 def finish(run, outcome, start_step):
     """Rank 0 exports the model, writes the summary and draws the evaluation; every rank
     checks the weights."""
-    seconds = time.time() - run.started
+    seconds = run.seconds()
     in_sync = optimization.weights_in_sync(run.model)
     peaks = hvd.allgather_object(round(rank_memory.peak_rss_gb(), 3), name="peak_rss_gb")
     expected = run.plan.memory.parts(run.plan.per_rank_batch)
@@ -96,7 +98,10 @@ def finish(run, outcome, start_step):
         path = write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected)
         log(f"Pictures of the evaluation: {draw_evaluation(run, outcome)}")
         checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
-        log(f"Done in {seconds:.1f} s: held-out accuracy {outcome.metrics['accuracy']:.4f} "
+        starts = (f" over {run.past[2] + 1} starts, {time.time() - run.started:.1f} s in this "
+                  f"one" if run.past[2] else "")
+        log(f"Done in {seconds:.1f} s{starts}: held-out accuracy "
+            f"{outcome.metrics['accuracy']:.4f} "
             f"({outcome.metrics['fields']} images). Summary: {path}; TensorBoard: "
             f"{os.path.join(os.path.dirname(sys.executable), 'tensorboard')} --logdir "
             f"{os.path.join(FLAGS.model_dir, 'tensorboard')}")

@@ -122,3 +122,29 @@ def write_csv(table, path, **options):
         raise errors.OutputError(f"could not write {path}: {error.strerror or error}. Nothing "
                                  f"was written there; free space or fix the folder, then "
                                  f"rerun") from None
+
+
+HISTORY = "history.json"  # a run's evaluations and training time over all its starts
+
+
+def read_history(model_dir, start_step):
+    """(evaluations up to `start_step`, seconds trained before, starts before) of the run
+    in `model_dir`, from its history.json; ([], 0, 0) for a new run. Evaluations after
+    the checkpoint resumed from are dropped: those steps are trained again."""
+    try:
+        with open(os.path.join(model_dir, HISTORY)) as f:
+            past = json.load(f)
+    except (OSError, ValueError):
+        return [], 0.0, 0
+    if not start_step:
+        return [], 0.0, 0
+    return ([e for e in past.get("evaluations", []) if e["step"] <= start_step],
+            float(past.get("seconds", 0)), int(past.get("starts", 0)))
+
+
+def write_history(model_dir, evaluations, seconds, starts):
+    """history.json: the run's evaluations, its training seconds over all its starts
+    (wall time from each start to its last write) and how many starts it had."""
+    return write_json(os.path.join(model_dir, HISTORY), {
+        "evaluations": evaluations, "seconds": round(seconds, 2), "starts": starts})
+

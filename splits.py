@@ -32,6 +32,16 @@ def announce_split_by_field(fields, classes, control):
                  "or leave it out"), file=sys.stderr)
 
 
+def announce_untrained_classes(fields, how):
+    """Says on stderr, one line each, which MoAs the split left without a training field."""
+    counts = fields.groupby("moa", sort=True)["split"].value_counts().unstack(fill_value=0)
+    for moa, row in counts.iterrows():
+        if row.get("train", 0) == 0:
+            print(f"--split={how}: {moa!r} has no training field ({row.get('eval', 0)} "
+                  f"held out, 0 training): no model can learn it; train_mcnn.py refuses "
+                  f"this data set unless --allow_untrained_classes", file=sys.stderr)
+
+
 def assign_split(fields, how, eval_fraction, seed):
     """'train' or 'eval' per field; stratified by MoA; deterministic by seed.
 

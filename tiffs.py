@@ -10,6 +10,7 @@ what a file holds when they do not match.
 """
 from concurrent.futures import ThreadPoolExecutor
 import os
+import re
 
 import numpy as np
 import tifffile
@@ -116,8 +117,12 @@ def check_files(fields, channels, image_table, channel_pages=None, shown=20):
                 if found[path][0]]
     if problems:
         first = f" (the first {shown})" if len(problems) > shown else ""
+        windows = any(re.search(r"(^|/)[A-Za-z]:/", path) for path, (problem, _) in found.items()
+                      if problem)
+        hint = (". Paths with a drive letter (C:\\...) name files on a Windows computer: "
+                "make the table's PathNames relative to --image_root" if windows else "")
         raise InputError(f"{image_table}: {len(problems)} of its {len(files)} files are "
-                         f"missing or unreadable{first}: " + "; ".join(problems[:shown]))
+                         f"missing or unreadable{first}: " + "; ".join(problems[:shown]) + hint)
     for index, channel in enumerate(channels):
         fields[f"page_{channel}"] = [found[path][1][index] if one_file_per_field else -1
                                      for path in fields[f"path_{channel}"]]

@@ -20,6 +20,7 @@ import horovod.tensorflow as hvd
 import tensorflow as tf
 
 import checkpoints
+import data_pipeline
 import elastic
 import errors
 import evaluation
@@ -77,8 +78,18 @@ class Run:
     writer: object
     stop: checkpoints.StopSignals
     started: float
+    past: tuple = ([], 0.0, 0)  # run_log.read_history: evaluations, seconds and starts before
     changed_on_resume: dict = dataclasses.field(default_factory=dict)  # run_log.changed_flags
     plan_changed_on_resume: dict = dataclasses.field(default_factory=dict)  # run_plan.changes
+
+    def seconds(self):
+        """Training time over all the run's starts, to now."""
+        return self.past[1] + time.time() - self.started
+
+    def record_history(self, evaluations):
+        """Rank 0: history.json, so that a resumed run keeps its past."""
+        if hvd.rank() == 0:
+            run_log.write_history(FLAGS.model_dir, evaluations, self.seconds(), self.past[2] + 1)
 
 
 @dataclasses.dataclass
@@ -105,7 +116,7 @@ def train(run, progress):
         train_step = plan.train_step(run.model, run.optimizer, accumulate)
     first = progress.step
     outcome = Outcome(progress.global_batch, accumulate, noise=optimization.GradientNoiseScale(
-        plan.per_rank_batch, progress.global_batch))
+        plan.per_rank_batch, progress.global_batch), history=list(run.past[0]))
     # A resumed run draws a new order of its data: the images of a broken-off epoch
     # are not all replayed in the order they came, but the step count and schedule are.
     batches = training_data.named_data_errors(iter(run.make_data("train", training_data.feed(
@@ -131,6 +142,7 @@ def train(run, progress):
             if hvd.rank() == 0:
                 checkpoints.save_checkpoint(run.manager, run.model, step,
                                             float(run.schedule(step - 1)))
+                run.record_history(outcome.history)
             progress.commit()
         if signum:
             stop_on_signal(run, step, signum)
@@ -168,11 +180,11 @@ def evaluate_and_report(run, step, eval_data, outcome):
         run.predict, training_data.named_data_errors(iter(eval_data), run.manifest, "eval"),
         run.manifest["classes"], run.manifest.get("classes_split_by_field", ()),
         nsc_reference(run, step), run.manifest.get("control", "DMSO"),
-        run.manifest.get("plate_batches"))
+        run.manifest.get("plate_batches"), list(data_pipeline.untrained_classes(run.manifest)))
     outcome.eval_seconds += time.time() - started
     epoch, accuracy = step / run.plan.steps_per_epoch, metrics["accuracy"]
     outcome.metrics = metrics
-    seconds = time.time() - run.started
+    seconds = run.seconds()
     nsc = {k: metrics[k] for k in ("nsc", "nscb") if k in metrics}
     outcome.history.append({"step": step, "epoch": round(epoch, 3), "accuracy": accuracy,
                             "treatment_accuracy": metrics["treatment_accuracy"], **nsc,
@@ -188,6 +200,7 @@ def evaluate_and_report(run, step, eval_data, outcome):
         log(f"target accuracy {FLAGS.target_accuracy:g} reached at epoch {epoch:.2f} (step "
             f"{step}, {outcome.target['images']:,} images) after {seconds:.1f} s, "
             f"{outcome.target['train_seconds']:.1f} s of it training: stopping")
+    run.record_history(outcome.history)
     if hvd.rank() == 0:
         last = step == run.plan.total_steps or outcome.target
         evaluation.write_report(os.path.join(FLAGS.model_dir, "evaluation"), fields, metrics,
@@ -212,10 +225,11 @@ def reached_target(step, epoch, seconds, outcome):
 
 
 def stop_on_signal(run, step, signum):
-    log(f"{signal.Signals(signum).name}: stopped after step {step} and wrote "
+    said, status = checkpoints.StopSignals.describe(signum)
+    log(f"{said}: stopped after step {step} and wrote "
         f"{run.manager.latest_checkpoint}; rerun the same command to resume")
     hvd.allreduce(tf.constant(0), name="checkpoint_written")  # none exits before
-    sys.exit(128 + signum)
+    sys.exit(status)
 
 
 def log_start(run, start_step):
@@ -293,6 +307,8 @@ def main(argv):
     run = Run(plan, model, optimizer, schedule, train_step,
               evaluation.make_predict(model, plan.model.image_shape, plan.model.stored_dtype),
               make_data, manifest, manager, None, checkpoints.StopSignals(), time.time())
+    run.past = hvd.broadcast_object(run_log.read_history(FLAGS.model_dir, start_step)
+                                    if hvd.rank() == 0 else None, root_rank=0, name="history")
     finished = start_step >= plan.total_steps
     if hvd.rank() == 0 and start_step:
         run.changed_on_resume = run_log.changed_flags(FLAGS.model_dir)

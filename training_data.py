@@ -14,6 +14,7 @@ import errors
 import mcnn_model
 import plates
 import prepare_data
+import shard_checks
 import synthetic_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,6 +42,9 @@ flags.DEFINE_enum("input_scaling", "unit", ["unit", "standardize"], "unit: pixel
 flags.DEFINE_bool("skip_bad_records", False, "Check every record first and train on the good "
                   "ones, reporting the corrupt, truncated or mislabelled ones, instead of "
                   "stopping at the first.")
+flags.DEFINE_bool("allow_untrained_classes", False, "Train on a data set in which a class "
+                  "has no training field (refused otherwise); the evaluation reports such "
+                  "classes apart.")
 # Or straight from plates (TIFFs + tables), with no conversion step: see prepare_data.py.
 plates.define_conversion_flags(flags)
 FLAGS = flags.FLAGS
@@ -93,8 +97,36 @@ def open_data(seed, field_size=None):
             FLAGS.synthetic_classes, FLAGS.synthetic_compounds_per_class,
             FLAGS.synthetic_fields_per_treatment, seed=seed)
     manifest = data_pipeline.read_manifest(data_dir)
+    refuse_untrained_classes(manifest, data_dir)
+    refuse_too_few_shards(manifest, data_dir)
     good = good_records(manifest) if FLAGS.skip_bad_records else None
     return manifest, lambda split, feed: data_pipeline.make_dataset(manifest, split, feed, good)
+
+
+def refuse_too_few_shards(manifest, data_dir):
+    """Every rank reads whole shards of each split: refused before any work when a split
+    has fewer shards than there are ranks."""
+    for split, entry in manifest["splits"].items():
+        shards, ranks = len(entry["files"]), hvd.size() if hvd.is_initialized() else 1
+        if shards < ranks:
+            raise errors.SameOnEveryRank(
+                f"{data_dir}: its {split} split is {shards} shard(s) for {ranks} ranks, and "
+                f"each rank reads whole shards: convert it again with --images_per_shard="
+                f"{max(entry['count'] // ranks, 1)} or less, or train on at most {shards} rank(s)")
+
+
+def refuse_untrained_classes(manifest, data_dir):
+    """A data set with a class no training field shows: refused unless
+    --allow_untrained_classes, since its held-out fields count against the accuracy."""
+    untrained = data_pipeline.untrained_classes(manifest)
+    if untrained and not FLAGS.allow_untrained_classes:
+        listing = ", ".join(f"{name!r} (0 training, {n} held-out fields)"
+                            for name, n in untrained.items())
+        raise app.UsageError(
+            f"{data_dir}: no training field of {listing} (split by "
+            f"{manifest.get('split', {}).get('by', '?')}): the model cannot learn it. Convert "
+            f"with another --split or --seed, or --allow_untrained_classes to train anyway "
+            f"(the evaluation reports such classes apart)")
 
 
 def refuse_given(names, applies):
@@ -151,7 +183,7 @@ def good_records(manifest):
     good, problems = {}, []
     for split in manifest["splits"]:
         files = data_pipeline.split_files(manifest, split, hvd.rank(), hvd.size())
-        split_good, split_problems = data_pipeline.scan_shards(files, manifest)
+        split_good, split_problems = shard_checks.scan_shards(files, manifest)
         good.update(split_good)
         problems += split_problems
     everyone = [p for rank in hvd.allgather_object(problems, name="bad_records") for p in rank]
@@ -163,8 +195,9 @@ def good_records(manifest):
 
 
 def named_data_errors(batches, manifest, split):
-    """The batches of `batches`; tf.data's DataLossError, which names no file, becomes
-    an InputError naming this rank's corrupt shards, and a TIFF that fails to read
+    """The batches of `batches`; tf.data's DataLossError, which names no file, and a
+    shard with fewer records than the manifest's become an InputError naming this
+    rank's corrupt shards, and a TIFF that fails to read
     inside tf.data the InputError it raised there (one line, no traceback)."""
     while True:
         try:
@@ -175,10 +208,12 @@ def named_data_errors(batches, manifest, split):
             unreadable = data_pipeline.tiff_input_error(e)
             if unreadable:
                 raise unreadable from None
-            if FLAGS.image_table or not isinstance(e, tf.errors.DataLossError):
+            shard_cut_between_records = "expected to contain" in e.message
+            if FLAGS.image_table or not (isinstance(e, tf.errors.DataLossError)
+                                         or shard_cut_between_records):
                 raise
             files = data_pipeline.split_files(manifest, split, hvd.rank(), hvd.size())
-            raise data_pipeline.explain_data_loss(files, manifest, e) from None
+            raise shard_checks.explain_data_loss(files, manifest, e) from None
 
 
 def input_standardization(manifest):

@@ -13,12 +13,13 @@ def write_dataset(output_dir, splits, classes, image_shape, images_per_shard, dt
     os.makedirs(staging)
     entries = {}
     for split, examples in splits.items():
-        files, labels, examples = [], [], iter(examples)
+        files, labels, counts, examples = [], [], [], iter(examples)
         while chunk := list(itertools.islice(examples, images_per_shard)):
             files.append(f"{split}-{len(files):05d}.tfrecord")
             data_pipeline.write_shard(os.path.join(staging, files[-1]), chunk)
             labels += [label for _, label, _ in chunk]
-        entries[split] = data_pipeline.split_entry(files, labels, len(classes))
+            counts.append(len(chunk))
+        entries[split] = data_pipeline.split_entry(files, labels, len(classes), counts)
     manifest = data_pipeline.new_manifest({"classes": classes, "image_shape": image_shape},
                                           dtype, entries)
     data_pipeline.finish_dataset(staging, str(output_dir), manifest)

@@ -170,7 +170,8 @@ def test_a_preempted_slurm_job_checkpoints_requeues_itself_and_resumes_to_the_en
                                                                        slurm.logs())
 
     # The script passes SIGTERM on to ./launch, which passes it to every rank as SIGUSR1.
-    stopped = re.search(r"SIGUSR1: stopped after step (\d+) and wrote (\S+); rerun the same "
+    stopped = re.search(r"SIGUSR1 \(a SIGTERM to \./launch, passed on\): stopped after step "
+                        r"(\d+) and wrote (\S+); rerun the same "
                         r"command to resume", text)
     assert stopped, text[-3000:]
     step, checkpoint = int(stopped.group(1)), stopped.group(2)

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import errors
 import intensity
 import plates
 import prepare_data
+import splits
 import synthetic_data
 from conftest import ROOT
 
@@ -170,6 +172,146 @@ def test_every_missing_or_unreadable_file_is_listed_before_anything_is_written(s
     assert not (tmp_path / "data").exists() and not list(tmp_path.glob("data.partial-*"))
 
 
+def test_a_field_listed_twice_is_refused_naming_its_rows_before_anything_is_written(
+        screen, tmp_path):
+    """LIVECell#26: rows repeated would leak held-out fields into training unseen."""
+    copy = copy_screen(screen, tmp_path)
+    table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
+    pd.concat([table, table.iloc[[3]]]).to_csv(copy / synthetic_data.IMAGE_TABLE, index=False)
+    said = refusal_of_prepare_data(copy, tmp_path / "data")
+    first = os.path.join(copy / "images", table.loc[3, "Image_PathName_DAPI"],
+                         table.loc[3, "Image_FileName_DAPI"])
+    assert f"the same file on more than one row, as if a field were listed twice: rows 5, " \
+           f"{len(table) + 2}: {first}" in said[0]
+    assert not (tmp_path / "data").exists() and not list(tmp_path.glob("data.partial-*"))
+
+
+def test_a_class_left_without_training_fields_is_said_refused_and_reported_apart(
+        screen, tmp_path):
+    """evalml#760: a split by plate that holds out an MoA's only plate; conversion says
+    it, training refuses it unless asked, and the evaluation gives the accuracy without it."""
+    copy = copy_screen(screen, tmp_path)
+    table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
+    plate = table.columns[table.columns.str.startswith("Image_Metadata_Plate")][0]
+    held = splits.assign_split(pd.DataFrame({"plate": sorted(table[plate].unique())}),
+                               "plate", 0.5, seed=0)
+    held_plate = sorted(table[plate].unique())[list(held).index("eval")]
+    moa = synthetic_data.CLASSES[1]
+    compounds = table["Image_Metadata_Compound"].str.startswith(moa.lower().replace(" ", "-"))
+    table[~compounds | (table[plate] == held_plate)].to_csv(
+        copy / synthetic_data.IMAGE_TABLE, index=False)
+    data = tmp_path / "data"
+    converted = subprocess.run(
+        [sys.executable, "prepare_data.py", "--split=plate", "--eval_fraction=0.5",
+         "--images_per_shard=4", f"--image_table={copy / synthetic_data.IMAGE_TABLE}",
+         f"--moa_table={copy / synthetic_data.MOA_TABLE}",
+         f"--image_root={copy / synthetic_data.IMAGES}", f"--output_dir={data}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert f"--split=plate: {moa!r} has no training field (" in converted.stderr
+    assert "held-out shards: a run trains on at most " in converted.stderr  # 4 fields a shard
+
+    train = [sys.executable, "train_mcnn.py", f"--data_dir={data}", "--epochs=1",
+             "--warmup_epochs=0", "--per_rank_batch=4", f"--model_dir={tmp_path / 'model'}"]
+    refused = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"no training field of {moa!r} (0 training, " in refused.stderr
+    trained = subprocess.run([*train, "--allow_untrained_classes"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert f"without {moa} (no training field): field accuracy" in trained.stdout
+    metrics = json.loads((tmp_path / "model" / "evaluation" / "metrics.json").read_text())
+    assert metrics["untrained_classes"] == [moa]
+
+
+def test_a_malformed_table_is_named_in_one_line_and_excel_semicolon_tables_are_read(
+        screen, tmp_path):
+    """steinbock#28: an unquoted comma in a row, and a MoA table as Excel writes CSV where
+    the decimal mark is a comma (`;`-separated, "0,1")."""
+    copy = copy_screen(screen, tmp_path)
+    lines = (copy / synthetic_data.IMAGE_TABLE).read_text().splitlines()
+    lines[3] = lines[3].replace("Week1_Synth", "Week1,Synth", 1)
+    (copy / synthetic_data.IMAGE_TABLE).write_text("\n".join(lines) + "\n")
+    said = refusal_of_prepare_data(copy, tmp_path / "data")
+    columns = lines[0].count(",") + 1
+    assert (f"{copy / synthetic_data.IMAGE_TABLE}, line 4: {columns + 1} values where the "
+            f"header has {columns} columns; a value with a ',' in it needs double quotes") in said[0]
+
+    excel = copy_screen(screen, tmp_path / "excel")
+    moa = pd.read_csv(excel / synthetic_data.MOA_TABLE, dtype=str)
+    moa.assign(concentration=moa["concentration"].str.replace(".", ",")).to_csv(
+        excel / synthetic_data.MOA_TABLE, sep=";", index=False)
+    assert ";1,0;" in (excel / synthetic_data.MOA_TABLE).read_text()
+    convert(excel, tmp_path / "excel_data", include_control=True)
+    convert(screen, tmp_path / "plain_data", include_control=True)
+    assert (data_pipeline.read_manifest(str(tmp_path / "excel_data"))["splits"] ==
+            data_pipeline.read_manifest(str(tmp_path / "plain_data"))["splits"])
+
+
+def test_windows_paths_in_a_table_are_read_and_drive_letters_are_named(screen, tmp_path):
+    """CellProfiler#1385: PathName = Week1\\Week1_Synth01 as written on Windows."""
+    copy = copy_screen(screen, tmp_path)
+    images = copy / synthetic_data.IMAGES
+    (images / "Week1").mkdir()
+    for plate in [p for p in images.iterdir() if p.name != "Week1"]:
+        plate.rename(images / "Week1" / plate.name)
+    table = pd.read_csv(copy / synthetic_data.IMAGE_TABLE, dtype=str)
+    for channel in plates.BBBC021_CHANNELS:
+        table[f"Image_PathName_{channel}"] = "Week1\\" + table[f"Image_PathName_{channel}"]
+    table.to_csv(copy / synthetic_data.IMAGE_TABLE, index=False)
+    convert(copy, tmp_path / "data", include_control=True)
+    assert data_pipeline.read_manifest(str(tmp_path / "data"))["splits"]["train"]["count"] > 0
+
+    table["Image_PathName_DAPI"] = "C:\\Users\\lab\\" + table["Image_PathName_DAPI"]
+    table.to_csv(copy / synthetic_data.IMAGE_TABLE, index=False)
+    said = refusal_of_prepare_data(copy, tmp_path / "data2")
+    assert "Paths with a drive letter (C:\\...) name files on a Windows computer" in said[0]
+
+
+def test_another_screens_moa_table_is_refused_unless_asked(screen, tmp_path):
+    """A newcomer's trial: an older screen's MoA table converted to a 2-class data set."""
+    copy = copy_screen(screen, tmp_path)
+    moa = pd.read_csv(copy / synthetic_data.MOA_TABLE, dtype=str)
+    lost = synthetic_data.CLASSES[1]
+    moa.loc[moa["moa"] == lost, "compound"] = "older-screen-" + moa["compound"]
+    moa.to_csv(copy / synthetic_data.MOA_TABLE, index=False)
+    said = refusal_of_prepare_data(copy, tmp_path / "data")
+    unmatched = int((moa["moa"] == lost).sum())
+    assert (f"{unmatched} of its {len(moa)} treatments match no field of the image table; no "
+            f"field of 1 MoA(s): {lost}. Is it this screen's MoA table? "
+            f"--missing_moa=skip_any") in said[0]
+    convert(copy, tmp_path / "data", include_control=True, missing_moa="skip_any")
+    assert lost not in data_pipeline.read_manifest(str(tmp_path / "data"))["classes"]
+
+
+def test_ctrl_c_during_conversion_ends_in_one_line_and_the_rerun_resumes(tmp_path):
+    """Ctrl-C reaches every process of the group: the workers leave it to the parent."""
+    screen = tmp_path / "screen"
+    synthetic_data.write_screen(str(screen), 1024, 1024, num_classes=3, compounds_per_class=2,
+                                fields_per_treatment=3, plates=2, workers=2)
+    command = [sys.executable, "prepare_data.py", "--include_dmso", "--workers=2",
+               "--images_per_shard=1", f"--image_table={screen / synthetic_data.IMAGE_TABLE}",
+               f"--moa_table={screen / synthetic_data.MOA_TABLE}",
+               f"--image_root={screen / synthetic_data.IMAGES}", f"--output_dir={tmp_path / 'data'}"]
+    conversion = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in conversion.stdout:
+        if "fields written" in line:
+            os.killpg(conversion.pid, signal.SIGINT)
+            break
+    stdout, stderr = conversion.communicate(timeout=120)
+    assert conversion.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.startswith("prepare_data.py: ")]
+    assert len(said) == 1 and "stopped by Ctrl-C: " in said[0], stderr[-3000:]
+    assert "fields written are kept in " in said[0] and "rerun the same command" in said[0]
+    assert not (tmp_path / "data").exists()
+
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming in " in resumed.stdout and (tmp_path / "data" / "manifest.json").exists()
+
+
 def test_a_misspelled_compound_is_listed_and_an_moa_left_with_one_compound_is_said(
         screen, tmp_path, capsys):
     copy = copy_screen(screen, tmp_path)
@@ -247,8 +389,10 @@ def test_empty_result_is_an_error(screen, tmp_path):
     copy = copy_screen(screen, tmp_path)
     pd.DataFrame({"compound": ["x"], "concentration": ["1"], "moa": ["m"]}).to_csv(
         copy / synthetic_data.MOA_TABLE, index=False)
-    with pytest.raises(errors.InputError, match="no labelled fields"):
+    with pytest.raises(errors.InputError, match="1 of its 1 treatments match no field"):
         convert(copy, tmp_path / "data")
+    with pytest.raises(errors.InputError, match="no labelled fields"):
+        convert(copy, tmp_path / "data", missing_moa="skip_any")
     assert not (tmp_path / "data").exists()
 
 

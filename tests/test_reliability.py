@@ -37,6 +37,11 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(two_rank_run, tmp
     assert f"resuming from {checkpoint}: step {resumed_at}" in result.stdout
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["steps"] == 120 and summary["resumed_from_step"] == resumed_at
+    # Its past survives: every epoch's evaluation (one each 6 steps), the time of both starts.
+    assert [e["step"] for e in summary["eval_history"]] == list(range(6, 121, 6))
+    assert summary["starts"] == 2
+    assert summary["time_to_train_s"] > summary["time_this_start_s"] + 10
+    assert re.search(r"Done in [\d.]+ s over 2 starts, [\d.]+ s in this one", result.stdout)
 
     reference = two_rank_run[0] / "tensorboard"
     rates = scalar_series(model_dir / "tensorboard", "learning_rate")
@@ -52,11 +57,13 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(two_rank_run, tmp
 
 
 @pytest.mark.parametrize("signum, target", [(signal.SIGTERM, 1), (signal.SIGINT, 0),
-                                            (signal.SIGTERM, "launcher")])
+                                            (signal.SIGTERM, "launcher"),
+                                            (signal.SIGINT, "launcher")])
 def test_a_signal_to_any_rank_or_to_the_launcher_checkpoints_then_stops_every_rank(
         two_rank_run, tmp_path, signum, target):
-    """The launcher passes a SIGTERM on to every rank as SIGUSR1, which mpirun forwards at
-    once (it answers SIGTERM by killing the ranks within seconds)."""
+    """The launcher passes a SIGTERM on to every rank as SIGUSR1 and a Ctrl-C as SIGUSR2,
+    which mpirun forwards at once (it answers SIGTERM by killing the ranks within
+    seconds); the stop line names what was asked."""
     model_dir = tmp_path / "model"
     interrupted = Run(small_run(two_rank_run, model_dir))
     seen = interrupted.wait_for_step(12)
@@ -64,7 +71,10 @@ def test_a_signal_to_any_rank_or_to_the_launcher_checkpoints_then_stops_every_ra
     os.kill(interrupted.process.pid if to_launcher else interrupted.rank_pid(target), signum)
     code, output, _ = interrupted.finish(timeout=120)  # a hang fails here
     assert code != 0
-    name = "SIGUSR1" if to_launcher else signal.Signals(signum).name
+    name = {(signal.SIGTERM, True): r"SIGUSR1 \(a SIGTERM to \./launch, passed on\)",
+            (signal.SIGINT, True): r"SIGUSR2 \(Ctrl-C to \./launch, passed on\)",
+            (signal.SIGINT, False): r"SIGINT \(Ctrl-C\)",
+            (signal.SIGTERM, False): "SIGTERM"}[signum, to_launcher]
     stopped = re.search(rf"{name}: stopped after step (\d+) and wrote "
                         rf"(\S+); rerun the same command to resume", output)
     assert stopped, output[-3000:]
@@ -154,6 +164,34 @@ def test_a_previous_run_is_resumed_or_overwritten_only_when_asked(two_rank_run, 
     assert json.loads((model_dir / "summary.json").read_text())["steps"] == 6
 
 
+def test_model_dirs_whose_names_a_glob_reads_keep_exactly_their_own_checkpoints(
+        two_rank_run, tmp_path):
+    """tensorflow/tensorflow#34290: TensorFlow's checkpoint pruning read runs/lr[1] as a
+    pattern and deleted runs/lr1's checkpoints, and never its own."""
+    def train(model_dir, epochs):
+        return run([PYTHON, TRAIN, *small_run(
+            two_rank_run, model_dir, "--per_rank_batch=8", f"--epochs={epochs}",
+            "--warmup_epochs=1", "--checkpoint_steps=2", "--keep_checkpoints=2",
+            "--eval_every=10")], cwd=ROOT)
+
+    def kept(model_dir):
+        return sorted(name for name in os.listdir(model_dir / "checkpoints")
+                      if name.endswith(".index"))
+
+    plain, bracketed = tmp_path / "lr1", tmp_path / "lr[1]"
+    train(plain, 2)  # 6 steps an epoch at a global batch of 8: checkpoints 2, 4, ... 12
+    train(bracketed, 3)
+    assert kept(plain) == ["ckpt-10.index", "ckpt-12.index"]
+    assert kept(bracketed) == ["ckpt-16.index", "ckpt-18.index"]
+    assert "nothing to do" in train(plain, 2).stdout
+    assert "nothing to do" in train(bracketed, 3).stdout
+    data = next((two_rank_run[0].parent / "data").glob("*_by-compound"))
+    predicted = run([PYTHON, os.path.join(ROOT, "predict.py"), f"--model_dir={bracketed}",
+                     f"--data_dir={data}", f"--output={tmp_path / 'p[1].csv'}"], cwd=ROOT)
+    assert "cannot be loaded" not in predicted.stdout + predicted.stderr
+    assert (tmp_path / "p[1].csv").exists()
+
+
 def corrupted_copy(two_rank_run, tmp_path):
     """The reference run's data set, with its first training shard cut short."""
     source = next((two_rank_run[0].parent / "data").glob("*_by-compound"))
@@ -185,10 +223,68 @@ def test_a_truncated_shard_is_named_or_skipped_and_counted(two_rank_run, tmp_pat
     assert summary["bad_records_skipped"] == 1 and summary["steps"] == 2 * (48 // 8)
 
 
+def test_a_mistyped_flag_under_the_launcher_is_said_once(tmp_path):
+    result = subprocess.run([LAUNCH, "train", *TWO_RANKS, "--", "--epochz=3"],
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert [line for line in output.splitlines() if "epochz" in line and "launch:" not in line] == [
+        "train_mcnn.py: Unknown command line flag 'epochz'. Did you mean: epochs ? (--helpshort "
+        "lists the flags)"], output
+    assert "terminated normally" not in output and "non-zero status" not in output  # mpirun's
+
+
+def test_too_few_shards_for_the_ranks_is_said_once_before_any_work(two_rank_run, tmp_path):
+    source = next((two_rank_run[0].parent / "data").glob("*_by-compound"))
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    held_out = manifest["splits"]["eval"]
+    held_out.update(files=held_out["files"][:1], shard_counts=held_out["shard_counts"][:1],
+                    count=held_out["shard_counts"][0])
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    result = subprocess.run([LAUNCH, "train", *TWO_RANKS, "--", f"--data_dir={data}",
+                             f"--model_dir={tmp_path / 'model'}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stdout + result.stderr
+    said = [line for line in (result.stdout + result.stderr).splitlines()
+            if "its eval split is 1 shard(s) for 2 ranks" in line]
+    assert len(said) == 1 and "--images_per_shard=" in said[0], result.stdout + result.stderr
+    assert "building" not in (result.stdout + result.stderr).lower()
+    assert not (tmp_path / "model" / "checkpoints").exists()
+
+
+def test_a_shard_cut_between_two_records_is_named_not_read_as_a_shorter_one(
+        two_rank_run, tmp_path):
+    """A TFRecord reader takes a cut at a record boundary for the file's end; the
+    manifest's count per shard tells them apart."""
+    source = next((two_rank_run[0].parent / "data").glob("*_by-compound"))
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    shard = data / manifest["splits"]["train"]["files"][0]
+    recorded = manifest["splits"]["train"]["shard_counts"][0]
+    offset = 0
+    with open(shard, "rb") as f:  # a record: 8-byte length, 4-byte CRC, data, 4-byte CRC
+        for _ in range(recorded // 2):
+            f.seek(offset)
+            offset += 16 + int.from_bytes(f.read(8), "little")
+    with open(shard, "r+b") as f:
+        f.truncate(offset)
+    args = [PYTHON, TRAIN, f"--data_dir={data}", f"--model_dir={tmp_path / 'model'}",
+            "--per_rank_batch=8", "--epochs=2", "--warmup_epochs=0"]
+    result = fails(args, cwd=ROOT)
+    assert (f"{shard}: {recorded // 2} records, the manifest records {recorded}: the shard "
+            f"was cut short between records") in result.stderr
+    assert "Traceback" not in result.stderr and "--skip_bad_records" in result.stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     (["SYNTHETIC", "--no_such_flag"], "Unknown command line flag 'no_such_flag'"),
     (["SYNTHETIC", "--image_height=0"], "--image_height=0: 0 is not a positive integer"),
     (["SYNTHETIC", "--per_rank_batch=0"], "per_rank_batch"),
+    (["SYNTHETIC", "--epochs=3"], "--warmup_epochs=5 is not shorter than --epochs=3: lower "
+                                  "--warmup_epochs (to 0.3, a tenth of the run, say)"),
     (["SYNTHETIC", "--model_dir=FILE/model"], "cannot be created: Not a directory"),
     (["--data_dir=/nonexistent/data"], "/nonexistent/data does not exist"),
     (["--data_dir=DATA", "--image_height=256"], "--image_height applies to synthetic data only"),
