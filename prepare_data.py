@@ -16,6 +16,7 @@ with a manifest and fields.csv saying which split each field went to. The output
 only when complete; a rerun with the same inputs and flags resumes where it stopped.
 """
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -137,11 +138,11 @@ def write_shards(todo, fields, staging, data, dtype, class_index, workers, progr
     total = sum(len(indices) for _, indices in todo)
     # spawn, not fork: the caller may be an MPI rank with TensorFlow running.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
-                                                initializer=leave_ctrl_c_to_the_parent) as pool:
-        futures = [pool.submit(write_shard, os.path.join(staging, name),
-                               [fields.loc[i].to_dict() for i in indices], data, dtype,
-                               class_index) for name, indices in todo]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with ctrl_c_left_to_this_process():  # the workers start here, at the first submit
+            futures = [pool.submit(write_shard, os.path.join(staging, name),
+                                   [fields.loc[i].to_dict() for i in indices], data, dtype,
+                                   class_index) for name, indices in todo]
         try:
             for future in concurrent.futures.as_completed(futures):
                 done += future.result()
@@ -158,10 +159,17 @@ def write_shards(todo, fields, staging, data, dtype, class_index, workers, progr
             raise
 
 
-def leave_ctrl_c_to_the_parent():
-    """A worker ignores SIGINT (Ctrl-C reaches the whole process group): the parent
-    stops the pool and says what is kept, instead of one traceback per worker."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+@contextlib.contextmanager
+def ctrl_c_left_to_this_process():
+    """Processes started within ignore SIGINT from their first instruction (an ignored
+    signal stays ignored across exec, and Python keeps it so): Ctrl-C reaches the whole
+    process group, and this process alone stops the pool and says what is kept, instead
+    of a traceback from each worker, even one still importing TensorFlow."""
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def cannot_write(staging, error):
