@@ -52,6 +52,7 @@ class Feed:
     seed: int = 0
     shuffle_buffer: int = 64
     intensity_jitter: float = 0.0
+    shift: float = 0.0
 
 
 # ---------------------------------------------------------------- writing
@@ -240,10 +241,15 @@ def parse_record(record, filename, image_shape, num_classes, dtype="uint8"):
     return image, tf.cast(features["label"], tf.int32), {k: features[k] for k in TEXT_FIELDS}
 
 
-def augment(image, intensity_jitter=0.0):
+def augment(image, intensity_jitter=0.0, shift=0.0):
     """Random flips, and transposes for square images: microscopy has no up or left.
     A 90-degree rotation of a non-square field would change its shape, so those
     get the four symmetries of the rectangle, square ones all eight.
+
+    With shift s > 0, the field is also moved by up to s of its height and width
+    either way, the border it leaves filled by its mirror image (no seam, nothing
+    cropped from the size the model reads): a cell is the same cell anywhere, and
+    fc_512 reads each of the merged grid's positions with weights of its own.
 
     With intensity_jitter j > 0, each channel is also multiplied by its own factor,
     drawn log-uniformly from [1 / (1 + j), 1 + j], and clipped to the dtype: fields
@@ -255,6 +261,10 @@ def augment(image, intensity_jitter=0.0):
     if image.shape[0] == image.shape[1]:
         image = tf.cond(tf.random.uniform([]) < 0.5,
                         lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
+    if shift > 0:
+        pad = [math.ceil(shift * image.shape[0]), math.ceil(shift * image.shape[1])]
+        image = tf.image.random_crop(
+            tf.pad(image, [[pad[0]] * 2, [pad[1]] * 2, [0, 0]], mode="REFLECT"), image.shape)
     if intensity_jitter > 0:
         spread = math.log1p(intensity_jitter)
         gains = tf.exp(tf.random.uniform([image.shape[-1]], -spread, spread))
@@ -319,7 +329,8 @@ def augmented_batches(ds, feed):
     if not feed.provenance:
         ds = ds.map(lambda image, label, _: (image, label))
     if feed.training:
-        ds = ds.map(lambda image, *rest: (augment(image, feed.intensity_jitter), *rest),
+        ds = ds.map(lambda image, *rest: (augment(image, feed.intensity_jitter, feed.shift),
+                                          *rest),
                     num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(feed.batch_size, drop_remainder=feed.training).prefetch(tf.data.AUTOTUNE)
 

@@ -35,6 +35,9 @@ flags.DEFINE_integer("shuffle_buffer", 64, "Images in each rank's shuffle buffer
 flags.DEFINE_float("intensity_jitter", 0.0, "Training augmentation: each channel of a field "
                    "times a random factor between 1 / (1 + this) and 1 + this (0: off), "
                    "besides the flips.", lower_bound=0)
+flags.DEFINE_float("shift", 0.0, "Training augmentation: each field moved by up to this "
+                   "share of its height and width (the border mirrored; 0: off), besides "
+                   "the flips.", lower_bound=0, upper_bound=0.5)
 flags.DEFINE_enum("input_scaling", "unit", ["unit", "standardize"], "unit: pixels / the "
                   "largest value of their dtype, [0, 1] (the authors'); standardize: each "
                   "channel to mean 0 and spread 1, by the training fields' statistics in the "
@@ -69,7 +72,7 @@ def synthetic_split_counts(seed):
 def feed(batch_size, training=False, provenance=False, seed=0):
     """This rank's share of a split, in batches of `batch_size`."""
     return data_pipeline.Feed(batch_size, hvd.rank(), hvd.size(), training, provenance, seed,
-                              FLAGS.shuffle_buffer, FLAGS.intensity_jitter)
+                              FLAGS.shuffle_buffer, FLAGS.intensity_jitter, FLAGS.shift)
 
 
 def open_data(seed, field_size=None):

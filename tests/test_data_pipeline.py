@@ -97,6 +97,25 @@ def test_intensity_jitter_scales_each_channel_of_a_field_by_its_own_factor():
     assert np.stack([data_pipeline.augment(bright, 0.3).numpy() for _ in range(50)]).max() == 255
 
 
+def test_shift_moves_a_field_by_up_to_its_share_of_each_side_and_keeps_its_size():
+    """A single bright pixel moves by up to the shift either way, and every offset in
+    that range is drawn; the field keeps its size and dtype."""
+    field = np.zeros((16, 20, 1), np.uint8)
+    field[8, 10] = 255
+    tf.random.set_seed(0)
+    moved = np.stack([data_pipeline.augment(tf.constant(field), shift=0.25).numpy()
+                      for _ in range(400)])
+    assert moved.shape == (400, 16, 20, 1) and moved.dtype == np.uint8
+    bright = [np.argwhere(m[..., 0] == 255) for m in moved]
+    centres = np.array([b[np.abs(b - [8, 10]).sum(axis=1).argmin()] for b in bright])
+    # Up to 4 rows and 5 columns either way, flips aside (which mirror 8 -> 7, 10 -> 9).
+    assert centres[:, 0].min() >= 3 and centres[:, 0].max() <= 12
+    assert centres[:, 1].min() >= 4 and centres[:, 1].max() <= 15
+    assert len({tuple(c) for c in centres}) > 50  # offsets drawn over the whole range
+    # Nothing else comes in: the mirrored border is dark here, and no pixel is lost.
+    assert (moved.astype(int).sum(axis=(1, 2, 3)) == 255).all()
+
+
 def test_fewer_shards_than_ranks_is_a_clear_error(small_set):
     with pytest.raises(ValueError, match="6 shard files for 7 ranks"):
         batches(small_set, "eval", 2, rank=0, num_ranks=7)
