@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 
 import data_pipeline
@@ -164,7 +165,11 @@ def ctrl_c_left_to_this_process():
     """Processes started within ignore SIGINT from their first instruction (an ignored
     signal stays ignored across exec, and Python keeps it so): Ctrl-C reaches the whole
     process group, and this process alone stops the pool and says what is kept, instead
-    of a traceback from each worker, even one still importing TensorFlow."""
+    of a traceback from each worker, even one still importing TensorFlow. Only the main
+    thread may set signal handlers: from another (a library caller's), nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
