@@ -79,12 +79,15 @@ class CheckpointManager(tf.train.CheckpointManager):
 
 
 def remove_files_of(path):
-    """Deletes checkpoint `path`'s files (`path.index`, `path.data-*`), taking the path
+    """Deletes checkpoint `path`'s files."""
+    for file in checkpoint_files(path):
+        os.remove(file)
+
+
+def checkpoint_files(path):
+    """The files of checkpoint `path` (`path.index`, `path.data-*`), the path taken
     literally."""
-    folder, name = os.path.split(path)
-    for file in os.listdir(folder or "."):
-        if file == name + ".index" or file.startswith(name + ".data-"):
-            os.remove(os.path.join(folder, file))
+    return glob.glob(glob.escape(path) + ".*")
 
 
 def open_checkpoints(checkpoint, model_dir):
@@ -212,7 +215,7 @@ def set_aside(path):
     """Moves the files of checkpoint `path` into damaged/ beside it; returns that folder."""
     damaged = os.path.join(os.path.dirname(path), "damaged")
     os.makedirs(damaged, exist_ok=True)
-    for file in glob.glob(glob.escape(path) + ".*"):
+    for file in checkpoint_files(path):
         target = os.path.join(damaged, os.path.basename(file))
         if os.path.exists(target):  # set aside before: keep both
             target += f".{int(time.time())}"

@@ -131,12 +131,12 @@ def read_history(model_dir, start_step):
     """(evaluations up to `start_step`, seconds trained before, starts before) of the run
     in `model_dir`, from its history.json; ([], 0, 0) for a new run. Evaluations after
     the checkpoint resumed from are dropped: those steps are trained again."""
+    if not start_step:
+        return [], 0.0, 0
     try:
         with open(os.path.join(model_dir, HISTORY)) as f:
             past = json.load(f)
     except (OSError, ValueError):
-        return [], 0.0, 0
-    if not start_step:
         return [], 0.0, 0
     return ([e for e in past.get("evaluations", []) if e["step"] <= start_step],
             float(past.get("seconds", 0)), int(past.get("starts", 0)))
