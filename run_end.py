@@ -5,7 +5,6 @@ it reads."""
 import dataclasses
 import os
 import sys
-import time
 
 from absl import flags
 import horovod.tensorflow as hvd
@@ -32,7 +31,7 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected):
     images_per_sec = timer.steps * global_batch / timer.seconds if timer.steps else None
     summary = {
         "time_to_train_s": round(seconds, 2),  # over all the run's starts
-        "time_this_start_s": round(time.time() - run.started, 2),
+        "time_this_start_s": round(seconds - run.past[1], 2),  # at the same moment
         "starts": run.past[2] + 1,
         "target_accuracy": FLAGS.target_accuracy or None,
         "time_to_target": ({"reached": bool(outcome.target), **(outcome.target or {})}
@@ -98,7 +97,7 @@ def finish(run, outcome, start_step):
         path = write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected)
         log(f"Pictures of the evaluation: {draw_evaluation(run, outcome)}")
         checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
-        starts = (f" over {run.past[2] + 1} starts, {time.time() - run.started:.1f} s in this "
+        starts = (f" over {run.past[2] + 1} starts, {seconds - run.past[1]:.1f} s in this "
                   f"one" if run.past[2] else "")
         log(f"Done in {seconds:.1f} s{starts}: held-out accuracy "
             f"{outcome.metrics['accuracy']:.4f} "
