@@ -57,7 +57,7 @@ import run_plan
 import synthetic_data
 import threads
 import time_to_accuracy
-import train_mcnn
+import train_mcnn  # noqa: F401  (its flags: the benchmark trains as it does)
 import training_data
 
 flags.DEFINE_list("parts", ["roofline", "train", "layers", "columns", "input", "memory",
@@ -194,8 +194,8 @@ def input_throughput(plan, manifest, make_data):
     screen = manifest["source"].replace("_by-compound", "_screen")
     if not FLAGS.data_dir and os.path.isdir(screen):
         fields, description = plates.prepare_fields(
-            **synthetic_data.conversion_options(screen, FLAGS.synthetic_compounds_per_class,
-                                                FLAGS.seed))
+            *synthetic_data.screen_tables(screen),
+            synthetic_data.conversion_options(FLAGS.synthetic_compounds_per_class, FLAGS.seed))
         tiffs = {**description, "dtype": "uint8"}
         figures["tiff_images_per_sec"] = rate(iter(data_pipeline.make_tiff_dataset(
             fields[fields["split"] == "train"], tiffs, training_batches(plan))))
@@ -334,17 +334,20 @@ def measure(precision, plan, manifest, make_data):
             figures.update(sweep(precision))
     if "scaling" in FLAGS.parts:
         figures.update(node_projection.projected_time_to_accuracy(
-            figures, len(os.sched_getaffinity(0))))
+            figures, len(os.sched_getaffinity(0)),
+            node_projection.noise_scales(FLAGS.noise_scales, FLAGS.batch_study_fit)))
     if "time_to_accuracy" in FLAGS.parts:
-        figures.update(time_to_accuracy.measure(training_flags(), precision))
+        figures.update(time_to_accuracy.measure(
+            training_flags(), precision, FLAGS.target, FLAGS.target_eval_every,
+            [int(s) for s in FLAGS.seeds], FLAGS.model_dir))
     return figures
 
 
 def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")
-    train_mcnn.init_horovod()
-    rank_threads = threads.configure_threads()
+    threads.init_horovod(FLAGS.fusion_threshold_mb)
+    rank_threads = threads.configure_threads(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
     results = {"cpu": tf_env.cpu_description(), "tensorflow": tf.__version__,
                "intra_op_threads": rank_threads.intra_op,
                "inter_op_threads": rank_threads.inter_op,

@@ -7,6 +7,7 @@ state by broadcast. SIGTERM or SIGINT to any rank stops all of them at the same
 step, after a checkpoint. In Horovod's elastic mode the state to roll back to is
 committed with every checkpoint.
 """
+import dataclasses
 import glob
 import json
 import os
@@ -23,7 +24,7 @@ import data_pipeline
 import errors
 import illumination
 import model_files
-import run_log
+import run_files
 from run_log import log
 
 flags.DEFINE_integer("checkpoint_every", 1, "Checkpoint every this many epochs.")
@@ -36,12 +37,30 @@ flags.DEFINE_bool("resume_with_other_data", False, "Resume a run on data of the 
                   "train on; without it such a resume is refused.")
 flags.DEFINE_bool("overwrite", False, "With --noresume: delete a previous run in --model_dir "
                   "and start afresh.")
-FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """When a run checkpoints and how many it keeps, and what its start does with a
+    previous run in its model dir (resume it, or with overwrite delete it)."""
+    every_epochs: int = 1
+    every_steps: int = 0  # 0: at epoch ends only
+    keep: int = 3
+    resume: bool = True
+    overwrite: bool = False
+    resume_with_other_data: bool = False
+
+    @classmethod
+    def from_flags(cls, flag_values):
+        """The policy this module's flags give (`flag_values`: absl's FlagValues)."""
+        return cls(flag_values.checkpoint_every, flag_values.checkpoint_steps,
+                   flag_values.keep_checkpoints, flag_values.resume, flag_values.overwrite,
+                   flag_values.resume_with_other_data)
 
 # What a run leaves in its model dir besides flags.txt; --overwrite deletes them.
-RUN_OUTPUTS = (model_files.CHECKPOINTS, model_files.SAVED_MODEL, model_files.DATA_MANIFEST,
-               illumination.ILLUMINATION_DIR, "tensorboard", "evaluation", "summary.json",
-               run_log.HISTORY)
+RUN_OUTPUTS = (run_files.CHECKPOINTS, run_files.SAVED_MODEL, run_files.DATA_MANIFEST,
+               illumination.ILLUMINATION_DIR, run_files.TENSORBOARD, run_files.EVALUATION,
+               run_files.SUMMARY, run_files.HISTORY)
 
 
 @flags.multi_flags_validator(["resume", "overwrite"],
@@ -90,35 +109,35 @@ def checkpoint_files(path):
     return glob.glob(glob.escape(path) + ".*")
 
 
-def open_checkpoints(checkpoint, model_dir):
-    """The manager that writes and prunes the model dir's checkpoints; opened after
-    agree_on_start, which mends the folder's index if it has to."""
-    return CheckpointManager(checkpoint, os.path.join(model_dir, model_files.CHECKPOINTS),
-                             max_to_keep=FLAGS.keep_checkpoints)
+def open_checkpoints(checkpoint, model_dir, policy):
+    """The manager that writes and prunes the model dir's checkpoints (keeping
+    policy.keep); opened after agree_on_start, which mends the folder's index if it has to."""
+    return CheckpointManager(checkpoint, os.path.join(model_dir, run_files.CHECKPOINTS),
+                             max_to_keep=policy.keep)
 
 
-def checkpoint_due(step, steps_per_epoch):
-    """Whether --checkpoint_every or --checkpoint_steps asks for a checkpoint after `step`."""
+def checkpoint_due(step, steps_per_epoch, policy):
+    """Whether `policy` (every so many epochs, or steps) asks for a checkpoint after `step`."""
     epoch_end = step % steps_per_epoch == 0
-    return bool((epoch_end and (step // steps_per_epoch) % FLAGS.checkpoint_every == 0)
-                or (FLAGS.checkpoint_steps and step % FLAGS.checkpoint_steps == 0))
+    return bool((epoch_end and (step // steps_per_epoch) % policy.every_epochs == 0)
+                or (policy.every_steps and step % policy.every_steps == 0))
 
 
-def restore_or_start(checkpoint, model_dir, global_batch, data_manifest):
-    """Rank 0: restores the newest checkpoint that restores (--resume), or clears a
-    previous run (--overwrite), or refuses to touch it. Returns the step to continue
+def restore_or_start(checkpoint, model_dir, global_batch, data_manifest, policy):
+    """Rank 0: restores the newest checkpoint that restores (policy.resume), or clears a
+    previous run (policy.overwrite), or refuses to touch it. Returns the step to continue
     from; the caller records the data the run trains on (record_data) if it trains."""
     try:
         os.makedirs(model_dir, exist_ok=True)
     except OSError as e:
         raise app.UsageError(f"--model_dir={model_dir} cannot be created: {e.strerror}")
-    folder = os.path.join(model_dir, model_files.CHECKPOINTS)
+    folder = os.path.join(model_dir, run_files.CHECKPOINTS)
     step = 0
-    if model_files.checkpoints_in(folder) and FLAGS.resume:
-        check_same_data(model_dir, data_manifest)
+    if model_files.checkpoints_in(folder) and policy.resume:
+        check_same_data(model_dir, data_manifest, policy.resume_with_other_data)
         step = resume(checkpoint, folder, global_batch)
-    elif not FLAGS.resume:
-        clear_previous_run(model_dir)
+    elif not policy.resume:
+        clear_previous_run(model_dir, policy.overwrite)
     return step
 
 
@@ -139,12 +158,13 @@ def pixels_of(data_manifest):
             "intensity": data_manifest.get("intensity")}
 
 
-def check_same_data(model_dir, data_manifest):
+def check_same_data(model_dir, data_manifest, other_data_allowed=False):
     """Refuses to resume a run recorded (record_data) with data of another field size,
     channels, binning or classes: its weights would not fit, or would fit and mean
-    something else; and, unless --resume_with_other_data, with other sources or
-    intensity ranges: a rerun would train (or record) other data under the same name."""
-    path = os.path.join(model_dir, model_files.DATA_MANIFEST)
+    something else; and, unless `other_data_allowed` (--resume_with_other_data), with
+    other sources or intensity ranges: a rerun would train (or record) other data under
+    the same name."""
+    path = os.path.join(model_dir, run_files.DATA_MANIFEST)
     if not os.path.isfile(path):
         return  # a run from before the record; restoring checks the shapes
     with open(path) as f:
@@ -152,7 +172,7 @@ def check_same_data(model_dir, data_manifest):
     there, here = data_the_weights_fit(recorded), data_the_weights_fit(data_manifest)
     differences = [f"{key} {there[key]} there, {here[key]} here"
                    for key in here if there[key] != here[key]]
-    if not differences and not FLAGS.resume_with_other_data:
+    if not differences and not other_data_allowed:
         there, here = pixels_of(recorded), pixels_of(data_manifest)
         said = {"sources": here["sources"], "illumination": "other functions",
                 "intensity": "other ranges"}
@@ -233,10 +253,10 @@ def mend_index(folder):
         all_model_checkpoint_timestamps=times, last_preserved_timestamp=min(times) - 1)
 
 
-def clear_previous_run(model_dir):
+def clear_previous_run(model_dir, overwrite):
     """--noresume: deletes a previous run's outputs with --overwrite, else refuses."""
     previous = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(model_dir, name))]
-    if previous and not FLAGS.overwrite:
+    if previous and not overwrite:
         raise app.UsageError(f"--model_dir={model_dir} holds a previous run "
                              f"({', '.join(previous)}); --resume (the default) continues it, "
                              f"--noresume --overwrite deletes it and starts afresh")
@@ -245,13 +265,13 @@ def clear_previous_run(model_dir):
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def agree_on_start(checkpoint, model_dir, global_batch, data_manifest):
+def agree_on_start(checkpoint, model_dir, global_batch, data_manifest, policy):
     """The step every rank starts from; rank 0 decides, and its errors stop every rank.
     The caller then broadcasts rank 0's (restored) variables."""
     step, error = 0, None
     if hvd.rank() == 0:
         try:
-            step = restore_or_start(checkpoint, model_dir, global_batch, data_manifest)
+            step = restore_or_start(checkpoint, model_dir, global_batch, data_manifest, policy)
         except app.UsageError as e:
             error = str(e)
     step, error = hvd.broadcast_object((step, error), root_rank=0, name="start")
@@ -293,7 +313,7 @@ def export_finished(manager, model, model_dir):
             f"{error}. The finished run's checkpoint, {manager.latest_checkpoint}, is kept; "
             f"free space or fix the folder, then rerun the same command to export it "
             f"(predict.py uses the checkpoint meanwhile)") from None
-    log(f"exported the model to {os.path.join(model_dir, model_files.SAVED_MODEL)}")
+    log(f"exported the model to {os.path.join(model_dir, run_files.SAVED_MODEL)}")
 
 
 class StopSignals:

@@ -45,13 +45,17 @@ def majority_vote(predictions, num_classes):
     return int(np.argmax(np.bincount(np.asarray(predictions, np.int64), minlength=num_classes)))
 
 
-def treatment_votes(fields, num_classes):
-    """One row per treatment: its true label, its fields and the majority-vote prediction."""
-    def vote(group):
-        return pd.Series({"label": group["label"].iloc[0], "fields": len(group),
-                          "prediction": majority_vote(group["prediction"], num_classes)})
-
-    return fields.groupby(TREATMENT, sort=True)[["label", "prediction"]].apply(vote).reset_index()
+def treatment_votes(fields, num_classes, means=()):
+    """One row per treatment (compound and concentration): its true label (where
+    `fields` have one), its fields, their majority-vote prediction and the mean of each
+    of their columns in `means` (the p_<class> probabilities, say). Evaluation and
+    predict.py count treatments with it."""
+    grouped = fields.groupby(TREATMENT, sort=True)
+    parts = [grouped["label"].first()] if "label" in fields else []
+    parts += [grouped.size().rename("fields"), grouped["prediction"].agg(
+        lambda votes: majority_vote(votes, num_classes)).rename("prediction")]
+    parts += [grouped[list(means)].mean()] if len(means) else []
+    return pd.concat(parts, axis=1).reset_index()
 
 
 def summarize(fields, classes, split_by_field=(), untrained=()):
@@ -151,19 +155,27 @@ def make_predict(model, image_shape, dtype):
     return predict
 
 
+def batch_predictions(predict, images, classes):
+    """(a frame of prediction (class index) and p_<class> per image, their profiles
+    (images x features)) of one batch; evaluation and predict.py read fields with it."""
+    logits, profile = predict(images)
+    probabilities = tf.nn.softmax(logits).numpy()
+    predicted = pd.DataFrame({"prediction": probabilities.argmax(axis=1),
+                              **{f"p_{c}": probabilities[:, k] for k, c in enumerate(classes)}})
+    return predicted, profile.numpy()
+
+
 def predicted_fields(predict, batches, classes, name="fields"):
     """(fields, profiles) of every rank's `batches` (images, labels, provenance),
     gathered on all ranks: a frame of label, prediction, p_<class> and provenance per
     field, and their profiles (fields x features)."""
     mine, features = [], []
     for images, labels, provenance in batches:
-        logits, profile = predict(images)
-        probabilities = tf.nn.softmax(logits).numpy()
-        columns = {"label": labels.numpy(), "prediction": probabilities.argmax(axis=1),
-                   **{f"p_{c}": probabilities[:, k] for k, c in enumerate(classes)},
-                   **{k: [v.decode() for v in provenance[k].numpy()] for k in provenance}}
-        mine.append(pd.DataFrame(columns))
-        features.append(profile.numpy())
+        predicted, profile = batch_predictions(predict, images, classes)
+        mine.append(predicted.assign(
+            **{k: [v.decode() for v in provenance[k].numpy()] for k in provenance}))
+        mine[-1].insert(0, "label", labels.numpy())
+        features.append(profile)
     part = (pd.concat(mine), np.concatenate(features)) if mine else None
     everyone = [p for p in hvd.allgather_object(part, name=name) if p is not None]
     return (pd.concat([f for f, _ in everyone], ignore_index=True),

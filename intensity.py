@@ -9,6 +9,8 @@ import numpy as np
 import illumination
 import tiffs
 
+SAMPLE_FIELDS = 8  # fields of a plate its intensity ranges are found from, by default
+
 
 def corrected_field(planes, table_row, plate, binning=1, correction=None, shape=None):
     """One field (H, W, C): its planes (tiffs.field_planes) read and binned
@@ -86,7 +88,7 @@ def channel_statistics(fields, read, intensity, sample_fields, seed):
             "fields": min(len(train), sample_fields)}
 
 
-def with_new_plates(data, fields, sample_fields=8, seed=0):
+def with_new_plates(data, fields, sample_fields=SAMPLE_FIELDS, seed=0):
     """(data, new plates): a run's data description (a manifest) with illumination
     functions and intensity ranges for the plates of `fields` it has none for,
     found from their own pixels as prepare_fields finds a plate's. A plate imaged

@@ -32,7 +32,7 @@ import optimization
 import rank_memory
 import run_plan
 import threads
-import train_mcnn
+import train_mcnn  # noqa: F401  (its flags: the probe builds the run it plans)
 import training_data
 
 FLAGS = flags.FLAGS
@@ -55,8 +55,8 @@ def batch_in_memory(manifest, images):
 
 def measure():
     """{phase: peak RSS in GB after it} (runtime, state, step, input), with the batch and what was run."""
-    train_mcnn.init_horovod()
-    rank_threads = threads.configure_threads()
+    threads.init_horovod(FLAGS.fusion_threshold_mb)
+    rank_threads = threads.configure_threads(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
     precision, why = run_plan.resolve_precision()
     manifest, make_data = training_data.open_data(FLAGS.seed)
     peaks = {"runtime": rank_memory.peak_rss_gb()}

@@ -17,10 +17,7 @@ import errors
 import illumination
 import mcnn_model
 import plates
-import run_log
-
-# What a trained model dir holds besides TensorBoard logs and summary.json:
-CHECKPOINTS, SAVED_MODEL, DATA_MANIFEST = "checkpoints", "saved_model", "data_manifest.json"
+import run_files
 
 
 def record_data(model_dir, data_manifest):
@@ -34,7 +31,7 @@ def record_data(model_dir, data_manifest):
               "illumination": illumination.save(data_manifest.get("illumination"), model_dir,
                                                 data_manifest.get("channels", []),
                                                 data_manifest.get("source"))}
-    run_log.write_json(os.path.join(model_dir, DATA_MANIFEST), record)
+    run_files.write_json(os.path.join(model_dir, run_files.DATA_MANIFEST), record)
 
 
 def describe_input(data_manifest):
@@ -59,7 +56,7 @@ def describe_standardization(data_manifest):
 def export(model, model_dir):
     """Saves `model` as a SavedModel beside its data manifest (record_data), whole or
     not at all; a failed write is an OutputError and leaves no partial folder."""
-    exported = os.path.join(model_dir, SAVED_MODEL)
+    exported = os.path.join(model_dir, run_files.SAVED_MODEL)
     try:
         model.save(exported + ".partial")
         if os.path.isdir(exported):  # a previous export, replaced once the new one is whole
@@ -118,7 +115,7 @@ def load_trained(model_dir, precision="float32", say=print):
     """(model, data manifest) of a training run, computing in `precision` whatever the
     precision it was trained in: the weights of its SavedModel, else, if that is
     missing or damaged, of its newest checkpoint that restores; `say` is told which."""
-    manifest_path = os.path.join(model_dir, DATA_MANIFEST)
+    manifest_path = os.path.join(model_dir, run_files.DATA_MANIFEST)
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
@@ -129,7 +126,7 @@ def load_trained(model_dir, precision="float32", say=print):
     model = mcnn_model.build_mcnn(tuple(manifest["image_shape"]), len(manifest["classes"]),
                        input_dtype=manifest["dtype"], precision=precision,
                        standardization=manifest.get("input_standardization"))
-    exported = os.path.join(model_dir, SAVED_MODEL)
+    exported = os.path.join(model_dir, run_files.SAVED_MODEL)
     try:
         with readable_by_tensorflow(exported) as readable:
             model.set_weights(tf.keras.models.load_model(readable, compile=False).get_weights())
@@ -137,8 +134,8 @@ def load_trained(model_dir, precision="float32", say=print):
     except Exception as error:  # noqa: BLE001  a missing or damaged SavedModel
         reason = errors.error_text(error)[:300]
         unreadable = (f"{exported} cannot be loaded ({reason})" if os.path.exists(exported)
-                      else f"{model_dir} has no {SAVED_MODEL}/")
-    folder = os.path.join(model_dir, CHECKPOINTS)
+                      else f"{model_dir} has no {run_files.SAVED_MODEL}/")
+    folder = os.path.join(model_dir, run_files.CHECKPOINTS)
     path, failed = restore_newest(tf.train.Checkpoint(model=model), folder)
     for damaged, reason in failed:
         say(f"{damaged} does not restore ({reason})")

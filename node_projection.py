@@ -17,13 +17,13 @@ import errors
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 CURVE = "curve"
+BATCH_STUDY_FIT = os.path.join(HERE, "docs", "batch_study_fit.json")  # the project's own
 flags.DEFINE_list("noise_scales", [CURVE], "Gradient noise scales B_noise to project the time "
                   f"to accuracy at, one projection each; '{CURVE}': the B_noise fitted to the "
                   "batch study's steps to target, per optimizer (--batch_study_fit).")
-flags.DEFINE_string("batch_study_fit", os.path.join(HERE, "docs", "batch_study_fit.json"),
+flags.DEFINE_string("batch_study_fit", BATCH_STUDY_FIT,
                     "The batch study's fit of steps to target against global batch "
                     f"(studies.py writes it), read for --noise_scales={CURVE}.")
-FLAGS = flags.FLAGS
 
 
 def _positive_numbers_or_curve(values):
@@ -45,29 +45,29 @@ TRAIN_IMAGES, PER_RANK_BATCH, EPOCHS, AT_BATCH = 9900, 8, 52, 256
 NODE_COUNTS = tuple(2 ** k for k in range(9))  # 1 to 256
 
 
-def noise_scales():
-    """{label: B_noise} to project at, from --noise_scales: a number as given ("72"),
-    and for 'curve' the fitted B_noise of each optimizer in --batch_study_fit, to two
-    significant figures ("sgd_curve"). Raises errors.InputError if that file is
-    missing or holds no fit."""
-    scales = {f"{float(value):g}": float(value) for value in FLAGS.noise_scales
-              if value != CURVE}
-    if CURVE in FLAGS.noise_scales:
+def noise_scales(given=(CURVE,), fit_path=BATCH_STUDY_FIT):
+    """{label: B_noise} to project at, from `given` (--noise_scales): a number as given
+    ("72"), and for 'curve' the fitted B_noise of each optimizer in `fit_path`
+    (--batch_study_fit), to two significant figures ("sgd_curve"). Raises
+    errors.InputError if that file is missing or holds no fit."""
+    scales = {f"{float(value):g}": float(value) for value in given if value != CURVE}
+    if CURVE in given:
         scales.update({f"{optimizer}_{CURVE}": float(f"{fit['fitted_noise_scale']:.2g}")
-                       for optimizer, fit in batch_study_fits().items()})
+                       for optimizer, fit in batch_study_fits(fit_path).items()})
     return scales
 
 
-def batch_study_fits():
-    """{optimizer: fit} of --batch_study_fit (studies.py's batch_study_fit.json)."""
+def batch_study_fits(path):
+    """{optimizer: fit} of the batch study's fit at `path` (studies.py's
+    batch_study_fit.json)."""
     try:
-        with open(FLAGS.batch_study_fit) as f:
+        with open(path) as f:
             fits = json.load(f)
     except (OSError, ValueError) as error:
-        raise errors.InputError(f"--batch_study_fit: cannot read {FLAGS.batch_study_fit} "
+        raise errors.InputError(f"--batch_study_fit: cannot read {path} "
                                 f"({error}); give --noise_scales as numbers instead") from None
     if not fits:
-        raise errors.InputError(f"--batch_study_fit: {FLAGS.batch_study_fit} holds no fit "
+        raise errors.InputError(f"--batch_study_fit: {path} holds no fit "
                                 "(fewer than two batches reached the target); give "
                                 "--noise_scales as numbers instead")
     return fits
@@ -100,12 +100,12 @@ def projected_hours(figures, nodes, noise_scale, cores):
     return steps * (PER_RANK_BATCH / rank_rate + exposed) / 3600
 
 
-def projected_time_to_accuracy(figures, cores):
-    """For each B_noise of noise_scales(), labelled B: projected_hours_N_nodes_noiseB
-    for N in NODE_COUNTS, B_noise_B (its value), and the node count past which
-    doubling the nodes saves less than a tenth of the time."""
+def projected_time_to_accuracy(figures, cores, scales):
+    """For each B_noise of `scales` ({label: B_noise}, noise_scales()), labelled B:
+    projected_hours_N_nodes_noiseB for N in NODE_COUNTS, B_noise_B (its value), and the
+    node count past which doubling the nodes saves less than a tenth of the time."""
     projection = {}
-    for label, noise_scale in noise_scales().items():
+    for label, noise_scale in scales.items():
         hours = {n: projected_hours(figures, n, noise_scale, cores) for n in NODE_COUNTS}
         enough = next((n for n in NODE_COUNTS[:-1] if hours[2 * n] > 0.9 * hours[n]), None)
         projection.update({f"projected_hours_{n}_nodes_noise{label}": h

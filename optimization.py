@@ -36,6 +36,12 @@ class Recipe:
         """The L2 term's factor in the loss: adamw decays the weights in its update."""
         return 0.0 if self.optimizer == "adamw" else self.weight_decay
 
+    @classmethod
+    def from_flags(cls, flag_values):
+        """The Recipe of this module's flags (`flag_values`: absl's FlagValues)."""
+        return cls(**{field.name: flag_values[field.name].value
+                      for field in dataclasses.fields(cls)})
+
 
 flags.DEFINE_enum("optimizer", Recipe.optimizer, ["sgd", "lars", "adam", "adamw"], "sgd: SGD "
                   "with Nesterov momentum (the authors'); lars: layer-wise adaptive rate "
@@ -68,12 +74,6 @@ flags.register_multi_flags_validator(
     lambda given: not given["dense_rate_fan_in"] or given["optimizer"] == "sgd",
     message="--dense_rate_fan_in applies to --optimizer=sgd only (adam, adamw and lars step "
             "each weight tensor by its own gradient's scale already)")
-FLAGS = flags.FLAGS
-
-
-def recipe_from_flags():
-    """The Recipe of this program's flags."""
-    return Recipe(**{field.name: FLAGS[field.name].value for field in dataclasses.fields(Recipe)})
 
 
 def local_gradients(model, images, labels, num_classes, recipe):

@@ -8,6 +8,7 @@ where asked (illumination.py) and each plate's intensity ranges (intensity.py). 
 converter (prepare_data.py), training straight from TIFFs (data_pipeline.py) and
 prediction (predict.py) all read plates here.
 """
+import dataclasses
 import os
 import re
 import sys
@@ -211,54 +212,93 @@ def refuse_another_screens_table(moas, unmatched, moa_column, moa_table, control
         f"what matches anyway")
 
 
-def prepare_fields(image_table, moa_table, image_root, channels=BBBC021_CHANNELS, columns=None,
-                   split="compound", eval_fraction=0.2, include_control=False, control="DMSO",
-                   missing_moa="skip", scaling="per_plate", percentiles=(0.1, 99.9),
-                   range_sample_fields=8, binning=1, channel_pages=None, illumination_method="none",
-                   illumination_sigma=0.0, illumination_fields=0, seed=0):
+@dataclasses.dataclass(frozen=True)
+class ConversionOptions:
+    """How plates become training data: which fields (channels, the tables' columns, the
+    control, treatments without an MoA), their split, binning, illumination correction
+    and intensity ranges. Recorded in the data set's manifest ("conversion"), from
+    which prediction reads the table's channels and columns. The flags of
+    define_conversion_flags give them (conversion_options)."""
+    channels: tuple = BBBC021_CHANNELS
+    columns: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_COLUMNS))
+    channel_pages: tuple = ()  # the page of each channel in one file per field; () none
+    split: str = "compound"
+    eval_fraction: float = 0.2
+    include_control: bool = False
+    control: str = "DMSO"
+    missing_moa: str = "skip"
+    scaling: str = "per_plate"
+    percentiles: tuple = (0.1, 99.9)
+    range_sample_fields: int = intensity.SAMPLE_FIELDS
+    binning: int = 1
+    illumination_method: str = "none"
+    illumination_sigma: float = 0.0
+    illumination_fields: int = 0
+    seed: int = 0
+
+    def __post_init__(self):  # columns given in part are completed with the defaults
+        object.__setattr__(self, "columns", {**DEFAULT_COLUMNS, **self.columns})
+        object.__setattr__(self, "channels", tuple(self.channels))
+        object.__setattr__(self, "channel_pages", tuple(int(p) for p in self.channel_pages or ()))
+        object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
+
+    def record(self):
+        """The options as the manifest records them (JSON)."""
+        return json_ready(dataclasses.asdict(self))
+
+
+def json_ready(value):
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def prepare_fields(image_table, moa_table, image_root, options=None):
     """(fields with their split, the data's description for its manifest: classes,
     channels, image_shape as trained on, field_shape as stored, bin, illumination
-    (illumination.estimate with functions, or None), intensity, channel_statistics).
-    Raises InputError naming the table, row, file or argument at fault."""
+    (illumination.estimate with functions, or None), intensity, channel_statistics, and
+    the conversion's options). Raises InputError naming the table, row, file or option at
+    fault."""
+    o = options or ConversionOptions()
+    channels, binning, seed = list(o.channels), o.binning, o.seed
     if not channels:
         raise InputError("no channels: --channels names the image table's channels, "
                          "at least one (for BBBC021: DAPI,Tubulin,Actin)")
     if binning < 1:
         raise InputError(f"--bin={binning}: the bin is at least 1 (1: no binning)")
-    if illumination_method not in illumination.METHODS:
-        raise InputError(f"--illumination={illumination_method}: one of "
+    if o.illumination_method not in illumination.METHODS:
+        raise InputError(f"--illumination={o.illumination_method}: one of "
                          f"{', '.join(illumination.METHODS)}")
-    fields = read_fields(image_table, image_root, list(channels),
-                         {**DEFAULT_COLUMNS, **(columns or {})}, moa_table, control,
-                         include_control, missing_moa)
-    fields = tiffs.check_files(fields, channels, image_table, channel_pages)
-    fields["split"] = splits.assign_split(fields, split, eval_fraction, seed)
-    by_field = splits.split_by_field(fields, split)
-    splits.announce_split_by_field(fields, by_field, control)
-    splits.announce_untrained_classes(fields, split)
+    fields = read_fields(image_table, image_root, channels, o.columns, moa_table, o.control,
+                         o.include_control, o.missing_moa)
+    fields = tiffs.check_files(fields, channels, image_table, list(o.channel_pages) or None)
+    fields["split"] = splits.assign_split(fields, o.split, o.eval_fraction, seed)
+    by_field = splits.split_by_field(fields, o.split)
+    splits.announce_split_by_field(fields, by_field, o.control)
+    splits.announce_untrained_classes(fields, o.split)
     for side in ("train", "eval"):
         if not (fields["split"] == side).any():
-            raise InputError(f"--split={split} left no {side} fields "
-                             f"({len(fields)} fields, --eval_fraction={eval_fraction})")
+            raise InputError(f"--split={o.split} left no {side} fields "
+                             f"({len(fields)} fields, --eval_fraction={o.eval_fraction})")
     first = fields.iloc[0]
     height, width, _ = tiffs.read_field(tiffs.field_planes(first, channels), first["table_row"]).shape
     if min(height, width) < binning:
         raise InputError(f"{image_table} row {first['table_row']}: {height} x {width} fields are "
                          f"smaller than one bin of --bin={binning}")
-    correction = None if illumination_method == "none" else illumination.estimate(
-        fields, list(channels), binning, illumination_sigma, illumination_fields, seed)
-    read = intensity.field_reader(list(channels), binning, correction)
-    ranges = intensity.intensity_ranges(fields, read, percentiles, scaling, range_sample_fields,
-                                        seed)
+    correction = None if o.illumination_method == "none" else illumination.estimate(
+        fields, channels, binning, o.illumination_sigma, o.illumination_fields, seed)
+    read = intensity.field_reader(channels, binning, correction)
+    ranges = intensity.intensity_ranges(fields, read, list(o.percentiles), o.scaling,
+                                        o.range_sample_fields, seed)
     return fields, {
-        "classes": sorted(fields["moa"].unique()), "channels": list(channels),
-        "control": control, "plate_batches": plate_batches(fields, image_table),
+        "classes": sorted(fields["moa"].unique()), "channels": channels,
+        "control": o.control, "plate_batches": plate_batches(fields, image_table),
         "image_shape": [height // binning, width // binning, len(channels)],
         "field_shape": [int(height), int(width)], "bin": binning, "illumination": correction,
         "intensity": ranges, "classes_split_by_field": by_field,
-        "channel_pages": channel_pages or None,
+        "channel_pages": list(o.channel_pages) or None, "conversion": o.record(),
         "channel_statistics": intensity.channel_statistics(fields, read, ranges,
-                                                           range_sample_fields * 4, seed)}
+                                                           o.range_sample_fields * 4, seed)}
 
 
 def plate_batches(fields, image_table):
@@ -331,11 +371,13 @@ def define_table_flags(flags):
                         "(Week4_27481: Week4), else the plate.")
 
 
-def table_columns(FLAGS):
-    """{key: column name}: --table_layout's, but for the --*_column flags given."""
-    layout = TABLE_LAYOUTS[FLAGS.table_layout]
-    return {key: FLAGS[f"{key}_column"].value if FLAGS[f"{key}_column"].present else layout[key]
-            for key in layout if f"{key}_column" in FLAGS}
+def table_columns(flag_values, layout=None):
+    """{key: column name}: --table_layout's (or `layout`, {key: column}), but for the
+    --*_column flags given (`flag_values`: absl's FlagValues)."""
+    layout = layout or TABLE_LAYOUTS[flag_values.table_layout]
+    flag_of = {key: flag_values[f"{key}_column"] for key in layout
+               if f"{key}_column" in flag_values}
+    return {key: flag.value if flag.present else layout[key] for key, flag in flag_of.items()}
 
 
 def define_conversion_flags(flags):
@@ -357,7 +399,8 @@ def define_conversion_flags(flags):
     flags.DEFINE_enum("scaling", "per_plate", ["per_plate", "per_channel"],
                       "Intensity ranges per plate and channel, or per channel overall.")
     flags.DEFINE_list("percentiles", ["0.1", "99.9"], "Low and high percentile of the range.")
-    flags.DEFINE_integer("range_sample_fields", 8, "Fields per plate read to find the ranges.")
+    flags.DEFINE_integer("range_sample_fields", intensity.SAMPLE_FIELDS,
+                         "Fields per plate read to find the ranges.")
     flags.DEFINE_integer("bin", 1, "Average each N x N block of pixels (2: 2160 x 2160 fields "
                          "train as 1080 x 1080, at about a quarter of the compute).", lower_bound=1)
     flags.DEFINE_enum("illumination", "none", illumination.METHODS, "per_plate: divide each "
@@ -370,16 +413,14 @@ def define_conversion_flags(flags):
                          "sample); 0: all of them, as CellProfiler does.", lower_bound=0)
 
 
-def conversion_options(FLAGS):
-    """prepare_fields() arguments from the flags of define_conversion_flags()."""
-    return dict(image_table=FLAGS.image_table, moa_table=FLAGS.moa_table,
-                image_root=FLAGS.image_root, channels=FLAGS.channels,
-                columns=table_columns(FLAGS), split=FLAGS.split,
-                eval_fraction=FLAGS.eval_fraction, include_control=FLAGS.include_dmso,
-                control=FLAGS.control_moa, missing_moa=FLAGS.missing_moa,
-                scaling=FLAGS.scaling, percentiles=[float(p) for p in FLAGS.percentiles],
-                range_sample_fields=FLAGS.range_sample_fields, binning=FLAGS.bin,
-                channel_pages=[int(p) for p in FLAGS.channel_pages],
-                illumination_method=FLAGS.illumination,
-                illumination_sigma=FLAGS.illumination_sigma,
-                illumination_fields=FLAGS.illumination_fields)
+def conversion_options(flag_values, seed=None):
+    """The ConversionOptions that the flags of define_conversion_flags() give
+    (`flag_values`: absl's FlagValues), with `seed`, if given, for the split's."""
+    v = flag_values
+    return ConversionOptions(
+        channels=v.channels, columns=table_columns(v), channel_pages=v.channel_pages,
+        split=v.split, eval_fraction=v.eval_fraction, include_control=v.include_dmso,
+        control=v.control_moa, missing_moa=v.missing_moa, scaling=v.scaling,
+        percentiles=v.percentiles, range_sample_fields=v.range_sample_fields, binning=v.bin,
+        illumination_method=v.illumination, illumination_sigma=v.illumination_sigma,
+        illumination_fields=v.illumination_fields, **({} if seed is None else {"seed": seed}))

@@ -11,7 +11,9 @@ each field's and treatment's profile (profiles.py); a field is named by its
 image-table line (table_row) and first channel's file. TIFFs are binned as
 the training data was, corrected by the illumination function and scaled with the
 intensity ranges recorded for their plate, or, for a plate not seen in training, by
-its own (as the conversion finds them); the model pads fields itself. Launched with
+its own (as the conversion finds them); the model pads fields itself. The table is read
+with the channels, column names and channel pages the training data was converted
+with (the model dir records them), unless given here. Launched with
 several ranks (./launch train --program predict.py -- ...), each predicts its share.
 """
 import os
@@ -21,7 +23,6 @@ from absl import app, flags
 import horovod.tensorflow as hvd
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 import data_pipeline
 import errors
@@ -31,7 +32,8 @@ import model_files
 import plates
 import profiles
 import tiffs
-from run_log import log, write_csv
+from run_files import write_csv
+from run_log import log
 
 plates.define_table_flags(flags)
 flags.DEFINE_string("data_dir", None, "A data set of shards to predict instead of tables.")
@@ -49,24 +51,40 @@ FLAGS = flags.FLAGS
 PROVENANCE = ["plate", "well", "compound", "concentration", "table_row", "file"]
 
 
+def table_options(manifest):
+    """The image table's options: the training data's conversion's (its channels, table
+    columns, channel pages and plate sample, as the manifest records them), but for the
+    flags given here; the flags alone for data converted before conversions were
+    recorded."""
+    recorded = manifest.get("conversion")
+    if not recorded:
+        return plates.ConversionOptions(channels=FLAGS.channels, columns=plates.table_columns(
+            FLAGS), channel_pages=FLAGS.channel_pages or manifest.get("channel_pages"))
+    given = {name for name in ("channels", "table_layout", "channel_pages") if FLAGS[name].present}
+    return plates.ConversionOptions(**{
+        **recorded, "columns": plates.table_columns(
+            FLAGS, None if "table_layout" in given else recorded["columns"]),
+        **{name: FLAGS[name].value for name in given - {"table_layout"}}})
+
+
 def table_batches(manifest):
     """This rank's fields from --image_table, scaled as at training, in batches."""
-    channels = FLAGS.channels
+    options = table_options(manifest)
+    channels = list(options.channels)
     if channels != manifest.get("channels", channels) or len(channels) != manifest["image_shape"][2]:
         raise app.UsageError(f"--channels={','.join(channels)}, but the model was trained on "
                              f"{manifest.get('channels', manifest['image_shape'][2])}")
-    fields = plates.read_fields(FLAGS.image_table, FLAGS.image_root, channels,
-                                plates.table_columns(FLAGS))
-    fields = tiffs.check_files(fields, channels, FLAGS.image_table, [
-        int(p) for p in FLAGS.channel_pages] or manifest.get("channel_pages"))
-    data, new = intensity.with_new_plates(manifest, fields)
+    fields = plates.read_fields(FLAGS.image_table, FLAGS.image_root, channels, options.columns)
+    fields = tiffs.check_files(fields, channels, FLAGS.image_table,
+                               list(options.channel_pages) or None)
+    data, new = intensity.with_new_plates(manifest, fields, options.range_sample_fields)
     if new:
         own = " illumination functions and" if data.get("illumination") else ""
         log(f"{len(new)} plate(s) not seen in training ({', '.join(new[:5])}"
             f"{', ...' if len(new) > 5 else ''}) corrected and scaled by their own{own} "
-            f"intensity ranges (percentiles {data['intensity']['percentiles']} of up to 8 "
-            f"fields each), as the conversion does each plate; the others by those recorded "
-            f"in training")
+            f"intensity ranges (percentiles {data['intensity']['percentiles']} of up to "
+            f"{options.range_sample_fields} fields each), as the conversion does each plate; "
+            f"the others by those recorded in training")
     mine = fields.iloc[hvd.rank()::hvd.size()]
     for start in range(0, len(mine), FLAGS.batch_size):
         rows = mine.iloc[start:start + FLAGS.batch_size]
@@ -94,22 +112,22 @@ def predict_fields(predict, batches, classes):
     batches, or None without any."""
     parts, features = [], []
     for images, provenance in batches:
-        logits, profile = predict(images)
-        probabilities = tf.nn.softmax(logits).numpy()
-        part = provenance.assign(predicted_moa=[classes[k] for k in probabilities.argmax(1)])
-        parts.append(part.join(pd.DataFrame(probabilities, columns=[f"p_{c}" for c in classes])))
-        features.append(profile.numpy())
+        predicted, profile = evaluation.batch_predictions(predict, images, classes)
+        parts.append(provenance.assign(
+            predicted_moa=[classes[k] for k in predicted.pop("prediction")]).join(predicted))
+        features.append(profile)
     return (pd.concat(parts, ignore_index=True), np.concatenate(features)) if parts else None
 
 
 def treatments(fields, classes):
-    """Majority vote of each treatment's fields (ties: the class listed first)."""
-    probability = [f"p_{c}" for c in classes]
-    grouped = fields.groupby(["compound", "concentration"], sort=True)
-    votes = grouped["predicted_moa"].agg(lambda moas: classes[evaluation.majority_vote(
-        [classes.index(moa) for moa in moas], len(classes))])
-    return pd.concat([grouped.size().rename("fields"), votes, grouped[probability].mean()],
-                     axis=1).reset_index()
+    """Majority vote of each treatment's fields (ties: the class listed first) and their
+    mean probabilities (evaluation.treatment_votes)."""
+    votes = evaluation.treatment_votes(
+        fields.assign(prediction=[classes.index(moa) for moa in fields["predicted_moa"]]),
+        len(classes), [f"p_{c}" for c in classes])
+    votes.insert(votes.columns.get_loc("prediction"), "predicted_moa",
+                 [classes[k] for k in votes.pop("prediction")])
+    return votes
 
 
 def main(argv):

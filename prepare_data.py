@@ -73,30 +73,24 @@ def fingerprint(**inputs):
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC021_CHANNELS,
-            columns=None, split="compound", eval_fraction=0.2, include_control=False,
-            control="DMSO", missing_moa="skip", dtype="uint8", scaling="per_plate",
-            percentiles=(0.1, 99.9), range_sample_fields=8, binning=1, channel_pages=None,
-            illumination_method="none", illumination_sigma=0.0, illumination_fields=0,
-            images_per_shard=16, seed=0, workers=None, progress=print):
-    """Converts plates to a data set in `output_dir`; returns its manifest."""
-    columns = {**plates.DEFAULT_COLUMNS, **(columns or {})}
-    channels = list(channels)
+def convert(image_table, moa_table, image_root, output_dir, options=None, dtype="uint8",
+            images_per_shard=16, workers=None, progress=print):
+    """Converts plates to a data set in `output_dir` as `options` (plates.ConversionOptions)
+    say; returns its manifest, which records them."""
+    options = options or plates.ConversionOptions()
     if os.path.exists(os.path.join(output_dir, data_pipeline.MANIFEST)):
         raise errors.InputError(f"{output_dir} already holds a data set; choose another "
                                 f"--output_dir")
-    fields, data = plates.prepare_fields(
-        image_table, moa_table, image_root, channels, columns, split, eval_fraction,
-        include_control, control, missing_moa, scaling, percentiles, range_sample_fields,
-        binning, channel_pages, illumination_method, illumination_sigma, illumination_fields, seed)
-    classes = data["classes"]
+    fields, data = plates.prepare_fields(image_table, moa_table, image_root, options)
+    classes, channels, split = data["classes"], data["channels"], options.split
     sources = {"image_table": file_sha256(image_table), "moa_table": file_sha256(moa_table)}
     staging = f"{os.path.abspath(output_dir)}.partial-" + fingerprint(
         sources=sources, image_root=os.path.abspath(image_root), channels=channels,
-        columns=columns, split=split, eval_fraction=eval_fraction, control=control,
-        include_control=include_control, dtype=dtype, intensity=data["intensity"],
-        illumination=illumination.settings(data["illumination"]), channel_pages=channel_pages,
-        binning=binning, images_per_shard=images_per_shard, seed=seed)
+        columns=options.columns, split=split, eval_fraction=options.eval_fraction,
+        control=options.control, include_control=options.include_control, dtype=dtype,
+        intensity=data["intensity"], illumination=illumination.settings(data["illumination"]),
+        channel_pages=list(options.channel_pages) or None, binning=options.binning,
+        images_per_shard=images_per_shard, seed=options.seed)
     plan = shard_plan(fields, images_per_shard)
     fields["shard"] = ""
     for name, indices in plan:
@@ -120,7 +114,7 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
         for side in ("train", "eval")}
     manifest = data_pipeline.new_manifest({
         **data, "illumination": recorded_illumination,
-        "split": {"by": split, "eval_fraction": eval_fraction, "seed": seed},
+        "split": {"by": split, "eval_fraction": options.eval_fraction, "seed": options.seed},
         "sources": {"image_table": os.path.abspath(image_table),
                     "moa_table": os.path.abspath(moa_table),
                     "image_root": os.path.abspath(image_root) if image_root else None,
@@ -135,28 +129,43 @@ def convert(image_table, moa_table, image_root, output_dir, channels=plates.BBBC
 
 
 def write_shards(todo, fields, staging, data, dtype, class_index, workers, progress):
+    """Writes the shards `todo` ((name, field indices) of `fields`) into `staging`, by
+    `workers` processes (1: this one), saying how far it is as each ends."""
     start, done = time.time(), 0
     total = sum(len(indices) for _, indices in todo)
+    jobs = [(os.path.join(staging, name), [fields.loc[i].to_dict() for i in indices], data,
+             dtype, class_index) for name, indices in todo]
+    try:
+        with contextlib.closing(shards_written(jobs, workers)) as written:
+            for fields_written in written:
+                done += fields_written
+                rate = done / (time.time() - start)
+                progress(f"  {done}/{total} fields written ({rate:.1f} fields/s)")
+    except data_pipeline.WRITE_ERRORS as error:
+        raise cannot_write(staging, error) from None
+    except KeyboardInterrupt:
+        raise errors.Interrupted(
+            f"stopped by Ctrl-C: {done} of {total} fields written are kept in {staging}; "
+            f"rerun the same command to resume") from None
+
+
+def shards_written(jobs, workers):
+    """The fields each of `jobs` (write_shard's arguments) wrote, as each ends: in this
+    process with one worker, else in a pool of `workers` processes, whose shards not yet
+    begun are dropped when the caller stops (a failure, Ctrl-C) or closes this."""
+    if workers == 1:
+        yield from (write_shard(*job) for job in jobs)
+        return
     # spawn, not fork: the caller may be an MPI rank with TensorFlow running.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
         with ctrl_c_left_to_this_process():  # the workers start here, at the first submit
-            futures = [pool.submit(write_shard, os.path.join(staging, name),
-                                   [fields.loc[i].to_dict() for i in indices], data, dtype,
-                                   class_index) for name, indices in todo]
+            futures = [pool.submit(write_shard, *job) for job in jobs]
         try:
             for future in concurrent.futures.as_completed(futures):
-                done += future.result()
-                rate = done / (time.time() - start)
-                progress(f"  {done}/{total} fields written ({rate:.1f} fields/s)")
-        except BaseException as error:
-            pool.shutdown(cancel_futures=True)  # not the rest of the shards after a failure
-            if isinstance(error, data_pipeline.WRITE_ERRORS):
-                raise cannot_write(staging, error) from None
-            if isinstance(error, KeyboardInterrupt):
-                raise errors.Interrupted(
-                    f"stopped by Ctrl-C: {done} of {total} fields written are kept in "
-                    f"{staging}; rerun the same command to resume") from None
+                yield future.result()
+        except BaseException:  # and GeneratorExit, when the caller closes it
+            pool.shutdown(cancel_futures=True)
             raise
 
 
@@ -188,9 +197,9 @@ FEW_RANKS = 8  # two nodes of four ranks: fewer shards than this in a split is w
 
 
 def main(_):
-    manifest = convert(output_dir=FLAGS.output_dir, dtype=FLAGS.dtype,
-                       images_per_shard=FLAGS.images_per_shard, seed=FLAGS.seed,
-                       workers=FLAGS.workers, **plates.conversion_options(FLAGS))
+    manifest = convert(FLAGS.image_table, FLAGS.moa_table, FLAGS.image_root, FLAGS.output_dir,
+                       plates.conversion_options(FLAGS, FLAGS.seed), FLAGS.dtype,
+                       FLAGS.images_per_shard, FLAGS.workers)
     counts = {side: manifest["splits"][side]["count"] for side in ("train", "eval")}
     print(f"{FLAGS.output_dir}: {counts['train']} train and {counts['eval']} eval fields of "
           f"{manifest['image_shape']} {manifest['dtype']}, {len(manifest['classes'])} classes, "

@@ -24,6 +24,8 @@ import errors
 import evaluation
 import evaluation_pictures
 import model_files
+import run_files
+import run_log
 from plots import plt, save
 
 flags.DEFINE_string("model_dir", None, "A train_mcnn.py --model_dir to plot.")
@@ -32,24 +34,11 @@ flags.DEFINE_string("output_dir", ".", "Where the PNGs go.")
 FLAGS = flags.FLAGS
 
 
-def read_scalars(log_dir):
-    """{tag: [(step, value)]} of every scalar in a TensorBoard log folder."""
-    scalars = {}
-    for name in sorted(os.listdir(log_dir)):
-        if not name.startswith("events.out.tfevents"):
-            continue
-        for event in tf.compat.v1.train.summary_iterator(os.path.join(log_dir, name)):
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append(
-                    (event.step, float(tf.make_ndarray(value.tensor))))
-    return scalars
-
-
 def plot_training(model_dir, path):
-    log_dir = os.path.join(model_dir, "tensorboard")
+    log_dir = os.path.join(model_dir, run_files.TENSORBOARD)
     if not os.path.isdir(log_dir):
         raise app.UsageError(f"{log_dir} not found: is {model_dir} a train_mcnn.py --model_dir?")
-    scalars = read_scalars(log_dir)
+    scalars = {tag: list(series.items()) for tag, series in run_log.read_scalars(log_dir).items()}
     panels = [("loss", "training loss"), ("learning_rate", "learning rate"),
               ("eval_accuracy", "held-out accuracy")]
     figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.6))
@@ -117,11 +106,11 @@ def plot_memory(benchmarks, path):
 def draw_evaluation(model_dir, output_dir):
     """evaluation_pictures of a finished run's last evaluation into `output_dir`; the
     page's path. Example fields come from its data set, if it was one and is there."""
-    folder = os.path.join(model_dir, "evaluation")
+    folder = os.path.join(model_dir, run_files.EVALUATION)
     try:
         with open(os.path.join(folder, "metrics.json")) as f:
             metrics = json.load(f)
-        with open(os.path.join(model_dir, "summary.json")) as f:
+        with open(os.path.join(model_dir, run_files.SUMMARY)) as f:
             summary = json.load(f)
         metrics["confusion"] = pd.read_csv(os.path.join(folder, "confusion.csv"), index_col=0)
         metrics["per_class"] = pd.read_csv(os.path.join(folder, "per_class.csv"))

@@ -6,21 +6,18 @@ import dataclasses
 import os
 import sys
 
-from absl import flags
 import horovod.tensorflow as hvd
 
 import checkpoints
 import evaluation
 import evaluation_pictures
 import mcnn_model
-import model_files
 import optimization
 import rank_memory
+import run_files
 import run_log
 import training_data
 from run_log import log
-
-FLAGS = flags.FLAGS
 
 
 def write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected):
@@ -33,9 +30,9 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected):
         "time_to_train_s": round(seconds, 2),  # over all the run's starts
         "time_this_start_s": round(seconds - run.past[1], 2),  # at the same moment
         "starts": run.past[2] + 1,
-        "target_accuracy": FLAGS.target_accuracy or None,
+        "target_accuracy": run.plan.output.target_accuracy or None,
         "time_to_target": ({"reached": bool(outcome.target), **(outcome.target or {})}
-                           if FLAGS.target_accuracy else None),
+                           if run.plan.output.target_accuracy else None),
         "final_accuracy": metrics["accuracy"],
         "eval_images": metrics["fields"],
         "images_per_sec": images_per_sec,
@@ -77,7 +74,8 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected):
         "plan": run.plan.as_dict(),
         "flags": run_log.project_flags(),
     }
-    return run_log.write_json(os.path.join(FLAGS.model_dir, "summary.json"), summary)
+    return run_files.write_json(os.path.join(run.plan.output.model_dir, run_files.SUMMARY),
+                                summary)
 
 
 def finish(run, outcome, start_step):
@@ -96,14 +94,14 @@ def finish(run, outcome, start_step):
             + f"; expected {sum(expected.values()):.2f} GB")
         path = write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected)
         log(f"Pictures of the evaluation: {draw_evaluation(run, outcome)}")
-        checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
+        checkpoints.export_finished(run.manager, run.model, run.plan.output.model_dir)
         starts = (f" over {run.past[2] + 1} starts, {seconds - run.past[1]:.1f} s in this "
                   f"one" if run.past[2] else "")
         log(f"Done in {seconds:.1f} s{starts}: held-out accuracy "
             f"{outcome.metrics['accuracy']:.4f} "
             f"({outcome.metrics['fields']} images). Summary: {path}; TensorBoard: "
             f"{os.path.join(os.path.dirname(sys.executable), 'tensorboard')} --logdir "
-            f"{os.path.join(FLAGS.model_dir, 'tensorboard')}")
+            f"{os.path.join(run.plan.output.model_dir, run_files.TENSORBOARD)}")
     if not in_sync:
         raise RuntimeError("ranks ended with different weights: gradients were not averaged "
                            "(is tf.keras Keras 3, which Horovod does not hook?)")
@@ -116,15 +114,16 @@ def draw_evaluation(run, outcome):
     eval_data = run.make_data("eval", training_data.feed(run.plan.per_rank_batch,
                                                          provenance=True))
     examples = evaluation.example_fields(run.predict, iter(eval_data), len(classes))
+    model_dir = run.plan.output.model_dir
     return evaluation_pictures.draw(
-        os.path.join(FLAGS.model_dir, "evaluation"), os.path.basename(
-            os.path.normpath(FLAGS.model_dir)), outcome.metrics, outcome.history, examples, classes)
+        os.path.join(model_dir, run_files.EVALUATION), os.path.basename(
+            os.path.normpath(model_dir)), outcome.metrics, outcome.history, examples, classes)
 
 
 def already_finished(run):
     """A rerun of a finished run: nothing to train; the export, if it failed before."""
-    log(f"{FLAGS.model_dir} has finished its {run.plan.total_steps} steps; nothing to do "
+    model_dir = run.plan.output.model_dir
+    log(f"{model_dir} has finished its {run.plan.total_steps} steps; nothing to do "
         f"(raise --epochs to train on, or --noresume --overwrite to start afresh)")
-    if hvd.rank() == 0 and not os.path.isdir(os.path.join(FLAGS.model_dir,
-                                                           model_files.SAVED_MODEL)):
-        checkpoints.export_finished(run.manager, run.model, FLAGS.model_dir)
+    if hvd.rank() == 0 and not os.path.isdir(os.path.join(model_dir, run_files.SAVED_MODEL)):
+        checkpoints.export_finished(run.manager, run.model, model_dir)

@@ -22,12 +22,13 @@ import tf_env  # (before TensorFlow)
 from absl import app, flags
 import horovod.tensorflow as hvd
 
+import checkpoints
 import data_pipeline
 import lr_schedule
 import mcnn_model
 import optimization
 import rank_memory
-import run_log
+import run_files
 import sizing
 import threads
 import training_data
@@ -41,6 +42,9 @@ flags.DEFINE_float("memory_per_rank_gb", 0, "The memory a rank may use, for --pe
                    "(a job's own limit, as Slurm's --mem, is not seen: give it here).",
                    lower_bound=0)
 flags.DEFINE_float("epochs", 52, "Training epochs (may be fractional).")
+flags.DEFINE_float("time_budget_minutes", 0, "Train for about this long: the epochs, and for "
+                   "the synthetic screen the image size, follow from the speed of a few steps "
+                   "measured first (0: --epochs as given).")
 # 0.01 at a global batch of 8 learns on one node (the quick configuration's rate); the
 # authors' 0.001 at 32, tuned for 8 nodes, barely moves a one-node run of batch 8
 # (experiments/authors_8_nodes.flags keeps it).
@@ -80,8 +84,6 @@ flags.register_validator("eval_every", lambda epochs: epochs > 0,
                          message="--eval_every must be more than 0 epochs")
 FLAGS = flags.FLAGS
 
-PLAN_FILE = "plan.json"
-
 
 @dataclasses.dataclass(frozen=True)
 class Model:
@@ -108,6 +110,15 @@ class Model:
             self.image_shape, self.num_classes, self.data_format, self.stored_dtype,
             self.recompute, self.precision, standardization, self.initializer,
             self.fc_512_initializer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """Where a run writes and when it stops early: its model dir, its checkpoint policy
+    and the held-out field accuracy it stops at (0: none)."""
+    model_dir: str
+    checkpoint_policy: checkpoints.Policy = checkpoints.Policy()
+    target_accuracy: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +150,7 @@ class Plan:
     recipe: optimization.Recipe
     memory: rank_memory.RankMemory
     seed: int
+    output: Output = None  # None: a run that writes nothing (the benchmark's, the probe's)
 
     @property
     def per_rank_images(self):
@@ -163,16 +175,7 @@ class Plan:
 
     def write(self, model_dir):
         """plan.json in model_dir, written whole or not at all."""
-        return run_log.write_json(os.path.join(model_dir, PLAN_FILE), self.as_dict())
-
-
-def read(model_dir):
-    """The plan.json of model_dir as a dict, or None without one."""
-    path = os.path.join(model_dir, PLAN_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+        return run_files.write_json(os.path.join(model_dir, run_files.PLAN), self.as_dict())
 
 
 def changes(previous, plan):
@@ -182,7 +185,7 @@ def changes(previous, plan):
     now.update(now.pop("model"))
     then = {**previous, **previous.get("model", {})}
     return {name: (then.get(name), value) for name, value in now.items()
-            if name not in ("threads", "cpu", "memory", "precision_why")
+            if name not in ("threads", "cpu", "memory", "precision_why", "output")
             and then.get(name) != value}
 
 
@@ -221,9 +224,9 @@ def field_size(kept, precision):
     return sizing.fit_synthetic_size(
         size, training_data.synthetic_split_counts(FLAGS.seed),
         lambda size: measured_rate(model_of((*size, 3), FLAGS.synthetic_classes, "uint8",
-                                            precision), optimization.recipe_from_flags(),
+                                            precision), optimization.Recipe.from_flags(FLAGS),
                                    batch, FLAGS.accumulate_steps),
-        FLAGS.eval_every)
+        FLAGS.eval_every, FLAGS.time_budget_minutes)
 
 
 def model_of(image_shape, num_classes, input_dtype, precision):
@@ -242,14 +245,15 @@ def memory_estimate(model, accumulate):
         accumulate)
 
 
-def resolve(manifest, precision, precision_why, rank_threads, kept=None, rate=None):
+def resolve(manifest, precision, precision_why, rank_threads, kept=None, rate=None, output=None):
     """The Plan of this run on the data set `manifest`, on the ranks there are. `kept`:
     kept_choices(); `rate`: global images/s already measured at this size, for
-    --time_budget_minutes (measured here if None). Raises app.UsageError when the split
-    makes no global batch or the warm-up is not shorter than the run."""
+    --time_budget_minutes (measured here if None); `output`: where it writes (Output).
+    Raises app.UsageError when the split makes no global batch or the warm-up is not
+    shorter than the run."""
     model = model_of(manifest["image_shape"], len(manifest["classes"]), manifest["dtype"],
                      precision)
-    recipe = optimization.recipe_from_flags()
+    recipe = optimization.Recipe.from_flags(FLAGS)
     accumulate, train_fields = FLAGS.accumulate_steps, manifest["splits"]["train"]["count"]
     memory = memory_estimate(model, accumulate)
     per_rank_batch = rank_memory.choose_per_rank_batch(
@@ -265,7 +269,7 @@ def resolve(manifest, precision, precision_why, rank_threads, kept=None, rate=No
     if FLAGS.time_budget_minutes and not kept:
         rate = rate or measured_rate(model, recipe, per_rank_batch, accumulate)
         epochs = sizing.fit_epochs(rate, manifest, global_batch, FLAGS.eval_every,
-                                   FLAGS.warmup_epochs)
+                                   FLAGS.warmup_epochs, FLAGS.time_budget_minutes)
     return Plan(
         model=model, precision_why=precision_why, ranks=hvd.size(), nodes=hvd.cross_size(),
         threads=rank_threads, cpu=tf_env.cpu_description(), per_rank_batch=per_rank_batch,
@@ -275,7 +279,7 @@ def resolve(manifest, precision, precision_why, rank_threads, kept=None, rate=No
         peak_lr=lr_schedule.scaled_learning_rate(FLAGS.base_lr, global_batch,
                                                  FLAGS.base_batch, FLAGS.lr_scaling),
         lr_scaling=FLAGS.lr_scaling, lr_decay=FLAGS.lr_decay, end_lr=FLAGS.end_lr,
-        recipe=recipe, memory=memory, seed=FLAGS.seed)
+        recipe=recipe, memory=memory, seed=FLAGS.seed, output=output)
 
 
 def steps_of(epochs, steps_per_epoch):

@@ -11,18 +11,13 @@ and then trains as many epochs as fit.
 import time
 
 import tf_env  # noqa: F401  (before TensorFlow)
-from absl import app, flags
+from absl import app
 import horovod.tensorflow as hvd
 import numpy as np
 import tensorflow as tf
 
 import mcnn_model
 from run_log import log
-
-flags.DEFINE_float("time_budget_minutes", 0, "Train for about this long: the epochs, and for "
-                   "the synthetic screen the image size, follow from the speed of a few steps "
-                   "measured first (0: --epochs as given).")
-FLAGS = flags.FLAGS
 
 
 MIN_EPOCHS = 8  # fewer learn the synthetic screen poorly (docs/performance.md)
@@ -73,32 +68,31 @@ def image_size_that_fits(size, rate, budget_seconds, train_count, eval_count, ev
     return size, rate
 
 
-def fit_synthetic_size(size, counts, rate_at, eval_every):
-    """--time_budget_minutes, before the synthetic screen of (train, eval) `counts` fields
-    is made: (the largest size at which MIN_EPOCHS fit, the rate measured there);
-    rate_at(size) measures global training images/s."""
+def fit_synthetic_size(size, counts, rate_at, eval_every, budget_minutes):
+    """--time_budget_minutes (`budget_minutes`), before the synthetic screen of (train,
+    eval) `counts` fields is made: (the largest size at which MIN_EPOCHS fit, the rate
+    measured there); rate_at(size) measures global training images/s."""
     rate = rate_at(size)
-    fitted, _ = image_size_that_fits(size, rate, 60 * FLAGS.time_budget_minutes, *counts,
-                                     eval_every)
+    fitted, _ = image_size_that_fits(size, rate, 60 * budget_minutes, *counts, eval_every)
     if fitted == size:
         return size, rate
-    log(f"--time_budget_minutes={FLAGS.time_budget_minutes:g}: {rate:.2f} images/s at "
+    log(f"--time_budget_minutes={budget_minutes:g}: {rate:.2f} images/s at "
         f"{size[0]} x {size[1]} leave fewer than {MIN_EPOCHS} epochs; the synthetic screen "
         f"is made at {fitted[0]} x {fitted[1]} instead")
     return fitted, rate_at(fitted)
 
 
-def fit_epochs(rate, manifest, global_batch, eval_every, warmup_epochs):
-    """--time_budget_minutes: as many epochs of the data set `manifest` describes as fit
-    at `rate`."""
+def fit_epochs(rate, manifest, global_batch, eval_every, warmup_epochs, budget_minutes):
+    """--time_budget_minutes (`budget_minutes`): as many epochs of the data set `manifest`
+    describes as fit at `rate` (global images/s)."""
     counts = {split: manifest["splits"][split]["count"] for split in ("train", "eval")}
-    epochs = epochs_that_fit(rate, 60 * FLAGS.time_budget_minutes, counts["train"],
-                             counts["eval"], eval_every)
+    epochs = epochs_that_fit(rate, 60 * budget_minutes, counts["train"], counts["eval"],
+                             eval_every)
     if epochs <= warmup_epochs:
         raise app.UsageError(
-            f"--time_budget_minutes={FLAGS.time_budget_minutes:g} leaves {epochs} epochs at the "
+            f"--time_budget_minutes={budget_minutes:g} leaves {epochs} epochs at the "
             f"{rate:.2f} images/s measured here, no more than --warmup_epochs; give more time")
-    log(f"--time_budget_minutes={FLAGS.time_budget_minutes:g}: {rate:.2f} images/s measured "
+    log(f"--time_budget_minutes={budget_minutes:g}: {rate:.2f} images/s measured "
         f"at {manifest['image_shape'][0]} x {manifest['image_shape'][1]}, global batch "
         f"{global_batch}: {epochs} epochs of {counts['train']} images (about "
         f"{epochs * counts['train'] / rate / 60:.1f} minutes of steps)")

@@ -26,13 +26,10 @@ import numpy as np
 import pandas as pd
 from matplotlib import ticker
 
-import tf_env  # noqa: F401  (before TensorFlow)
 from absl import app, flags
 
 import errors
-import lr_schedule
-import run_log
-import run_plan
+import run_files
 from plots import plt, save
 import time_to_accuracy
 
@@ -85,11 +82,9 @@ def recipe_table(recipe_dirs, target):
 def epochs_to(model_dir, target):
     """(epochs to `target` or NEVER, seconds to it or NEVER, final held-out accuracy or
     None) of one run."""
-    path = os.path.join(model_dir, "summary.json")
-    if not os.path.isfile(path):  # diverged
+    summary = run_files.read_json(model_dir, run_files.SUMMARY)
+    if summary is None:  # diverged
         return NEVER, NEVER, None
-    with open(path) as f:
-        summary = json.load(f)
     stopped_at = (summary.get("time_to_target") or {}).get("reached") and summary["target_accuracy"]
     if stopped_at and stopped_at < target:
         raise ValueError(f"{model_dir} stopped at {stopped_at}, below {target}")
@@ -135,22 +130,19 @@ def study_row(model_dir):
     or cut short (no summary.json and no `diverged` file, which experiments/batch_study/run
     leaves beside a diverged run)."""
     run = {"run": os.path.basename(os.path.normpath(model_dir))}
-    path = os.path.join(model_dir, "summary.json")
-    ended = os.path.isfile(path)
-    diverged = not ended and os.path.isfile(os.path.join(model_dir, "diverged"))
-    if not (ended or diverged):
+    summary = run_files.read_json(model_dir, run_files.SUMMARY)
+    diverged = summary is None and os.path.isfile(os.path.join(model_dir, run_files.DIVERGED))
+    if not (summary or diverged):
         return None
-    given = run_log.recorded_flags(model_dir)
-    batch = int(given["per_rank_batch"]) * int(given["accumulate_steps"])  # the study's one rank
-    peak = lr_schedule.scaled_learning_rate(float(given["base_lr"]), batch,
-                                            int(given["base_batch"]), given["lr_scaling"])
-    run.update(optimizer=given["optimizer"], global_batch=batch, peak_lr=peak,
-               target=float(given["target_accuracy"]),
-               cpu=(run_plan.read(model_dir) or {}).get("cpu"))
+    given = run_files.recorded_flags(model_dir)
+    plan = run_files.read_json(model_dir, run_files.PLAN)
+    if plan is None:
+        raise errors.InputError(f"{model_dir} has no {run_files.PLAN}: a run of a version "
+                                f"before plans were recorded; give its row in --study_table")
+    run.update(optimizer=given["optimizer"], global_batch=plan["global_batch"],
+               peak_lr=plan["peak_lr"], target=float(given["target_accuracy"]), cpu=plan["cpu"])
     if diverged:
         return {**run, "reached": False, "diverged": True}
-    with open(path) as f:
-        summary = json.load(f)
     reached = summary["time_to_target"]
     return {**run, "reached": reached["reached"], "diverged": False,
             "final_accuracy": summary["final_accuracy"],
@@ -293,13 +285,13 @@ def main(argv):
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     if FLAGS.recipe_dirs:
         table = recipe_table(FLAGS.recipe_dirs, FLAGS.target)
-        run_log.write_csv(table, os.path.join(FLAGS.output_dir, "recipes.csv"))
+        run_files.write_csv(table, os.path.join(FLAGS.output_dir, "recipes.csv"))
         print(table.to_string(index=False))
         plot_recipes(table, os.path.join(FLAGS.output_dir, "recipes.png"))
     if FLAGS.study_dirs or FLAGS.study_table:
         table = study_table(FLAGS.study_dirs,
                             earlier_table(FLAGS.study_table) if FLAGS.study_table else None)
-        run_log.write_csv(table, os.path.join(FLAGS.output_dir, "batch_study.csv"))
+        run_files.write_csv(table, os.path.join(FLAGS.output_dir, "batch_study.csv"))
         swept = table[table["global_batch"] < (FLAGS.sweeping_from or math.inf)]
         if len(swept):
             write_batch_study(swept, FLAGS.output_dir)
@@ -309,9 +301,9 @@ def write_batch_study(table, output_dir):
     """The fastest run per batch, the fits and the plot of the study's `table`."""
     best = best_per_batch(table)
     fitted = fits(table, best)
-    run_log.write_csv(best, os.path.join(output_dir, "batch_study_best.csv"))
+    run_files.write_csv(best, os.path.join(output_dir, "batch_study_best.csv"))
     print(best.to_string(index=False))
-    run_log.write_json(os.path.join(output_dir, FIT_FILE), fitted)
+    run_files.write_json(os.path.join(output_dir, FIT_FILE), fitted)
     print(json.dumps(fitted, indent=2))
     plot_batch_study(table, best, fitted, os.path.join(output_dir, "batch_study.png"))
 

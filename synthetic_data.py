@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-import plates
+from plates import BBBC021_CHANNELS, DEFAULT_COLUMNS, ConversionOptions
 import splits
 
 CHANNELS = ("DNA", "tubulin", "actin")
@@ -52,7 +52,6 @@ CLASSES = tuple(PHENOTYPES)
 CONTROL = "DMSO"
 CONCENTRATIONS = ("1.0", "3.0")
 PLATES = 3  # plates a screen's fields are spread over, by default
-BBBC021_NAMES = ("DAPI", "Tubulin", "Actin")  # CHANNELS as the BBBC021 tables name them
 IMAGE_TABLE, MOA_TABLE, IMAGES = "BBBC021_v1_image.csv", "BBBC021_v1_moa.csv", "images"
 
 
@@ -168,10 +167,10 @@ def plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, 
 def split_counts(num_classes, compounds_per_class, fields_per_treatment, seed=0):
     """(train, eval) fields of the screen as conversion_options splits it, known before
     the screen exists: the split needs only the plan."""
-    options = conversion_options("", compounds_per_class, seed)
+    options = conversion_options(compounds_per_class, seed)
     fields = pd.DataFrame(plan_screen(num_classes, compounds_per_class, fields_per_treatment,
                                       PLATES, seed))
-    split = splits.assign_split(fields, options["split"], options["eval_fraction"], seed)
+    split = splits.assign_split(fields, options.split, options.eval_fraction, seed)
     return int((split == "train").sum()), int((split == "eval").sum())
 
 
@@ -212,13 +211,14 @@ def write_screen(output_dir, height, width, num_classes=len(CLASSES), compounds_
         names = list(pool.map(write_field, *zip(*[
             (os.path.join(staging, IMAGES), height, width, f, seed, i, even_illumination)
             for i, f in enumerate(fields)]), chunksize=4))
+    column = DEFAULT_COLUMNS  # BBBC021's own, CHANNELS named as its tables name them
     pd.DataFrame([{
         "TableNumber": 1, "ImageNumber": i + 1,
-        **{column: value for c, channel in enumerate(BBBC021_NAMES) for column, value in (
-            (f"Image_FileName_{channel}", files[c]), (f"Image_PathName_{channel}", f["plate"]))},
-        "Image_Metadata_Plate_DAPI": f["plate"], "Image_Metadata_Well_DAPI": f["well"],
-        "Replicate": f["site"], "Image_Metadata_Compound": f["compound"],
-        "Image_Metadata_Concentration": f["concentration"],
+        **{name: value for c, channel in enumerate(BBBC021_CHANNELS) for name, value in (
+            (column["filename"].format(channel), files[c]),
+            (column["pathname"].format(channel), f["plate"]))},
+        column["plate"]: f["plate"], column["well"]: f["well"], "Replicate": f["site"],
+        column["compound"]: f["compound"], column["concentration"]: f["concentration"],
     } for i, (f, files) in enumerate(zip(fields, names))]).to_csv(
         os.path.join(staging, IMAGE_TABLE), index=False)
     pd.DataFrame(sorted({(f["compound"], f["concentration"], f["moa"]) for f in fields}),
@@ -227,13 +227,17 @@ def write_screen(output_dir, height, width, num_classes=len(CLASSES), compounds_
     os.rename(staging, output_dir)
 
 
-def conversion_options(screen, compounds_per_class, seed=0):
-    """prepare_data arguments that make a screen's data set: split by compound (one
-    held out per MoA), the DMSO control kept as a class."""
-    return dict(image_table=os.path.join(screen, IMAGE_TABLE),
-                moa_table=os.path.join(screen, MOA_TABLE), image_root=os.path.join(screen, IMAGES),
-                split="compound", eval_fraction=1 / max(compounds_per_class, 2),
-                include_control=True, control=CONTROL, seed=seed)
+def screen_tables(screen):
+    """(image table, MoA table, image root) of the screen written to `screen`."""
+    return (os.path.join(screen, IMAGE_TABLE), os.path.join(screen, MOA_TABLE),
+            os.path.join(screen, IMAGES))
+
+
+def conversion_options(compounds_per_class, seed=0):
+    """The ConversionOptions that make a screen's data set: split by compound (one held
+    out per MoA), the DMSO control kept as a class."""
+    return ConversionOptions(split="compound", eval_fraction=1 / max(compounds_per_class, 2),
+                             include_control=True, control=CONTROL, seed=seed)
 
 
 def main(_):

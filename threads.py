@@ -1,5 +1,7 @@
-"""How many threads each rank's TensorFlow runs: --intra_op_threads, else the
-launcher's TF_NUM_INTRAOP_THREADS, else this rank's share of the cores it may run on.
+"""A rank's set-up before its first op: Horovod started, its tensor fusion buffer
+sized (init_horovod), then how many threads the rank's TensorFlow runs:
+--intra_op_threads, else the launcher's TF_NUM_INTRAOP_THREADS, else this rank's share
+of the cores it may run on.
 
 TensorFlow by itself takes every core it sees, so ranks started by a plain mpirun
 that share cores (unbound, or several bound to one socket) would oversubscribe them
@@ -19,7 +21,6 @@ flags.DEFINE_integer("intra_op_threads", 0, "Threads per op; 0: the launcher's "
                      "run on (shared with the other ranks of the node that may run on them).")
 flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: the launcher's "
                      "TF_NUM_INTEROP_THREADS, else 2.")
-FLAGS = flags.FLAGS
 
 # Ops run at once without the launcher's TF_NUM_INTEROP_THREADS: the launcher's own
 # value (two let the seven scale columns overlap; see launch).
@@ -40,6 +41,15 @@ class Threads:
                 + (f"; rank {hvd.rank()} on cores {self.cores}" if self.cores else ""))
 
 
+def init_horovod(fusion_threshold_mb=None):
+    """Horovod's step 1: this process joins the job's ranks. `fusion_threshold_mb`, if
+    given, sizes the buffer allreduce fuses small tensors into (MB; Horovod's default
+    is 128)."""
+    if fusion_threshold_mb is not None:
+        os.environ["HOROVOD_FUSION_THRESHOLD"] = str(fusion_threshold_mb * 2 ** 20)
+    hvd.init()
+
+
 def core_list(cores):
     """'0-3,8' for {0, 1, 2, 3, 8}: the cores as taskset and lscpu write them."""
     spans, ordered = [], sorted(cores)
@@ -51,12 +61,14 @@ def core_list(cores):
     return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
-def configure_threads():
-    """Sets TensorFlow's thread pools (before its first op); returns them as Threads."""
-    intra = FLAGS.intra_op_threads or int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0))
-    inter = (FLAGS.inter_op_threads or int(os.environ.get("TF_NUM_INTEROP_THREADS", 0))
+def configure_threads(intra_op_threads=0, inter_op_threads=0):
+    """Sets TensorFlow's thread pools (before its first op) to the counts given (the
+    flags), else the launcher's, else this rank's share of its cores; returns them as
+    Threads."""
+    intra = intra_op_threads or int(os.environ.get("TF_NUM_INTRAOP_THREADS", 0))
+    inter = (inter_op_threads or int(os.environ.get("TF_NUM_INTEROP_THREADS", 0))
              or INTER_OP_THREADS)
-    why = "--intra_op_threads" if FLAGS.intra_op_threads else "TF_NUM_INTRAOP_THREADS"
+    why = "--intra_op_threads" if intra_op_threads else "TF_NUM_INTRAOP_THREADS"
     if not intra:
         cores = os.sched_getaffinity(0)
         sharing = ranks_sharing_cores(cores)

@@ -17,7 +17,6 @@ the target, or diverges, never reaches it: a median over seeds counts it as slow
 than any that did. A seed that ran to its end before with the same command is read
 from its model dir, not run again, so that an interrupted study resumes.
 """
-import json
 import math
 import os
 import statistics
@@ -25,27 +24,29 @@ import subprocess
 
 from absl import flags
 
+import run_files
+
 flags.DEFINE_float("target", 0.95, "Held-out field accuracy to reach (benchmark.py "
                    "--parts=time_to_accuracy), or to count epochs to (studies.py).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the time-to-accuracy runs, one run each.")
 flags.DEFINE_float("target_eval_every", 0.5, "Epochs between evaluations in time-to-accuracy "
                    "runs (overrides --eval_every).")
-FLAGS = flags.FLAGS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MEASURES = ("epochs", "steps", "images", "seconds", "train_seconds")
 NEVER = "never"
 
 
-def train_to_target(training_flags, precision, seed, model_dir):
-    """One run to --target: {"reached": bool, MEASURES..., "final_accuracy", "diverged"}.
+def train_to_target(training_flags, precision, seed, model_dir, target, eval_every):
+    """One run to `target` held-out field accuracy, evaluated every `eval_every` epochs:
+    {"reached": bool, MEASURES..., "final_accuracy", "diverged"}.
     A run that ended before with the same command (model_dir/command.txt) is read, not
     run again. Raises RuntimeError, with the end of its output, if the run failed other
     than by diverging."""
     os.makedirs(model_dir, exist_ok=True)
     command = [os.path.join(HERE, "launch"), "train", "--", *training_flags,
                f"--precision={precision}", f"--seed={seed}", f"--model_dir={model_dir}",
-               f"--target_accuracy={FLAGS.target}", f"--eval_every={FLAGS.target_eval_every}",
+               f"--target_accuracy={target}", f"--eval_every={eval_every}",
                "--nonsc",  # the target is field accuracy: no profiling of the training split
                "--noresume", "--overwrite"]
     command_path = os.path.join(model_dir, "command.txt")
@@ -63,10 +64,9 @@ def train_to_target(training_flags, precision, seed, model_dir):
                                f"{log_path}, ends:\n{output[-3000:]}")
         with open(command_path, "w") as f:
             f.write("\n".join([*command, "diverged" if status else "ended"]) + "\n")
-    if not os.path.isfile(os.path.join(model_dir, "summary.json")):
+    summary = run_files.read_json(model_dir, run_files.SUMMARY)
+    if summary is None:
         return {"reached": False, "diverged": True}
-    with open(os.path.join(model_dir, "summary.json")) as f:
-        summary = json.load(f)
     target = summary["time_to_target"]
     return {"reached": target["reached"], "diverged": False,
             "final_accuracy": summary["final_accuracy"], "image_shape": summary["image_shape"],
@@ -89,19 +89,21 @@ def median_and_spread(values):
                  for x in (statistics.median(numbers), min(numbers), max(numbers)))
 
 
-def measure(training_flags, precision, say=print):
-    """Figures of --parts=time_to_accuracy at `precision`: per seed and over seeds."""
-    figures = {"target": FLAGS.target, "eval_every_epochs": FLAGS.target_eval_every}
+def measure(training_flags, precision, target, eval_every, seeds, folder, say=print):
+    """Figures of --parts=time_to_accuracy at `precision`, per seed and over `seeds`
+    (--target, --target_eval_every, --seeds), the runs in `folder` (--model_dir)."""
+    figures = {"target": target, "eval_every_epochs": eval_every}
     runs = {}
-    for seed in (int(s) for s in FLAGS.seeds):
-        model_dir = os.path.join(FLAGS.model_dir, f"{precision}_seed{seed}")
-        runs[seed] = run = train_to_target(training_flags, precision, seed, model_dir)
+    for seed in seeds:
+        model_dir = os.path.join(folder, f"{precision}_seed{seed}")
+        runs[seed] = run = train_to_target(training_flags, precision, seed, model_dir, target,
+                                           eval_every)
         say(f"time to accuracy, {precision}, seed {seed}: " + (
-            f"{FLAGS.target:g} at epoch {run['epochs']:g} (step {run['steps']}, "
+            f"{target:g} at epoch {run['epochs']:g} (step {run['steps']}, "
             f"{run['images']:,} images) in {run['seconds']:.0f} s, {run['train_seconds']:.0f} s "
             f"of it training" if run["reached"] else
             "diverged" if run["diverged"] else
-            f"never reached {FLAGS.target:g} (final accuracy {run['final_accuracy']:.3f})")
+            f"never reached {target:g} (final accuracy {run['final_accuracy']:.3f})")
             + f"; {model_dir}")
         if "image_shape" in run:
             figures["image_shape"] = " x ".join(str(side) for side in run["image_shape"])

@@ -10,12 +10,11 @@ checkpoints and summary.json. main() reads as Horovod's six steps.
 import dataclasses
 import math
 import os
-import signal
 import sys
 import time
 
 import tf_env  # (before TensorFlow)
-from absl import app, flags, logging
+from absl import flags, logging
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
@@ -29,6 +28,7 @@ import model_files
 import optimization
 import run_plan
 import run_end
+import run_files
 import run_log
 from run_log import log
 import threads
@@ -53,14 +53,6 @@ flags.adopt_module_key_flags(run_plan)  # --help lists the run's decisions with 
 FLAGS = flags.FLAGS
 
 
-# ---------------------------------------------------------------- set-up, before training
-
-def init_horovod():
-    if FLAGS.fusion_threshold_mb is not None:
-        os.environ["HOROVOD_FUSION_THRESHOLD"] = str(FLAGS.fusion_threshold_mb * 2 ** 20)
-    hvd.init()
-
-
 # ---------------------------------------------------------------- the training loop
 
 @dataclasses.dataclass
@@ -78,7 +70,7 @@ class Run:
     writer: object
     stop: checkpoints.StopSignals
     started: float
-    past: tuple = ([], 0.0, 0)  # run_log.read_history: evaluations, seconds and starts before
+    past: tuple = ([], 0.0, 0)  # run_files.read_history: evaluations, seconds and starts before
     changed_on_resume: dict = dataclasses.field(default_factory=dict)  # run_log.changed_flags
     plan_changed_on_resume: dict = dataclasses.field(default_factory=dict)  # run_plan.changes
 
@@ -89,7 +81,8 @@ class Run:
     def record_history(self, evaluations):
         """Rank 0: history.json, so that a resumed run keeps its past."""
         if hvd.rank() == 0:
-            run_log.write_history(FLAGS.model_dir, evaluations, self.seconds(), self.past[2] + 1)
+            run_files.write_history(self.plan.output.model_dir, evaluations, self.seconds(),
+                                    self.past[2] + 1)
 
 
 @dataclasses.dataclass
@@ -138,7 +131,8 @@ def train(run, progress):
         progress.step = outcome.step = step
         signum = run.stop.agreed()
         if (signum or step == plan.total_steps or outcome.target
-                or checkpoints.checkpoint_due(step, plan.steps_per_epoch)):
+                or checkpoints.checkpoint_due(step, plan.steps_per_epoch,
+                                              plan.output.checkpoint_policy)):
             if hvd.rank() == 0:
                 checkpoints.save_checkpoint(run.manager, run.model, step,
                                             float(run.schedule(step - 1)))
@@ -195,16 +189,18 @@ def evaluate_and_report(run, step, eval_data, outcome):
     run_log.write_scalars(run.writer, step, eval_accuracy=accuracy,
                           eval_treatment_accuracy=metrics["treatment_accuracy"],
                           **{f"eval_{k}": v for k, v in nsc.items() if v is not None})
-    if FLAGS.target_accuracy and accuracy >= FLAGS.target_accuracy:
+    target = run.plan.output.target_accuracy
+    if target and accuracy >= target:
         outcome.target = reached_target(step, epoch, seconds, outcome)
-        log(f"target accuracy {FLAGS.target_accuracy:g} reached at epoch {epoch:.2f} (step "
+        log(f"target accuracy {target:g} reached at epoch {epoch:.2f} (step "
             f"{step}, {outcome.target['images']:,} images) after {seconds:.1f} s, "
             f"{outcome.target['train_seconds']:.1f} s of it training: stopping")
     run.record_history(outcome.history)
     if hvd.rank() == 0:
         last = step == run.plan.total_steps or outcome.target
-        evaluation.write_report(os.path.join(FLAGS.model_dir, "evaluation"), fields, metrics,
-                                run.manifest["classes"], step, profiles if last else None)
+        evaluation.write_report(os.path.join(run.plan.output.model_dir, run_files.EVALUATION),
+                                fields, metrics, run.manifest["classes"], step,
+                                profiles if last else None)
 
 
 def nsc_reference(run, step):
@@ -276,18 +272,23 @@ def main(argv):
     tf.get_logger().setLevel("ERROR")  # TensorFlow's Python warnings are noise here
     logging.set_verbosity(logging.WARNING)  # and so are the SavedModel writer's notes
     # Horovod 1: one process per rank, all ranks discover each other.
-    init_horovod()
+    threads.init_horovod(FLAGS.fusion_threshold_mb)
     # Horovod 2: each rank uses only the cores it was placed on.
-    rank_threads = threads.configure_threads()
+    rank_threads = threads.configure_threads(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
     tf.keras.utils.set_random_seed(FLAGS.seed)
     # Horovod 3: the global batch grows with the ranks, and the learning rate with it
     # (everything the run decides, once: run_plan.py).
     precision, precision_why = run_plan.resolve_precision()
-    previous = run_plan.read(FLAGS.model_dir) if FLAGS.resume else None  # its last start's
-    kept = run_plan.kept_choices(previous, FLAGS.model_dir)
+    output = run_plan.Output(FLAGS.model_dir, checkpoints.Policy.from_flags(FLAGS),
+                             FLAGS.target_accuracy)
+    model_dir = output.model_dir
+    previous = (run_files.read_json(model_dir, run_files.PLAN)  # its last start's
+                if output.checkpoint_policy.resume else None)
+    kept = run_plan.kept_choices(previous, model_dir)
     field_size, rate = run_plan.field_size(kept, precision)
     manifest, make_data = training_data.open_data(FLAGS.seed, field_size)
-    plan = run_plan.resolve(manifest, precision, precision_why, rank_threads, kept, rate)
+    plan = run_plan.resolve(manifest, precision, precision_why, rank_threads, kept, rate,
+                            output)
     schedule = plan.learning_rate()
     manifest["input_standardization"] = training_data.input_standardization(manifest)
     model = plan.model.build(manifest["input_standardization"])
@@ -295,9 +296,9 @@ def main(argv):
     optimizer.build(model.trainable_variables)
     checkpoint = checkpoints.make_checkpoint(model, optimizer, plan.global_batch)
     # Rank 0 restores the newest good checkpoint, if any, before the broadcast below.
-    start_step = checkpoints.agree_on_start(checkpoint, FLAGS.model_dir, plan.global_batch,
-                                            manifest)
-    manager = checkpoints.open_checkpoints(checkpoint, FLAGS.model_dir)
+    start_step = checkpoints.agree_on_start(checkpoint, model_dir, plan.global_batch, manifest,
+                                            output.checkpoint_policy)
+    manager = checkpoints.open_checkpoints(checkpoint, model_dir, output.checkpoint_policy)
     # Horovod 4: every rank starts from rank 0's weights and optimizer state.
     hvd.broadcast_variables(model.variables, root_rank=0)
     hvd.broadcast_variables(optimizer.variables, root_rank=0)
@@ -307,16 +308,16 @@ def main(argv):
     run = Run(plan, model, optimizer, schedule, train_step,
               evaluation.make_predict(model, plan.model.image_shape, plan.model.stored_dtype),
               make_data, manifest, manager, None, checkpoints.StopSignals(), time.time())
-    run.past = hvd.broadcast_object(run_log.read_history(FLAGS.model_dir, start_step)
+    run.past = hvd.broadcast_object(run_files.read_history(model_dir, start_step)
                                     if hvd.rank() == 0 else None, root_rank=0, name="history")
     finished = start_step >= plan.total_steps
     if hvd.rank() == 0 and start_step:
-        run.changed_on_resume = run_log.changed_flags(FLAGS.model_dir)
+        run.changed_on_resume = run_log.changed_flags(model_dir)
         run.plan_changed_on_resume = run_plan.changes(previous, plan) if previous else {}
     if hvd.rank() == 0 and not finished:
-        model_files.record_data(FLAGS.model_dir, manifest)
-        plan.write(FLAGS.model_dir)
-        run.writer = run_log.open_log(FLAGS.model_dir)
+        model_files.record_data(model_dir, manifest)
+        plan.write(model_dir)
+        run.writer = run_log.open_log(model_dir)
     log_start(run, start_step)
     if finished:
         return run_end.already_finished(run)

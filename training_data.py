@@ -75,9 +75,9 @@ def feed(batch_size, training=False, provenance=False, seed=0):
                               FLAGS.shuffle_buffer, FLAGS.intensity_jitter, FLAGS.shift)
 
 
-def open_data(seed, field_size=None):
-    """(manifest, batches(split, feed)) for the synthetic screen, a data set or plates;
-    the synthetic screen's fields are `field_size` (height, width), or as the flags say."""
+def check_data_flags():
+    """Refuses (app.UsageError) flags that do not apply to the data the flags name: the
+    synthetic screen, a data set (--data_dir) or plates (--image_table)."""
     if FLAGS.data_dir and FLAGS.image_table:
         raise app.UsageError("give --data_dir or --image_table, not both")
     if not FLAGS.image_table:
@@ -89,10 +89,18 @@ def open_data(seed, field_size=None):
         refuse_given(SHARDS_ONLY, "to data sets and the synthetic screen; straight from TIFFs "
                      "every epoch reads all fields in a new order, and every file is checked "
                      "before training")
-        return open_plates(seed)
     if FLAGS.data_dir:
         refuse_given(SYNTHETIC_ONLY, "to synthetic data only; with --data_dir the manifest gives "
                      "the image shape and classes")
+
+
+def open_data(seed, field_size=None):
+    """(manifest, batches(split, feed)) for the synthetic screen, a data set or plates;
+    the synthetic screen's fields are `field_size` (height, width), or as the flags say."""
+    check_data_flags()
+    if FLAGS.image_table:
+        return open_plates(seed)
+    if FLAGS.data_dir:
         data_dir = FLAGS.data_dir
     else:
         data_dir = synthetic_dataset(
@@ -145,7 +153,9 @@ def refuse_given(names, applies):
 
 def open_plates(seed):
     """Training straight from TIFFs: the fields, split and scaled as prepare_data.py would."""
-    fields, description = plates.prepare_fields(**plates.conversion_options(FLAGS), seed=seed)
+    fields, description = plates.prepare_fields(FLAGS.image_table, FLAGS.moa_table,
+                                                FLAGS.image_root,
+                                                plates.conversion_options(FLAGS, seed))
     manifest = {**description, "dtype": "uint8",
                 "split": {"by": FLAGS.split, "eval_fraction": FLAGS.eval_fraction},
                 "splits": {side: {"count": int((fields["split"] == side).sum())}
@@ -176,8 +186,9 @@ def synthetic_dataset(cache_dir, height, width, num_classes=len(synthetic_data.C
         if not os.path.isdir(data):
             print(f"Converting it with prepare_data.py to {data}", flush=True)
             prepare_data.convert(
-                output_dir=data, images_per_shard=images_per_shard, progress=lambda _: None,
-                **synthetic_data.conversion_options(screen, compounds_per_class, seed))
+                *synthetic_data.screen_tables(screen), data,
+                synthetic_data.conversion_options(compounds_per_class, seed),
+                images_per_shard=images_per_shard, progress=lambda _: None)
     return data
 
 

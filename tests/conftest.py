@@ -1,6 +1,6 @@
 """Shared test set-up: the project's scripts on sys.path, TensorFlow configured as in training,
 and one real 2-rank training run that several test modules read."""
-import glob
+import dataclasses
 import os
 import re
 import subprocess
@@ -15,7 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tf_env  # noqa: F401,E402  (before TensorFlow, as in every script)
+import plates  # noqa: E402
+import prepare_data  # noqa: E402
+import run_log  # noqa: E402
+import synthetic_data  # noqa: E402
+
 LAUNCH = os.path.join(ROOT, "launch")
+PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 
 
 # Tests that train ranks under mpirun, start Slurm, convert screens or sweep the
@@ -31,6 +37,18 @@ def pytest_collection_modifyitems(items):
         if (item.module.__name__ in SLOW_MODULES
                 or "two_rank_run" in getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def convert_screen(screen, output, **settings):
+    """prepare_data.convert of the synthetic screen written to `screen` into `output`;
+    `settings` are plates.ConversionOptions fields or convert's own (dtype,
+    images_per_shard: 4, workers: 1 (in this process), progress: silent)."""
+    fields = {field.name for field in dataclasses.fields(plates.ConversionOptions)}
+    options = plates.ConversionOptions(**{k: v for k, v in settings.items() if k in fields})
+    own = {"images_per_shard": 4, "workers": 1, "progress": lambda _: None,
+           **{k: v for k, v in settings.items() if k not in fields}}
+    return prepare_data.convert(*synthetic_data.screen_tables(str(screen)), str(output),
+                                options, **own)
 
 
 def run(command, timeout=900, **kwargs):
@@ -131,12 +149,4 @@ class Run:
 
 def scalar_series(event_dir, tag):
     """{step: value} of a TensorBoard scalar; a step logged twice keeps its last value."""
-    import tensorflow as tf
-
-    values = {}
-    for path in sorted(glob.glob(os.path.join(event_dir, "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
-    return dict(sorted(values.items()))
+    return run_log.read_scalars(event_dir, tag).get(tag, {})

@@ -10,9 +10,8 @@ import pytest
 import tifffile
 
 import synthetic_data
-from conftest import ROOT, fails, run
+from conftest import PYTHON, ROOT, fails, run
 
-PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 CELL_PAINTING = ["DNA", "ER", "RNA", "AGP", "Mito"]
 SHORT_RUN = ["--per_rank_batch=4", "--epochs=1", "--warmup_epochs=0", "--eval_fraction=0.5"]
 
@@ -60,10 +59,11 @@ def as_cell_painting(screen):
     return screen
 
 
-def predicted_fields(model_dir, screen, output, channels=None):
-    """predict.py on every field of the screen's TIFFs; (its stdout, the predictions)."""
+def predicted_fields(model_dir, screen, output):
+    """predict.py on every field of the screen's TIFFs, given only its tables; (its
+    stdout, the predictions)."""
     result = run(script("predict.py", f"--model_dir={model_dir}", f"--output={output}",
-                        *table_flags(screen, channels)))
+                        *table_flags(screen)))
     return result.stdout, pd.read_csv(output)
 
 
@@ -108,8 +108,8 @@ def test_five_channel_fields_binned_2_x_2_convert_train_from_tiffs_and_predict(t
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["bin"] == 2 and summary["padded_to"] == [256, 384]
 
-    said, predictions = predicted_fields(model_dir, screen, tmp_path / "predictions.csv",
-                                         CELL_PAINTING)
+    # Prediction reads the table as training did (its channels from the model dir).
+    said, predictions = predicted_fields(model_dir, screen, tmp_path / "predictions.csv")
     assert "400 x 600 fields are binned 2 x 2" in said
     assert len(predictions) == len(pd.read_csv(screen / synthetic_data.IMAGE_TABLE))
 

@@ -12,9 +12,8 @@ import tensorflow as tf
 import tifffile
 
 import tf_env
-from conftest import LAUNCH, ROOT, launch_two_ranks, run, scalar_series, small_run
+from conftest import LAUNCH, PYTHON, ROOT, launch_two_ranks, run, scalar_series, small_run
 
-PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 
 
 def test_two_ranks_train_and_write_checkpoint_and_summary(two_rank_run):

@@ -17,11 +17,9 @@ from scipy import ndimage
 
 import data_pipeline
 import illumination
-import prepare_data
 import synthetic_data
-from conftest import ROOT, fails, run
+from conftest import PYTHON, ROOT, convert_screen, fails, run
 
-PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 SIDE = 128
 
 
@@ -52,10 +50,7 @@ def lit_copy(screen, folder, light):
 
 
 def convert(screen, output, **options):
-    return prepare_data.convert(
-        str(screen / synthetic_data.IMAGE_TABLE), str(screen / synthetic_data.MOA_TABLE),
-        str(screen / synthetic_data.IMAGES), str(output), include_control=True,
-        images_per_shard=16, workers=2, progress=lambda _: None, **options)
+    return convert_screen(screen, output, include_control=True, images_per_shard=16, **options)
 
 
 def mean_field(data_dir):

@@ -31,9 +31,9 @@ def test_the_projection_is_at_the_batch_studys_fitted_noise_scale(tmp_path):
     fit = tmp_path / "fit.json"
     fit.write_text(json.dumps({"sgd": {"fitted_noise_scale": 18.4},
                                "lars": {"fitted_noise_scale": 1234.5}}))
-    with flagsaver.flagsaver(batch_study_fit=str(fit)):
-        assert node_projection.noise_scales() == {"sgd_curve": 18.0, "lars_curve": 1200.0}
-        projection = node_projection.projected_time_to_accuracy(FIGURES, 2)
+    scales = node_projection.noise_scales(["curve"], str(fit))
+    assert scales == {"sgd_curve": 18.0, "lars_curve": 1200.0}
+    projection = node_projection.projected_time_to_accuracy(FIGURES, 2, scales)
     assert projection["B_noise_sgd_curve"] == 18.0
     sgd, lars = ([projection[f"projected_hours_{n}_nodes_noise{label}_curve"]
                   for n in node_projection.NODE_COUNTS] for label in ("sgd", "lars"))
@@ -47,12 +47,12 @@ def test_the_projection_is_at_the_batch_studys_fitted_noise_scale(tmp_path):
 
 
 def test_noise_scales_given_as_numbers_need_no_fit_and_go_beside_the_curves(tmp_path):
-    with flagsaver.flagsaver(noise_scales=["72", "8192.0"], batch_study_fit="/nonexistent"):
-        assert node_projection.noise_scales() == {"72": 72.0, "8192": 8192.0}
+    assert node_projection.noise_scales(["72", "8192.0"], "/nonexistent") == {
+        "72": 72.0, "8192": 8192.0}
     fit = tmp_path / "fit.json"
     fit.write_text(json.dumps({"sgd": {"fitted_noise_scale": 1.847}}))
-    with flagsaver.flagsaver(noise_scales=["curve", "1024"], batch_study_fit=str(fit)):
-        assert node_projection.noise_scales() == {"sgd_curve": 1.8, "1024": 1024.0}
+    assert node_projection.noise_scales(["curve", "1024"], str(fit)) == {
+        "sgd_curve": 1.8, "1024": 1024.0}
 
 
 def test_noise_scales_that_are_not_numbers_are_refused():
@@ -63,13 +63,11 @@ def test_noise_scales_that_are_not_numbers_are_refused():
 
 
 def test_a_missing_or_empty_fit_is_one_line_naming_the_flag(tmp_path):
-    with flagsaver.flagsaver(batch_study_fit=str(tmp_path / "none.json")):
-        with pytest.raises(errors.InputError, match="--batch_study_fit: cannot read .*none.json"):
-            node_projection.noise_scales()
+    with pytest.raises(errors.InputError, match="--batch_study_fit: cannot read .*none.json"):
+        node_projection.noise_scales(["curve"], str(tmp_path / "none.json"))
     (tmp_path / "empty.json").write_text("{}")
-    with flagsaver.flagsaver(batch_study_fit=str(tmp_path / "empty.json")):
-        with pytest.raises(errors.InputError, match="holds no fit"):
-            node_projection.noise_scales()
+    with pytest.raises(errors.InputError, match="holds no fit"):
+        node_projection.noise_scales(["curve"], str(tmp_path / "empty.json"))
 
 
 def test_the_projects_own_fit_is_readable_by_default():

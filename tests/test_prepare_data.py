@@ -1,4 +1,5 @@
 """prepare_data.py on a small screen in the BBBC021 layout, and on broken copies of it."""
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import plates
 import prepare_data
 import splits
 import synthetic_data
-from conftest import ROOT
+from conftest import ROOT, convert_screen
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +30,7 @@ def screen(tmp_path_factory):
     return path
 
 
-def convert(screen, output, **options):
-    options = {"images_per_shard": 4, "workers": 2, "progress": lambda _: None, **options}
-    return prepare_data.convert(
-        str(screen / synthetic_data.IMAGE_TABLE), str(screen / synthetic_data.MOA_TABLE),
-        str(screen / synthetic_data.IMAGES), str(output), **options)
+convert = convert_screen
 
 
 def copy_screen(screen, tmp_path):
@@ -334,8 +331,8 @@ def test_an_interrupted_conversion_resumes_and_appears_only_when_complete(screen
     def interrupt(message):
         raise Interrupted(message)
 
-    with pytest.raises(Interrupted):
-        convert(screen, tmp_path / "data", include_control=True, progress=interrupt)
+    with pytest.raises(Interrupted):  # two worker processes, whose shards not begun are dropped
+        convert(screen, tmp_path / "data", include_control=True, progress=interrupt, workers=2)
     assert not (tmp_path / "data").exists()
     staging = [p for p in os.listdir(tmp_path) if ".partial-" in p]
     assert len(staging) == 1 and not os.path.exists(tmp_path / staging[0] / "manifest.json")
@@ -406,14 +403,11 @@ def test_an_existing_data_set_is_not_overwritten(screen, tmp_path):
 @pytest.mark.parametrize("binning, illumination", [(1, "none"), (2, "none"), (2, "per_plate")])
 def test_reading_tiffs_directly_gives_the_pixels_of_the_shards(screen, tmp_path, binning,
                                                                 illumination):
-    options = dict(image_table=str(screen / synthetic_data.IMAGE_TABLE),
-                   moa_table=str(screen / synthetic_data.MOA_TABLE),
-                   image_root=str(screen / synthetic_data.IMAGES), include_control=True,
-                   binning=binning, illumination_method=illumination)
-    manifest = prepare_data.convert(output_dir=str(tmp_path / "data"), images_per_shard=4,
-                                    workers=2, progress=lambda _: None, **options)
+    options = plates.ConversionOptions(include_control=True, binning=binning,
+                                       illumination_method=illumination)
+    manifest = convert(screen, tmp_path / "data", **dataclasses.asdict(options))
     assert manifest["image_shape"] == [128 // binning, 128 // binning, 3]
-    fields, data = plates.prepare_fields(**options)
+    fields, data = plates.prepare_fields(*synthetic_data.screen_tables(str(screen)), options)
     tiffs = {**data, "dtype": "uint8"}
     direct = data_pipeline.make_tiff_dataset(fields[fields["split"] == "eval"], tiffs,
                                              data_pipeline.Feed(3, provenance=True))
@@ -459,10 +453,8 @@ def test_compressed_tiffs_convert_and_train_with_the_pixels_of_uncompressed_ones
     assert len(converted[0]) > 0 and all(
         np.array_equal(a[0], b[0]) and a[1:] == b[1:] for a, b in zip(*converted))
 
-    fields, data = plates.prepare_fields(
-        image_table=str(packed / synthetic_data.IMAGE_TABLE),
-        moa_table=str(packed / synthetic_data.MOA_TABLE),
-        image_root=str(packed / synthetic_data.IMAGES), include_control=True)
+    fields, data = plates.prepare_fields(*synthetic_data.screen_tables(str(packed)),
+                                         plates.ConversionOptions(include_control=True))
     direct = data_pipeline.make_tiff_dataset(fields[fields["split"] == "eval"],
                                              {**data, "dtype": "uint8"}, data_pipeline.Feed(64))
     assert sorted(image.numpy().tobytes() for images, _ in direct for image in images) == sorted(

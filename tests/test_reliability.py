@@ -14,10 +14,9 @@ import pytest
 import tensorflow as tf
 
 import mcnn_model
-from conftest import (LAUNCH, ROOT, SMALL_RUN, TWO_RANKS, Run, fails, run, scalar_series,
-                      small_run)
+from conftest import (LAUNCH, PYTHON, ROOT, SMALL_RUN, TWO_RANKS, Run, fails, run,
+                      scalar_series, small_run)
 
-PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 TRAIN = os.path.join(ROOT, "train_mcnn.py")
 
 
@@ -280,40 +279,6 @@ def test_a_shard_cut_between_two_records_is_named_not_read_as_a_shorter_one(
     assert (f"{shard}: {recorded // 2} records, the manifest records {recorded}: the shard "
             f"was cut short between records") in result.stderr
     assert "Traceback" not in result.stderr and "--skip_bad_records" in result.stderr
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["SYNTHETIC", "--no_such_flag"], "Unknown command line flag 'no_such_flag'"),
-    (["SYNTHETIC", "--image_height=0"], "--image_height=0: 0 is not a positive integer"),
-    (["SYNTHETIC", "--per_rank_batch=0"], "per_rank_batch"),
-    (["SYNTHETIC", "--epochs=3"], "--warmup_epochs=5 is not shorter than --epochs=3: lower "
-                                  "--warmup_epochs (to 0.3, a tenth of the run, say)"),
-    (["SYNTHETIC", "--model_dir=FILE/model"], "cannot be created: Not a directory"),
-    (["--data_dir=/nonexistent/data"], "/nonexistent/data does not exist"),
-    (["--data_dir=DATA", "--image_height=256"], "--image_height applies to synthetic data only"),
-    (["--data_dir=DATA", "--image_table=table.csv"], "give --data_dir or --image_table, not both"),
-    (["--data_dir=DATA", "--bin=2"], "--bin applies to plates read with --image_table"),
-    (["--data_dir=DATA", "--illumination=per_plate"],
-     "--illumination applies to plates read with --image_table"),
-    (["--image_table=table.csv", "--synthetic_classes=3", "--image_width=256"],
-     "--image_width, --synthetic_classes apply to synthetic data only"),
-    (["--image_table=table.csv", "--shuffle_buffer=8"],
-     "--shuffle_buffer applies to data sets and the synthetic screen; straight from TIFFs"),
-    (["--image_table=table.csv", "--skip_bad_records"],
-     "--skip_bad_records applies to data sets and the synthetic screen"),
-])
-def test_bad_flags_are_clear_errors(two_rank_run, tmp_path, flags, message):
-    cache = two_rank_run[0].parent / "data"
-    (tmp_path / "FILE").write_text("a file, not a folder")
-    replace = {"SYNTHETIC": [f"--synthetic_cache={cache}", *SMALL_RUN[:5]],
-               "DATA": [str(next(cache.glob("*_by-compound")))], "FILE": [str(tmp_path / "FILE")]}
-    args = [f"--model_dir={tmp_path / 'model'}"]
-    for flag in flags:
-        for word, value in replace.items():
-            flag = flag.replace(word, value[0]) if len(value) == 1 else flag
-        args += replace["SYNTHETIC"] if flag == "SYNTHETIC" else [flag]
-    result = fails([PYTHON, TRAIN, *args], cwd=ROOT)
-    assert message in result.stderr, result.stderr[-3000:]
 
 
 def test_elastic_training_goes_on_without_a_lost_worker(two_rank_run, tmp_path):

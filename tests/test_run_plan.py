@@ -109,3 +109,38 @@ def test_no_script_writes_a_flag():
     # and the check sees a write where there is one
     assert assigned_flags(__file__) == []
     assert len(assigned_flags(os.path.join(ROOT, "tests", "flag_writer_example.py"))) == 2
+
+
+# The programs users run: each reads its flags once into values (a Plan, a Policy,
+# ConversionOptions ...) that the library modules take as arguments.
+ENTRY_POINTS = {"train_mcnn", "prepare_data", "predict", "benchmark", "report", "studies",
+                "synthetic_data", "memory_probe"}
+# Library modules that still read flags, and why.
+READ_FLAGS = {
+    "run_plan": "turns the training flags of train_mcnn.py, benchmark.py and memory_probe.py "
+                "into the run's Plan, once",
+    "training_data": "opens the data the training flags name (issue 37: to take values next)",
+    "run_log": "records the run's flags (flags.txt, summary.json) and what changed on resume",
+    "run_files": "reads a flags.txt, knowing which flags are booleans",
+    "errors": "parses a program's flags for run_main, a bad one said in one line",
+}
+
+
+def flag_reads(path):
+    """Lines of `path` that read absl's global FLAGS (FLAGS.x, FLAGS[x], flags.FLAGS),
+    its `FLAGS = flags.FLAGS` alias aside."""
+    tree = ast.parse(open(path).read(), path)
+    aliases = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+               and [ast.unparse(t) for t in node.targets] == ["FLAGS"]}
+    return sorted({node.lineno for node in ast.walk(tree) if id(node) not in aliases and (
+        (isinstance(node, ast.Name) and node.id == "FLAGS" and isinstance(node.ctx, ast.Load))
+        or (isinstance(node, ast.Attribute) and ast.unparse(node) == "flags.FLAGS"))})
+
+
+def test_library_modules_take_values_not_flags():
+    readers = {os.path.basename(path)[:-3] for path in glob.glob(os.path.join(ROOT, "*.py"))
+               if flag_reads(path)}
+    assert readers - ENTRY_POINTS == set(READ_FLAGS)
+    # and the check sees a read where there is one, and not in a parameter named otherwise
+    assert flag_reads(os.path.join(ROOT, "tests", "flag_writer_example.py"))
+    assert not flag_reads(os.path.join(ROOT, "node_projection.py"))

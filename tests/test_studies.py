@@ -10,9 +10,8 @@ import pytest
 
 import errors
 import studies
-from conftest import ROOT, fails, run
+from conftest import PYTHON, ROOT, fails, run
 
-PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 
 
 def test_the_noise_scale_model_is_recovered_from_steps_that_follow_it():
@@ -33,7 +32,8 @@ def write_run(folder, optimizer, batch, base_lr, steps=None, noise=None, ended=T
     (folder / "flags.txt").write_text(
         f"--optimizer={optimizer}\n--per_rank_batch=8\n--accumulate_steps={batch // 8}\n"
         f"--base_lr={base_lr}\n--base_batch=8\n--lr_scaling=linear\n--target_accuracy=0.8\n")
-    (folder / "plan.json").write_text(json.dumps({"cpu": cpu}))
+    (folder / "plan.json").write_text(json.dumps({"cpu": cpu, "global_batch": batch,
+                                                  "peak_lr": base_lr * batch / 8}))
     if not ended:
         return folder
     if steps is None and noise is None:
