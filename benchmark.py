@@ -204,9 +204,14 @@ def input_throughput(plan, manifest, make_data):
     return figures
 
 
+def data_source():
+    """The data the training flags name (training_data.Source)."""
+    return training_data.Source.from_flags(FLAGS, FLAGS.seed)
+
+
 def training_batches(plan):
     """This rank's training input as a training run reads it: a step's images at a time."""
-    return training_data.feed(plan.per_rank_images, training=True, seed=plan.seed)
+    return data_source().feed(plan.per_rank_images, training=True, seed=plan.seed)
 
 
 def run_part(command, precision, env=None):
@@ -354,10 +359,11 @@ def main(argv):
                "recompute": FLAGS.recompute, "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
     manifest, make_data = None, None
     if set(FLAGS.parts) - {"time_to_accuracy"}:  # whose runs open data of their own
-        manifest, make_data = training_data.open_data(FLAGS.seed)
+        manifest, make_data = training_data.open_data(data_source(), FLAGS.seed)
         results["image_shape"] = manifest["image_shape"]
     for precision in precisions():  # each its own plan: 'auto' fits its memory anew
-        plan = manifest and run_plan.resolve(manifest, precision, "as measured", rank_threads)
+        plan = manifest and run_plan.resolve(run_plan.Request.from_flags(FLAGS), manifest,
+                                             precision, "as measured", rank_threads)
         results[precision] = {"precision": precision, "recompute": FLAGS.recompute,
                               **measure(precision, plan, manifest, make_data)}
     if {"float32", "mixed_bfloat16"} <= results.keys() and "train" in FLAGS.parts:

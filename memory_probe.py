@@ -57,11 +57,14 @@ def measure():
     """{phase: peak RSS in GB after it} (runtime, state, step, input), with the batch and what was run."""
     threads.init_horovod(FLAGS.fusion_threshold_mb)
     rank_threads = threads.configure_threads(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
-    precision, why = run_plan.resolve_precision()
-    manifest, make_data = training_data.open_data(FLAGS.seed)
+    request = run_plan.Request.from_flags(FLAGS)
+    precision, why = run_plan.resolve_precision(request.precision)
+    source = training_data.Source.from_flags(FLAGS, FLAGS.seed)
+    manifest, make_data = training_data.open_data(source, FLAGS.seed)
     peaks = {"runtime": rank_memory.peak_rss_gb()}
-    plan = run_plan.resolve(manifest, precision, why, rank_threads)
-    model = plan.model.build(training_data.input_standardization(manifest))
+    plan = run_plan.resolve(request, manifest, precision, why, rank_threads)
+    model = plan.model.build(training_data.input_standardization(manifest,
+                                                                 source.input_scaling))
     optimizer = optimization.make_optimizer(1e-6, plan.recipe)
     optimizer.build(model.trainable_variables)
     train_step = plan.train_step(model, optimizer)
@@ -69,8 +72,8 @@ def measure():
     held = batch_in_memory(manifest, plan.per_rank_images)
     steps(train_step, iter(lambda: held, None), STEPS)
     peaks["step"] = rank_memory.peak_rss_gb()
-    pipeline = make_data("train", training_data.feed(plan.per_rank_images, training=True,
-                                                     seed=plan.seed))
+    pipeline = make_data("train", source.feed(plan.per_rank_images, training=True,
+                                              seed=plan.seed))
     steps(train_step, iter(pipeline), STEPS)
     peaks["input"] = rank_memory.peak_rss_gb()
     return {"per_rank_batch": plan.per_rank_batch, "accumulate_steps": plan.accumulate_steps,

@@ -16,7 +16,6 @@ import optimization
 import rank_memory
 import run_files
 import run_log
-import training_data
 from run_log import log
 
 
@@ -111,8 +110,8 @@ def draw_evaluation(run, outcome):
     """Rank 0: evaluation_pictures of the last evaluation, with held-out fields of its
     own share as examples; the page's path."""
     classes = run.manifest["classes"]
-    eval_data = run.make_data("eval", training_data.feed(run.plan.per_rank_batch,
-                                                         provenance=True))
+    eval_data = run.make_data("eval", run.source.feed(run.plan.per_rank_batch,
+                                                      provenance=True))
     examples = evaluation.example_fields(run.predict, iter(eval_data), len(classes))
     model_dir = run.plan.output.model_dir
     return evaluation_pictures.draw(

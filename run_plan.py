@@ -9,8 +9,9 @@ The decisions: the precision every rank computes in, the per-rank batch memory
 holds (--per_rank_batch=auto), the global batch and with it the peak learning rate
 (Goyal et al. 2017, section 2: the linear rule with a gradual warm-up), steps per
 epoch and in all, and under --time_budget_minutes the epochs and synthetic field size
-the measured speed affords. FLAGS are read, never written: the other scripts take
-from the plan what they need. A resumed run keeps the field size and epochs its
+the measured speed affords. The flags are read once, into a Request, by the programs
+that plan a run (train_mcnn.py, benchmark.py, memory_probe.py), and never written: the
+other scripts take from the plan what they need. A resumed run keeps the field size and epochs its
 first run measured (measured again they could differ, and its checkpoints would not
 fit), and says what else of its plan changed.
 """
@@ -30,8 +31,9 @@ import optimization
 import rank_memory
 import run_files
 import sizing
+import synthetic_data
 import threads
-import training_data
+import training_data  # noqa: F401  (its flags, which a Request reads)
 from run_log import log
 
 flags.DEFINE(rank_memory.BatchParser(), "per_rank_batch", 8, "Images per rank per step, or "
@@ -82,7 +84,6 @@ flags.DEFINE_bool("recompute", False, "Recompute each scale column's activations
                   "backward pass: about a third more compute, much less memory per image.")
 flags.register_validator("eval_every", lambda epochs: epochs > 0,
                          message="--eval_every must be more than 0 epochs")
-FLAGS = flags.FLAGS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,56 @@ class Model:
             self.image_shape, self.num_classes, self.data_format, self.stored_dtype,
             self.recompute, self.precision, standardization, self.initializer,
             self.fc_512_initializer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """The run as its flags ask for it (this module's, optimization's and
+    training_data's), read once by the programs that plan a run (from_flags); resolve()
+    turns it, the data and the machine into the Plan."""
+    precision: str
+    per_rank_batch: object  # images, or "auto"
+    memory_per_rank_gb: float
+    accumulate_steps: int
+    epochs: float
+    time_budget_minutes: float
+    warmup_epochs: float
+    warmup_initial_lr: float
+    eval_every: float
+    decay_epochs: tuple
+    base_lr: float
+    base_batch: int
+    lr_scaling: str
+    lr_decay: str
+    end_lr: float
+    recompute: bool
+    data_format: str
+    initializer: str
+    fc_512_initializer: str
+    seed: int
+    recipe: optimization.Recipe
+    image_height: int  # the synthetic screen's field size, as asked
+    image_width: int
+    synthetic_classes: int
+    synthetic: bool  # the embedded synthetic screen, not a data set or plates
+    synthetic_counts: tuple  # its (train, eval) fields, known before it is made
+    from_tiffs: bool  # plates read straight from their TIFFs (--image_table)
+    shuffle_buffer: int
+
+    @classmethod
+    def from_flags(cls, flag_values):
+        """The Request of the flags `flag_values` (absl's FlagValues) hold."""
+        v = flag_values
+        derived = {"decay_epochs": tuple(float(e) for e in v.decay_epochs),
+                   "recipe": optimization.Recipe.from_flags(v),
+                   "synthetic": not (v.data_dir or v.image_table),
+                   "synthetic_counts": synthetic_data.split_counts(
+                       v.synthetic_classes, v.synthetic_compounds_per_class,
+                       v.synthetic_fields_per_treatment, v.seed),
+                   "from_tiffs": bool(v.image_table)}
+        return cls(**derived, **{field.name: v[field.name].value
+                                 for field in dataclasses.fields(cls)
+                                 if field.name not in derived})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,20 +240,21 @@ def changes(previous, plan):
             and then.get(name) != value}
 
 
-def resolve_precision():
-    """(policy, why) of --precision: auto becomes the policy every rank's CPU runs best,
-    bf16 only where all have native bf16, so that ranks of mixed nodes compute alike."""
-    precision, why = tf_env.resolve_precision(FLAGS.precision)
-    if FLAGS.precision == "auto" and len(set(hvd.allgather_object(precision,
-                                                                  name="precision"))) > 1:
+def resolve_precision(requested):
+    """(policy, why) of --precision (`requested`): auto becomes the policy every rank's
+    CPU runs best, bf16 only where all have native bf16, so that ranks of mixed nodes
+    compute alike."""
+    precision, why = tf_env.resolve_precision(requested)
+    if requested == "auto" and len(set(hvd.allgather_object(precision,
+                                                            name="precision"))) > 1:
         return "float32", "auto: not every rank's CPU has native bf16"
     return precision, why
 
 
-def kept_choices(previous, model_dir):
+def kept_choices(request, previous, model_dir):
     """A --time_budget_minutes run resumed: {image_height, image_width, epochs} its first
     run chose (`previous`, the plan.json of model_dir), or {} for a run that starts here."""
-    if not (FLAGS.time_budget_minutes and previous):
+    if not (request.time_budget_minutes and previous):
         return {}
     height, width = previous["model"]["image_shape"][:2]
     kept = {"image_height": height, "image_width": width, "epochs": previous["epochs"]}
@@ -211,88 +263,92 @@ def kept_choices(previous, model_dir):
     return kept
 
 
-def field_size(kept, precision):
+def field_size(request, kept, precision):
     """((height, width), rate): the synthetic screen's field size as kept, fitted to
     --time_budget_minutes (sizing.fit_synthetic_size) with the global images/s measured
     at it, or as given (rate None)."""
     if "image_height" in kept:
         return (kept["image_height"], kept["image_width"]), None
-    size = (FLAGS.image_height, FLAGS.image_width)
-    if not (FLAGS.time_budget_minutes and training_data.synthetic()):
+    size = (request.image_height, request.image_width)
+    if not (request.time_budget_minutes and request.synthetic):
         return size, None
-    batch = 1 if FLAGS.per_rank_batch == "auto" else FLAGS.per_rank_batch
+    batch = 1 if request.per_rank_batch == "auto" else request.per_rank_batch
     return sizing.fit_synthetic_size(
-        size, training_data.synthetic_split_counts(FLAGS.seed),
-        lambda size: measured_rate(model_of((*size, 3), FLAGS.synthetic_classes, "uint8",
-                                            precision), optimization.Recipe.from_flags(FLAGS),
-                                   batch, FLAGS.accumulate_steps),
-        FLAGS.eval_every, FLAGS.time_budget_minutes)
+        size, request.synthetic_counts,
+        lambda size: measured_rate(model_of(request, (*size, 3), request.synthetic_classes,
+                                            "uint8", precision), request.recipe,
+                                   batch, request.accumulate_steps),
+        request.eval_every, request.time_budget_minutes)
 
 
-def model_of(image_shape, num_classes, input_dtype, precision):
-    """The Model a run of these flags builds for fields of `image_shape` stored as
+def model_of(request, image_shape, num_classes, input_dtype, precision):
+    """The Model a run of `request` builds for fields of `image_shape` stored as
     `input_dtype`."""
-    return Model(tuple(image_shape), num_classes, input_dtype, precision, FLAGS.recompute,
-                 FLAGS.data_format, FLAGS.initializer, FLAGS.fc_512_initializer)
+    return Model(tuple(image_shape), num_classes, input_dtype, precision, request.recompute,
+                 request.data_format, request.initializer, request.fc_512_initializer)
 
 
-def memory_estimate(model, accumulate):
-    """The RankMemory estimate of a training rank of `model` and these flags."""
+def memory_estimate(request, model, accumulate):
+    """The RankMemory estimate of a training rank of `model` and `request`."""
     return rank_memory.RankMemory(
         model.image_shape, model.num_classes, model.stored_dtype.size,
         model.precision, model.recompute,
-        0 if FLAGS.image_table else FLAGS.shuffle_buffer,  # TIFFs: no shuffle buffer
+        0 if request.from_tiffs else request.shuffle_buffer,  # TIFFs: no shuffle buffer
         accumulate)
 
 
-def resolve(manifest, precision, precision_why, rank_threads, kept=None, rate=None, output=None):
-    """The Plan of this run on the data set `manifest`, on the ranks there are. `kept`:
-    kept_choices(); `rate`: global images/s already measured at this size, for
-    --time_budget_minutes (measured here if None); `output`: where it writes (Output).
-    Raises app.UsageError when the split makes no global batch or the warm-up is not
-    shorter than the run."""
-    model = model_of(manifest["image_shape"], len(manifest["classes"]), manifest["dtype"],
-                     precision)
-    recipe = optimization.Recipe.from_flags(FLAGS)
-    accumulate, train_fields = FLAGS.accumulate_steps, manifest["splits"]["train"]["count"]
-    memory = memory_estimate(model, accumulate)
+def resolve(request, manifest, precision, precision_why, rank_threads, kept=None, rate=None,
+            output=None):
+    """The Plan of the run `request` asks for on the data set `manifest`, on the ranks
+    there are. `kept`: kept_choices(); `rate`: global images/s already measured at this
+    size, for --time_budget_minutes (measured here if None); `output`: where it writes
+    (Output). Raises app.UsageError when the split makes no global batch or the warm-up
+    is not shorter than the run."""
+    model = model_of(request, manifest["image_shape"], len(manifest["classes"]),
+                     manifest["dtype"], precision)
+    recipe = request.recipe
+    accumulate, train_fields = request.accumulate_steps, manifest["splits"]["train"]["count"]
+    memory = memory_estimate(request, model, accumulate)
     per_rank_batch = rank_memory.choose_per_rank_batch(
-        FLAGS.per_rank_batch, memory, train_fields // (hvd.size() * accumulate),
-        FLAGS.memory_per_rank_gb)
+        request.per_rank_batch, memory, train_fields // (hvd.size() * accumulate),
+        request.memory_per_rank_gb)
     global_batch = per_rank_batch * accumulate * hvd.size()
     steps_per_epoch = train_fields // global_batch
     if steps_per_epoch == 0:
         raise app.UsageError(f"{train_fields} training images make no full global batch of "
                              f"{global_batch} ({hvd.size()} ranks x --per_rank_batch x "
                              f"--accumulate_steps)")
-    epochs = (kept or {}).get("epochs", FLAGS.epochs)
-    if FLAGS.time_budget_minutes and not kept:
+    epochs = (kept or {}).get("epochs", request.epochs)
+    if request.time_budget_minutes and not kept:
         rate = rate or measured_rate(model, recipe, per_rank_batch, accumulate)
-        epochs = sizing.fit_epochs(rate, manifest, global_batch, FLAGS.eval_every,
-                                   FLAGS.warmup_epochs, FLAGS.time_budget_minutes)
+        epochs = sizing.fit_epochs(rate, manifest, global_batch, request.eval_every,
+                                   request.warmup_epochs, request.time_budget_minutes)
+    r = request
     return Plan(
         model=model, precision_why=precision_why, ranks=hvd.size(), nodes=hvd.cross_size(),
         threads=rank_threads, cpu=tf_env.cpu_description(), per_rank_batch=per_rank_batch,
         accumulate_steps=accumulate, global_batch=global_batch, train_fields=train_fields,
-        steps_per_epoch=steps_per_epoch, epochs=epochs, **steps_of(epochs, steps_per_epoch),
-        base_lr=FLAGS.base_lr, initial_lr=FLAGS.warmup_initial_lr or FLAGS.base_lr,
-        peak_lr=lr_schedule.scaled_learning_rate(FLAGS.base_lr, global_batch,
-                                                 FLAGS.base_batch, FLAGS.lr_scaling),
-        lr_scaling=FLAGS.lr_scaling, lr_decay=FLAGS.lr_decay, end_lr=FLAGS.end_lr,
-        recipe=recipe, memory=memory, seed=FLAGS.seed, output=output)
+        steps_per_epoch=steps_per_epoch, epochs=epochs,
+        **steps_of(r, epochs, steps_per_epoch), base_lr=r.base_lr,
+        initial_lr=r.warmup_initial_lr or r.base_lr,
+        peak_lr=lr_schedule.scaled_learning_rate(r.base_lr, global_batch, r.base_batch,
+                                                 r.lr_scaling),
+        lr_scaling=r.lr_scaling, lr_decay=r.lr_decay, end_lr=r.end_lr, recipe=recipe,
+        memory=memory, seed=r.seed, output=output)
 
 
-def steps_of(epochs, steps_per_epoch):
-    """{total_steps, eval_steps, warmup_steps, decay_steps} of a run of `epochs`."""
+def steps_of(request, epochs, steps_per_epoch):
+    """{total_steps, eval_steps, warmup_steps, decay_steps} of a run of `epochs` with
+    `request`'s warm-up, evaluations and decay epochs."""
     total_steps = max(1, round(epochs * steps_per_epoch))
-    warmup_steps = round(FLAGS.warmup_epochs * steps_per_epoch)
+    warmup_steps = round(request.warmup_epochs * steps_per_epoch)
     if warmup_steps >= total_steps:
-        raise app.UsageError(f"--warmup_epochs={FLAGS.warmup_epochs:g} is not shorter than "
+        raise app.UsageError(f"--warmup_epochs={request.warmup_epochs:g} is not shorter than "
                              f"--epochs={epochs:g}: lower --warmup_epochs (to "
                              f"{epochs / 10:.2g}, a tenth of the run, say) or raise --epochs")
     return {"total_steps": total_steps, "warmup_steps": warmup_steps,
-            "eval_steps": max(1, round(FLAGS.eval_every * steps_per_epoch)),
-            "decay_steps": tuple(round(float(e) * steps_per_epoch) for e in FLAGS.decay_epochs)}
+            "eval_steps": max(1, round(request.eval_every * steps_per_epoch)),
+            "decay_steps": tuple(round(e * steps_per_epoch) for e in request.decay_epochs)}
 
 
 def measured_rate(model, recipe, per_rank_batch, accumulate):

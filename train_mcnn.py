@@ -65,6 +65,7 @@ class Run:
     train_step: object
     predict: object
     make_data: object
+    source: training_data.Source
     manifest: dict
     manager: tf.train.CheckpointManager
     writer: object
@@ -112,10 +113,9 @@ def train(run, progress):
         plan.per_rank_batch, progress.global_batch), history=list(run.past[0]))
     # A resumed run draws a new order of its data: the images of a broken-off epoch
     # are not all replayed in the order they came, but the step count and schedule are.
-    batches = training_data.named_data_errors(iter(run.make_data("train", training_data.feed(
-        plan.per_rank_batch * accumulate, training=True, seed=plan.seed + first))),
-        run.manifest, "train")
-    eval_data = run.make_data("eval", training_data.feed(plan.per_rank_batch, provenance=True))
+    batches = named_data_errors(run, "train", run.source.feed(
+        plan.per_rank_batch * accumulate, training=True, seed=plan.seed + first))
+    eval_data = run.make_data("eval", run.source.feed(plan.per_rank_batch, provenance=True))
     window = run_log.StepTimer()
     for step in range(first + 1, plan.total_steps + 1):
         loss = train_one_step(run, train_step, step, *next(batches), outcome.noise)
@@ -171,7 +171,8 @@ def log_progress(run, step, window, outcome):
 def evaluate_and_report(run, step, eval_data, outcome):
     started = time.time()
     fields, profiles, metrics = evaluation.evaluate(
-        run.predict, training_data.named_data_errors(iter(eval_data), run.manifest, "eval"),
+        run.predict, training_data.named_data_errors(iter(eval_data), run.manifest, "eval",
+                                                     run.source.image_table is not None),
         run.manifest["classes"], run.manifest.get("classes_split_by_field", ()),
         nsc_reference(run, step), run.manifest.get("control", "DMSO"),
         run.manifest.get("plate_batches"), list(data_pipeline.untrained_classes(run.manifest)))
@@ -207,8 +208,14 @@ def nsc_reference(run, step):
     """The training split's batches, unaugmented, for NSC at this evaluation, or None."""
     if not (FLAGS.nsc or step == run.plan.total_steps):
         return None
-    train = run.make_data("train", training_data.feed(run.plan.per_rank_batch, provenance=True))
-    return training_data.named_data_errors(iter(train), run.manifest, "train")
+    return named_data_errors(run, "train", run.source.feed(run.plan.per_rank_batch,
+                                                           provenance=True))
+
+
+def named_data_errors(run, split, feed):
+    """The batches of `split` as `feed` says (training_data.named_data_errors)."""
+    return training_data.named_data_errors(iter(run.make_data(split, feed)), run.manifest,
+                                           split, run.source.image_table is not None)
 
 
 def reached_target(step, epoch, seconds, outcome):
@@ -267,6 +274,25 @@ def changed_since(what, changed):
             f"them; summary.json records them)")
 
 
+def plan_run(rank_threads):
+    """(the Plan, its data's Source, manifest and batches, the plan.json of the run's
+    last start or None): the flags read once into values, and what the run decides from
+    them, its data and the machine (run_plan.py)."""
+    request = run_plan.Request.from_flags(FLAGS)
+    precision, precision_why = run_plan.resolve_precision(request.precision)
+    output = run_plan.Output(FLAGS.model_dir, checkpoints.Policy.from_flags(FLAGS),
+                             FLAGS.target_accuracy)
+    previous = (run_files.read_json(output.model_dir, run_files.PLAN)
+                if output.checkpoint_policy.resume else None)
+    kept = run_plan.kept_choices(request, previous, output.model_dir)
+    field_size, rate = run_plan.field_size(request, kept, precision)
+    source = training_data.Source.from_flags(FLAGS, FLAGS.seed)
+    manifest, make_data = training_data.open_data(source, FLAGS.seed, field_size)
+    plan = run_plan.resolve(request, manifest, precision, precision_why, rank_threads, kept,
+                            rate, output)
+    return plan, source, manifest, make_data, previous
+
+
 def main(argv):
     del argv
     tf.get_logger().setLevel("ERROR")  # TensorFlow's Python warnings are noise here
@@ -278,27 +304,19 @@ def main(argv):
     tf.keras.utils.set_random_seed(FLAGS.seed)
     # Horovod 3: the global batch grows with the ranks, and the learning rate with it
     # (everything the run decides, once: run_plan.py).
-    precision, precision_why = run_plan.resolve_precision()
-    output = run_plan.Output(FLAGS.model_dir, checkpoints.Policy.from_flags(FLAGS),
-                             FLAGS.target_accuracy)
-    model_dir = output.model_dir
-    previous = (run_files.read_json(model_dir, run_files.PLAN)  # its last start's
-                if output.checkpoint_policy.resume else None)
-    kept = run_plan.kept_choices(previous, model_dir)
-    field_size, rate = run_plan.field_size(kept, precision)
-    manifest, make_data = training_data.open_data(FLAGS.seed, field_size)
-    plan = run_plan.resolve(manifest, precision, precision_why, rank_threads, kept, rate,
-                            output)
+    plan, source, manifest, make_data, previous = plan_run(rank_threads)
+    model_dir = plan.output.model_dir
     schedule = plan.learning_rate()
-    manifest["input_standardization"] = training_data.input_standardization(manifest)
+    manifest["input_standardization"] = training_data.input_standardization(
+        manifest, source.input_scaling)
     model = plan.model.build(manifest["input_standardization"])
     optimizer = optimization.make_optimizer(schedule, plan.recipe)
     optimizer.build(model.trainable_variables)
     checkpoint = checkpoints.make_checkpoint(model, optimizer, plan.global_batch)
     # Rank 0 restores the newest good checkpoint, if any, before the broadcast below.
     start_step = checkpoints.agree_on_start(checkpoint, model_dir, plan.global_batch, manifest,
-                                            output.checkpoint_policy)
-    manager = checkpoints.open_checkpoints(checkpoint, model_dir, output.checkpoint_policy)
+                                            plan.output.checkpoint_policy)
+    manager = checkpoints.open_checkpoints(checkpoint, model_dir, plan.output.checkpoint_policy)
     # Horovod 4: every rank starts from rank 0's weights and optimizer state.
     hvd.broadcast_variables(model.variables, root_rank=0)
     hvd.broadcast_variables(optimizer.variables, root_rank=0)
@@ -307,7 +325,8 @@ def main(argv):
     # Horovod 6: rank 0 alone writes, and only a run that trains changes its model dir.
     run = Run(plan, model, optimizer, schedule, train_step,
               evaluation.make_predict(model, plan.model.image_shape, plan.model.stored_dtype),
-              make_data, manifest, manager, None, checkpoints.StopSignals(), time.time())
+              make_data, source, manifest, manager, None, checkpoints.StopSignals(),
+              time.time())
     run.past = hvd.broadcast_object(run_files.read_history(model_dir, start_step)
                                     if hvd.rank() == 0 else None, root_rank=0, name="history")
     finished = start_step >= plan.total_steps

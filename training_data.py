@@ -2,6 +2,7 @@
 converted data set (--data_dir), or plates straight from their TIFFs (--image_table
 and the other table flags of prepare_data.py). Each rank reads its own share.
 """
+import dataclasses
 import os
 
 import tf_env  # noqa: F401  (before TensorFlow)
@@ -19,98 +20,132 @@ import synthetic_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-flags.DEFINE_string("data_dir", None, "Data set folder (manifest.json + TFRecord shards). "
-                    "Unset: the embedded synthetic screen.")
-flags.DEFINE_string("synthetic_cache", os.path.join(HERE, "data"),
-                    "Where the synthetic data set is generated and cached.")
-flags.DEFINE_integer("image_height", 1024, "Synthetic image height.", lower_bound=1)
-flags.DEFINE_integer("image_width", 1280, "Synthetic image width.", lower_bound=1)
-flags.DEFINE_integer("synthetic_classes", len(synthetic_data.CLASSES),
-                     "MoA classes in the synthetic screen, the DMSO control included.")
-flags.DEFINE_integer("synthetic_compounds_per_class", 3,
-                     "Compounds per MoA in the synthetic screen; one per MoA is held out.")
-flags.DEFINE_integer("synthetic_fields_per_treatment", 4,
-                     "Fields per compound and concentration in the synthetic screen.")
-flags.DEFINE_integer("shuffle_buffer", 64, "Images in each rank's shuffle buffer.")
-flags.DEFINE_float("intensity_jitter", 0.0, "Training augmentation: each channel of a field "
-                   "times a random factor between 1 / (1 + this) and 1 + this (0: off), "
-                   "besides the flips.", lower_bound=0)
-flags.DEFINE_float("shift", 0.0, "Training augmentation: each field moved by up to this "
-                   "share of its height and width (the border mirrored; 0: off), besides "
-                   "the flips.", lower_bound=0, upper_bound=0.5)
-flags.DEFINE_enum("input_scaling", "unit", ["unit", "standardize"], "unit: pixels / the "
-                  "largest value of their dtype, [0, 1] (the authors'); standardize: each "
-                  "channel to mean 0 and spread 1, by the training fields' statistics in the "
-                  "data set's manifest.")
-flags.DEFINE_bool("skip_bad_records", False, "Check every record first and train on the good "
-                  "ones, reporting the corrupt, truncated or mislabelled ones, instead of "
-                  "stopping at the first.")
-flags.DEFINE_bool("allow_untrained_classes", False, "Train on a data set in which a class "
-                  "has no training field (refused otherwise); the evaluation reports such "
-                  "classes apart.")
-# Or straight from plates (TIFFs + tables), with no conversion step: see prepare_data.py.
-plates.define_conversion_flags(flags)
-FLAGS = flags.FLAGS
 PLATES_ONLY = ("bin", "illumination", "illumination_sigma", "illumination_fields")
 SHARDS_ONLY = ("shuffle_buffer", "skip_bad_records")
 SYNTHETIC_ONLY = ("image_height", "image_width", "synthetic_classes",
                   "synthetic_compounds_per_class", "synthetic_fields_per_treatment")
 
 
-def synthetic():
-    """Whether this run trains on the synthetic screen."""
-    return not (FLAGS.data_dir or FLAGS.image_table)
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The data a run reads, as this module's flags name it (Source.from_flags): the
+    synthetic screen, a data set (data_dir) or plates (image_table, as `conversion`
+    says), and how each rank is fed from it."""
+    data_dir: str = None
+    image_table: str = None
+    moa_table: str = None
+    image_root: str = ""
+    conversion: plates.ConversionOptions = None  # for plates read straight from TIFFs
+    synthetic_cache: str = os.path.join(HERE, "data")
+    image_height: int = 1024  # the synthetic screen's
+    image_width: int = 1280
+    synthetic_classes: int = len(synthetic_data.CLASSES)
+    synthetic_compounds_per_class: int = 3
+    synthetic_fields_per_treatment: int = 4
+    shuffle_buffer: int = 64
+    intensity_jitter: float = 0.0
+    shift: float = 0.0
+    input_scaling: str = "unit"
+    skip_bad_records: bool = False
+    allow_untrained_classes: bool = False
+    given: frozenset = frozenset()  # flags given other values than their defaults
+
+    @classmethod
+    def from_flags(cls, flag_values, seed=0):
+        """The Source this module's flags name (`flag_values`: absl's FlagValues); `seed`
+        splits plates read straight from TIFFs."""
+        v = flag_values
+        names = [field.name for field in dataclasses.fields(cls)
+                 if field.name not in ("conversion", "given")]
+        return cls(**{name: v[name].value for name in names},
+                   conversion=plates.conversion_options(v, seed) if v.image_table else None,
+                   given=frozenset(name for name in (*PLATES_ONLY, *SHARDS_ONLY,
+                                                     *SYNTHETIC_ONLY)
+                                   if v[name].present and v[name].value != v[name].default))
+
+    @property
+    def synthetic(self):
+        """Whether this is the embedded synthetic screen."""
+        return not (self.data_dir or self.image_table)
+
+    def feed(self, batch_size, training=False, provenance=False, seed=0):
+        """This rank's share of a split, in batches of `batch_size`."""
+        return data_pipeline.Feed(batch_size, hvd.rank(), hvd.size(), training, provenance,
+                                  seed, self.shuffle_buffer, self.intensity_jitter, self.shift)
 
 
-def synthetic_split_counts(seed):
-    """(train, eval) fields of the synthetic screen of these flags, before it is made."""
-    return synthetic_data.split_counts(FLAGS.synthetic_classes,
-                                       FLAGS.synthetic_compounds_per_class,
-                                       FLAGS.synthetic_fields_per_treatment, seed)
+flags.DEFINE_string("data_dir", None, "Data set folder (manifest.json + TFRecord shards). "
+                    "Unset: the embedded synthetic screen.")
+flags.DEFINE_string("synthetic_cache", Source.synthetic_cache,
+                    "Where the synthetic data set is generated and cached.")
+flags.DEFINE_integer("image_height", Source.image_height, "Synthetic image height.",
+                     lower_bound=1)
+flags.DEFINE_integer("image_width", Source.image_width, "Synthetic image width.",
+                     lower_bound=1)
+flags.DEFINE_integer("synthetic_classes", Source.synthetic_classes,
+                     "MoA classes in the synthetic screen, the DMSO control included.")
+flags.DEFINE_integer("synthetic_compounds_per_class", Source.synthetic_compounds_per_class,
+                     "Compounds per MoA in the synthetic screen; one per MoA is held out.")
+flags.DEFINE_integer("synthetic_fields_per_treatment", Source.synthetic_fields_per_treatment,
+                     "Fields per compound and concentration in the synthetic screen.")
+flags.DEFINE_integer("shuffle_buffer", Source.shuffle_buffer,
+                     "Images in each rank's shuffle buffer.")
+flags.DEFINE_float("intensity_jitter", Source.intensity_jitter, "Training augmentation: each "
+                   "channel of a field times a random factor between 1 / (1 + this) and "
+                   "1 + this (0: off), besides the flips.", lower_bound=0)
+flags.DEFINE_float("shift", Source.shift, "Training augmentation: each field moved by up to "
+                   "this share of its height and width (the border mirrored; 0: off), besides "
+                   "the flips.", lower_bound=0, upper_bound=0.5)
+flags.DEFINE_enum("input_scaling", Source.input_scaling, ["unit", "standardize"], "unit: "
+                  "pixels / the largest value of their dtype, [0, 1] (the authors'); "
+                  "standardize: each channel to mean 0 and spread 1, by the training fields' "
+                  "statistics in the data set's manifest.")
+flags.DEFINE_bool("skip_bad_records", Source.skip_bad_records, "Check every record first and "
+                  "train on the good ones, reporting the corrupt, truncated or mislabelled "
+                  "ones, instead of stopping at the first.")
+flags.DEFINE_bool("allow_untrained_classes", Source.allow_untrained_classes, "Train on a data "
+                  "set in which a class has no training field (refused otherwise); the "
+                  "evaluation reports such classes apart.")
+# Or straight from plates (TIFFs + tables), with no conversion step: see prepare_data.py.
+plates.define_conversion_flags(flags)
 
 
-def feed(batch_size, training=False, provenance=False, seed=0):
-    """This rank's share of a split, in batches of `batch_size`."""
-    return data_pipeline.Feed(batch_size, hvd.rank(), hvd.size(), training, provenance, seed,
-                              FLAGS.shuffle_buffer, FLAGS.intensity_jitter, FLAGS.shift)
-
-
-def check_data_flags():
-    """Refuses (app.UsageError) flags that do not apply to the data the flags name: the
+def check_data_flags(source):
+    """Refuses (app.UsageError) flags that do not apply to the data `source` names: the
     synthetic screen, a data set (--data_dir) or plates (--image_table)."""
-    if FLAGS.data_dir and FLAGS.image_table:
+    if source.data_dir and source.image_table:
         raise app.UsageError("give --data_dir or --image_table, not both")
-    if not FLAGS.image_table:
-        refuse_given(PLATES_ONLY, "to plates read with --image_table; a data set was binned and "
-                     "corrected when it was converted (its manifest says how)")
-    if FLAGS.image_table:
-        refuse_given(SYNTHETIC_ONLY, "to synthetic data only; with --image_table the TIFFs give "
-                     "the field's size and the tables the classes")
-        refuse_given(SHARDS_ONLY, "to data sets and the synthetic screen; straight from TIFFs "
-                     "every epoch reads all fields in a new order, and every file is checked "
-                     "before training")
-    if FLAGS.data_dir:
-        refuse_given(SYNTHETIC_ONLY, "to synthetic data only; with --data_dir the manifest gives "
-                     "the image shape and classes")
+    if not source.image_table:
+        refuse_given(source, PLATES_ONLY, "to plates read with --image_table; a data set was "
+                     "binned and corrected when it was converted (its manifest says how)")
+    if source.image_table:
+        refuse_given(source, SYNTHETIC_ONLY, "to synthetic data only; with --image_table the "
+                     "TIFFs give the field's size and the tables the classes")
+        refuse_given(source, SHARDS_ONLY, "to data sets and the synthetic screen; straight "
+                     "from TIFFs every epoch reads all fields in a new order, and every file "
+                     "is checked before training")
+    if source.data_dir:
+        refuse_given(source, SYNTHETIC_ONLY, "to synthetic data only; with --data_dir the "
+                     "manifest gives the image shape and classes")
 
 
-def open_data(seed, field_size=None):
-    """(manifest, batches(split, feed)) for the synthetic screen, a data set or plates;
-    the synthetic screen's fields are `field_size` (height, width), or as the flags say."""
-    check_data_flags()
-    if FLAGS.image_table:
-        return open_plates(seed)
-    if FLAGS.data_dir:
-        data_dir = FLAGS.data_dir
+def open_data(source, seed, field_size=None):
+    """(manifest, batches(split, feed)) of `source`: the synthetic screen (of
+    `field_size` (height, width), or the source's size), a data set or plates."""
+    check_data_flags(source)
+    if source.image_table:
+        return open_plates(source)
+    if source.data_dir:
+        data_dir = source.data_dir
     else:
         data_dir = synthetic_dataset(
-            FLAGS.synthetic_cache, *(field_size or (FLAGS.image_height, FLAGS.image_width)),
-            FLAGS.synthetic_classes, FLAGS.synthetic_compounds_per_class,
-            FLAGS.synthetic_fields_per_treatment, seed=seed)
+            source.synthetic_cache, *(field_size or (source.image_height, source.image_width)),
+            source.synthetic_classes, source.synthetic_compounds_per_class,
+            source.synthetic_fields_per_treatment, seed=seed)
     manifest = data_pipeline.read_manifest(data_dir)
-    refuse_untrained_classes(manifest, data_dir)
+    refuse_untrained_classes(manifest, data_dir, source.allow_untrained_classes)
     refuse_too_few_shards(manifest, data_dir)
-    good = good_records(manifest) if FLAGS.skip_bad_records else None
+    good = good_records(manifest) if source.skip_bad_records else None
     return manifest, lambda split, feed: data_pipeline.make_dataset(manifest, split, feed, good)
 
 
@@ -126,11 +161,11 @@ def refuse_too_few_shards(manifest, data_dir):
                 f"{max(entry['count'] // ranks, 1)} or less, or train on at most {shards} rank(s)")
 
 
-def refuse_untrained_classes(manifest, data_dir):
-    """A data set with a class no training field shows: refused unless
-    --allow_untrained_classes, since its held-out fields count against the accuracy."""
+def refuse_untrained_classes(manifest, data_dir, allowed=False):
+    """A data set with a class no training field shows: refused unless `allowed`
+    (--allow_untrained_classes), since its held-out fields count against the accuracy."""
     untrained = data_pipeline.untrained_classes(manifest)
-    if untrained and not FLAGS.allow_untrained_classes:
+    if untrained and not allowed:
         listing = ", ".join(f"{name!r} (0 training, {n} held-out fields)"
                             for name, n in untrained.items())
         raise app.UsageError(
@@ -140,27 +175,26 @@ def refuse_untrained_classes(manifest, data_dir):
             f"(the evaluation reports such classes apart)")
 
 
-def refuse_given(names, applies):
-    """A UsageError naming the flags of `names` given other values than their defaults,
-    which apply only `applies` (a phrase: 'to ...; why'). Defaults pass, so that a run's
-    flags.txt, which lists every flag, reruns it."""
-    given = [name for name in names if FLAGS[name].present
-             and FLAGS[name].value != FLAGS[name].default]
+def refuse_given(source, names, applies):
+    """A UsageError naming the flags of `names` given other values than their defaults
+    (source.given), which apply only `applies` (a phrase: 'to ...; why'). Defaults pass,
+    so that a run's flags.txt, which lists every flag, reruns it."""
+    given = [name for name in names if name in source.given]
     if given:
         raise app.UsageError(f"--{', --'.join(given)} appl{'ies' if len(given) == 1 else 'y'} "
                              f"{applies}")
 
 
-def open_plates(seed):
+def open_plates(source):
     """Training straight from TIFFs: the fields, split and scaled as prepare_data.py would."""
-    fields, description = plates.prepare_fields(FLAGS.image_table, FLAGS.moa_table,
-                                                FLAGS.image_root,
-                                                plates.conversion_options(FLAGS, seed))
+    options = source.conversion
+    fields, description = plates.prepare_fields(source.image_table, source.moa_table,
+                                                source.image_root, options)
     manifest = {**description, "dtype": "uint8",
-                "split": {"by": FLAGS.split, "eval_fraction": FLAGS.eval_fraction},
+                "split": {"by": options.split, "eval_fraction": options.eval_fraction},
                 "splits": {side: {"count": int((fields["split"] == side).sum())}
                            for side in ("train", "eval")},
-                "source": os.path.abspath(FLAGS.image_table)}
+                "source": os.path.abspath(source.image_table)}
     return manifest, lambda split, feed: data_pipeline.make_tiff_dataset(
         fields[fields["split"] == split], manifest, feed)
 
@@ -208,7 +242,7 @@ def good_records(manifest):
     return good
 
 
-def named_data_errors(batches, manifest, split):
+def named_data_errors(batches, manifest, split, from_tiffs=False):
     """The batches of `batches`; tf.data's DataLossError, which names no file, and a
     shard with fewer records than the manifest's become an InputError naming this
     rank's corrupt shards, and a TIFF that fails to read
@@ -223,19 +257,19 @@ def named_data_errors(batches, manifest, split):
             if unreadable:
                 raise unreadable from None
             shard_cut_between_records = "expected to contain" in e.message
-            if FLAGS.image_table or not (isinstance(e, tf.errors.DataLossError)
+            if from_tiffs or not (isinstance(e, tf.errors.DataLossError)
                                          or shard_cut_between_records):
                 raise
             files = data_pipeline.split_files(manifest, split, hvd.rank(), hvd.size())
             raise shard_checks.explain_data_loss(files, manifest, e) from None
 
 
-def input_standardization(manifest):
+def input_standardization(manifest, input_scaling):
     """The per-channel {"mean": [C], "std": [C]} (of pixels scaled to [0, 1]) the model
-    standardizes its input with, or None (--input_scaling=unit); recorded in the model
+    standardizes its input with, or None (`input_scaling` "unit"); recorded in the model
     dir's data manifest. Raises errors.InputError for a data set converted without
     channel statistics."""
-    if FLAGS.input_scaling == "unit":
+    if input_scaling == "unit":
         return None
     if "channel_statistics" not in manifest:
         raise errors.InputError(

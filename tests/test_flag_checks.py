@@ -69,14 +69,14 @@ def test_the_dense_rate_by_fan_in_is_refused_where_it_would_change_nothing(parse
 def test_a_flag_for_other_data_is_refused_before_the_data_is_opened(parse, given, message):
     parse(*given)
     with pytest.raises(app.UsageError, match=message):
-        training_data.check_data_flags()
+        training_data.check_data_flags(training_data.Source.from_flags(FLAGS))
 
 
 def test_a_warm_up_as_long_as_the_run_is_refused_with_a_length_that_fits(parse):
     parse("--epochs=3")
     with pytest.raises(app.UsageError, match=r"--warmup_epochs=5 is not shorter than "
                        r"--epochs=3: lower --warmup_epochs \(to 0.3, a tenth of the run, say\)"):
-        run_plan.steps_of(3, steps_per_epoch=10)
+        run_plan.steps_of(run_plan.Request.from_flags(FLAGS), 3, steps_per_epoch=10)
 
 
 def test_a_model_dir_that_cannot_be_made_or_data_that_is_not_there_is_named(tmp_path):

@@ -20,7 +20,8 @@ FLAGS(["train_mcnn.py", *sys.argv[2:]])
 hvd.init()
 given = {name: FLAGS[name].value for name in ("per_rank_batch", "epochs", "precision")}
 manifest = json.loads(sys.argv[1])
-plan = run_plan.resolve(manifest, "float32", "as given", threads.Threads(1, 1, "test", "0"))
+plan = run_plan.resolve(run_plan.Request.from_flags(FLAGS), manifest, "float32", "as given",
+                        threads.Threads(1, 1, "test", "0"))
 schedule = plan.learning_rate()
 after = {name: FLAGS[name].value for name in given}
 print(json.dumps({"plan": plan.as_dict(), "flags_before": given, "flags_after": after,
@@ -117,9 +118,6 @@ ENTRY_POINTS = {"train_mcnn", "prepare_data", "predict", "benchmark", "report", 
                 "synthetic_data", "memory_probe"}
 # Library modules that still read flags, and why.
 READ_FLAGS = {
-    "run_plan": "turns the training flags of train_mcnn.py, benchmark.py and memory_probe.py "
-                "into the run's Plan, once",
-    "training_data": "opens the data the training flags name (issue 37: to take values next)",
     "run_log": "records the run's flags (flags.txt, summary.json) and what changed on resume",
     "run_files": "reads a flags.txt, knowing which flags are booleans",
     "errors": "parses a program's flags for run_main, a bad one said in one line",

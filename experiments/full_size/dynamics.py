@@ -83,33 +83,36 @@ def relu_probe(model):
     return probe
 
 
-def held_out_accuracy(predict, make_data, classes, batch=4):
+def held_out_accuracy(predict, make_data, source, classes, batch=4):
     """The share of held-out fields predicted right, as evaluation.py predicts them."""
     fields, _ = evaluation.predicted_fields(
-        predict, make_data("eval", training_data.feed(batch, provenance=True)), classes)
+        predict, make_data("eval", source.feed(batch, provenance=True)), classes)
     return float((fields["label"] == fields["prediction"]).mean())
 
 
 def record_run():
     """Trains --steps steps as train_mcnn.py would and returns the record (a dict)."""
     hvd.init()
-    rank_threads = threads.configure_threads()
+    rank_threads = threads.configure_threads(FLAGS.intra_op_threads, FLAGS.inter_op_threads)
     tf.keras.utils.set_random_seed(FLAGS.seed)
-    precision, why = run_plan.resolve_precision()
+    request = run_plan.Request.from_flags(FLAGS)
+    precision, why = run_plan.resolve_precision(request.precision)
     field = (FLAGS.image_height, FLAGS.image_width)
-    manifest, make_data = training_data.open_data(FLAGS.seed, field)
-    plan = run_plan.resolve(manifest, precision, why, rank_threads)
+    source = training_data.Source.from_flags(FLAGS, FLAGS.seed)
+    manifest, make_data = training_data.open_data(source, FLAGS.seed, field)
+    plan = run_plan.resolve(request, manifest, precision, why, rank_threads)
     schedule = plan.learning_rate()
-    model = plan.model.build(training_data.input_standardization(manifest))
+    model = plan.model.build(training_data.input_standardization(manifest,
+                                                                 source.input_scaling))
     optimizer = optimization.make_optimizer(schedule, plan.recipe)
     optimizer.build(model.trainable_variables)
     train_step = plan.train_step(model, optimizer)
     named = kernels(model)
     probe = relu_probe(model)
     predict = evaluation.make_predict(model, plan.model.image_shape, plan.model.stored_dtype)
-    probe_images = next(iter(make_data("train", training_data.feed(FLAGS.probe_fields))))[0]
-    batches = iter(make_data("train", training_data.feed(plan.per_rank_batch, training=True,
-                                                         seed=plan.seed)))
+    probe_images = next(iter(make_data("train", source.feed(FLAGS.probe_fields))))[0]
+    batches = iter(make_data("train", source.feed(plan.per_rank_batch, training=True,
+                                                  seed=plan.seed)))
     record = {"image_shape": list(plan.model.image_shape), "seed": FLAGS.seed,
               "precision": precision, "cpu": plan.cpu, "peak_lr": plan.peak_lr,
               "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,
@@ -135,8 +138,8 @@ def record_run():
             add_probe(step)
         if step % plan.steps_per_epoch == 0:
             record["held_out"].append({"epoch": step // plan.steps_per_epoch,
-                                       "accuracy": held_out_accuracy(predict, make_data,
-                                                                     manifest["classes"])})
+                                       "accuracy": held_out_accuracy(
+                                           predict, make_data, source, manifest["classes"])})
             print(f"{field} seed {FLAGS.seed} epoch {step // plan.steps_per_epoch}: loss "
                   f"{loss:.3f}, held-out {record['held_out'][-1]['accuracy']:.3f}, "
                   f"{time.time() - started:.0f} s", flush=True)
