@@ -264,9 +264,9 @@ def kept_choices(request, previous, model_dir):
 
 
 def field_size(request, kept, precision):
-    """((height, width), rate): the synthetic screen's field size as kept, fitted to
-    --time_budget_minutes (sizing.fit_synthetic_size) with the global images/s measured
-    at it, or as given (rate None)."""
+    """((height, width), images/s): the synthetic screen's field size as kept, fitted to
+    --time_budget_minutes (sizing.fit_synthetic_size) with the global training images/s
+    measured at it, or as given (images/s None)."""
     if "image_height" in kept:
         return (kept["image_height"], kept["image_width"]), None
     size = (request.image_height, request.image_width)
@@ -297,13 +297,13 @@ def memory_estimate(request, model, accumulate):
         accumulate)
 
 
-def resolve(request, manifest, precision, precision_why, rank_threads, kept=None, rate=None,
-            output=None):
+def resolve(request, manifest, precision, precision_why, rank_threads, kept=None,
+            images_per_sec=None, output=None):
     """The Plan of the run `request` asks for on the data set `manifest`, on the ranks
-    there are. `kept`: kept_choices(); `rate`: global images/s already measured at this
-    size, for --time_budget_minutes (measured here if None); `output`: where it writes
-    (Output). Raises app.UsageError when the split makes no global batch or the warm-up
-    is not shorter than the run."""
+    there are. `kept`: kept_choices(); `images_per_sec`: global training images/s
+    already measured at this size, for --time_budget_minutes (measured here if None);
+    `output`: where it writes (Output). Raises app.UsageError when the split makes no
+    global batch or the warm-up is not shorter than the run."""
     model = model_of(request, manifest["image_shape"], len(manifest["classes"]),
                      manifest["dtype"], precision)
     recipe = request.recipe
@@ -320,8 +320,9 @@ def resolve(request, manifest, precision, precision_why, rank_threads, kept=None
                              f"--accumulate_steps)")
     epochs = (kept or {}).get("epochs", request.epochs)
     if request.time_budget_minutes and not kept:
-        rate = rate or measured_rate(model, recipe, per_rank_batch, accumulate)
-        epochs = sizing.fit_epochs(rate, manifest, global_batch, request.eval_every,
+        images_per_sec = images_per_sec or measured_rate(model, recipe, per_rank_batch,
+                                                         accumulate)
+        epochs = sizing.fit_epochs(images_per_sec, manifest, global_batch, request.eval_every,
                                    request.warmup_epochs, request.time_budget_minutes)
     r = request
     return Plan(

@@ -285,11 +285,11 @@ def plan_run(rank_threads):
     previous = (run_files.read_json(output.model_dir, run_files.PLAN)
                 if output.checkpoint_policy.resume else None)
     kept = run_plan.kept_choices(request, previous, output.model_dir)
-    field_size, rate = run_plan.field_size(request, kept, precision)
+    field_size, images_per_sec = run_plan.field_size(request, kept, precision)
     source = training_data.Source.from_flags(FLAGS, FLAGS.seed)
     manifest, make_data = training_data.open_data(source, FLAGS.seed, field_size)
     plan = run_plan.resolve(request, manifest, precision, precision_why, rank_threads, kept,
-                            rate, output)
+                            images_per_sec, output)
     return plan, source, manifest, make_data, previous
 
 

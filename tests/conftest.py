@@ -39,6 +39,21 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+def small_screen(path, height=128, width=128, **options):
+    """The synthetic screen written small to `path`: 3 classes, 2 compounds each, 2 fields
+    per treatment on 2 plates, of height x width (`options`: write_screen's others)."""
+    synthetic_data.write_screen(str(path), height, width, **{
+        "num_classes": 3, "compounds_per_class": 2, "fields_per_treatment": 2, "plates": 2,
+        "workers": 2, **options})
+    return path
+
+
+@pytest.fixture(scope="session")
+def screen(tmp_path_factory):
+    """One small_screen of 128 x 128 fields for the session; copy it to change it."""
+    return small_screen(tmp_path_factory.mktemp("screen") / "screen")
+
+
 def convert_screen(screen, output, **settings):
     """prepare_data.convert of the synthetic screen written to `screen` into `output`;
     `settings` are plates.ConversionOptions fields or convert's own (dtype,

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 import synthetic_data
-from conftest import PYTHON, ROOT, fails, run
+from conftest import PYTHON, ROOT, fails, run, small_screen
 
 CELL_PAINTING = ["DNA", "ER", "RNA", "AGP", "Mito"]
 SHORT_RUN = ["--per_rank_batch=4", "--epochs=1", "--warmup_epochs=0", "--eval_fraction=0.5"]
@@ -18,12 +18,6 @@ SHORT_RUN = ["--per_rank_batch=4", "--epochs=1", "--warmup_epochs=0", "--eval_fr
 
 def script(name, *flags):
     return [PYTHON, os.path.join(ROOT, name), *flags]
-
-
-def small_screen(path, height, width):
-    synthetic_data.write_screen(str(path), height, width, num_classes=3, compounds_per_class=2,
-                                fields_per_treatment=2, plates=2, workers=2)
-    return path
 
 
 def table_flags(screen, channels=None):

@@ -18,7 +18,7 @@ from scipy import ndimage
 import data_pipeline
 import illumination
 import synthetic_data
-from conftest import PYTHON, ROOT, convert_screen, fails, run
+from conftest import PYTHON, ROOT, convert_screen, fails, run, small_screen
 
 SIDE = 128
 
@@ -34,10 +34,8 @@ def vignetting(height, width, depth=0.3, centre=(0.0, 0.0)):
 def even_screen(tmp_path_factory):
     """96 evenly lit fields on one plate (as many as a few wells' worth of sites)."""
     path = tmp_path_factory.mktemp("even") / "screen"
-    synthetic_data.write_screen(str(path), SIDE, SIDE, num_classes=3, compounds_per_class=2,
-                                fields_per_treatment=8, plates=1, workers=2,
-                                even_illumination=True)
-    return path
+    return small_screen(path, SIDE, SIDE, fields_per_treatment=8, plates=1,
+                        even_illumination=True)
 
 
 def lit_copy(screen, folder, light):

@@ -22,14 +22,6 @@ import synthetic_data
 from conftest import ROOT, convert_screen
 
 
-@pytest.fixture(scope="module")
-def screen(tmp_path_factory):
-    path = tmp_path_factory.mktemp("screen") / "screen"
-    synthetic_data.write_screen(str(path), 128, 128, num_classes=3, compounds_per_class=2,
-                                fields_per_treatment=2, plates=2, workers=2)
-    return path
-
-
 convert = convert_screen
 
 
