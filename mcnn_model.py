@@ -86,13 +86,10 @@ class MaxPool2DWithFp32Gradient(tf.keras.layers.MaxPool2D):
         outputs = super().call(inputs)
 
         def fp32_gradient(upstream):
-            nhwc = self.data_format == "channels_last"
-            window = [1, *self.pool_size, 1] if nhwc else [1, 1, *self.pool_size]
-            strides = [1, *self.strides, 1] if nhwc else [1, 1, *self.strides]
             gradient = tf.raw_ops.MaxPoolGrad(
                 orig_input=tf.cast(inputs, tf.float32), orig_output=tf.cast(outputs, tf.float32),
-                grad=tf.cast(upstream, tf.float32), ksize=window, strides=strides,
-                padding=self.padding.upper(), data_format="NHWC" if nhwc else "NCHW")
+                grad=tf.cast(upstream, tf.float32), ksize=[1, *self.pool_size, 1],
+                strides=[1, *self.strides, 1], padding=self.padding.upper(), data_format="NHWC")
             return tf.cast(gradient, inputs.dtype)
         return outputs, fp32_gradient
 
@@ -106,8 +103,7 @@ class PositionTiled(tf.keras.initializers.Initializer):
     field, instead of 80 independent random read-outs of the 8 x 10 grid (4 at 256 x 256)
     that training must first overcome; its output spread stays near Glorot's (0.07
     against 0.12 on a random full-size field). Same layer, same parameters; training moves each
-    position's weights on its own from there. Flatten orders positions outermost in
-    either data format."""
+    position's weights on its own from there. Flatten orders positions outermost."""
 
     def __init__(self, positions, seed=None):
         self.positions, self.seed = positions, seed
@@ -125,7 +121,7 @@ class PositionTiled(tf.keras.initializers.Initializer):
         return {"positions": self.positions, "seed": self.seed}
 
 
-def scale_column(input_shape, scale, data_format, kernel_initializer="glorot_uniform"):
+def scale_column(input_shape, scale, kernel_initializer="glorot_uniform"):
     """Column `scale` as a model of its own: pool by 2**scale, three 5x5
     convolutions, pool to 1/64."""
     pre_pool = 2 ** scale
@@ -134,14 +130,13 @@ def scale_column(input_shape, scale, data_format, kernel_initializer="glorot_uni
                             dtype=tf.keras.mixed_precision.global_policy().compute_dtype)
     x = images
     if pre_pool > 1:
-        x = MaxPool2DWithFp32Gradient(pre_pool, data_format=data_format, name="downsample")(x)
+        x = MaxPool2DWithFp32Gradient(pre_pool, name="downsample")(x)
     for i in range(CONVS_PER_SCALE):
         x = tf.keras.layers.Conv2D(
             FILTERS_PER_SCALE[scale], KERNEL_SIZE, padding="same", activation="relu",
-            kernel_initializer=kernel_initializer, data_format=data_format, name=f"conv_{i}")(x)
+            kernel_initializer=kernel_initializer, name=f"conv_{i}")(x)
     if post_pool > 1:
-        x = MaxPool2DWithFp32Gradient(post_pool, padding="same", data_format=data_format,
-                                      name="pool")(x)
+        x = MaxPool2DWithFp32Gradient(post_pool, padding="same", name="pool")(x)
     return tf.keras.Model(images, x, name=f"scale_{scale}")
 
 
@@ -180,13 +175,13 @@ class ScaleColumn(tf.keras.layers.Layer):
     """One scale column; with recompute=True, training recomputes its activations
     in the backward pass (gradient checkpointing per column, one image at a time)."""
 
-    def __init__(self, input_shape, scale, data_format, recompute=False,
-                 kernel_initializer="glorot_uniform", **kwargs):
+    def __init__(self, input_shape, scale, recompute=False, kernel_initializer="glorot_uniform",
+                 **kwargs):
+        kwargs.pop("data_format", None)  # models exported before 3 Dec 2026 name it: NHWC
         super().__init__(**{"name": f"scale_{scale}", **kwargs})
         self.config = {"input_shape": tuple(input_shape), "scale": scale,
-                       "data_format": data_format, "recompute": recompute,
-                       "kernel_initializer": kernel_initializer}
-        self.column = scale_column(input_shape, scale, data_format, kernel_initializer)
+                       "recompute": recompute, "kernel_initializer": kernel_initializer}
+        self.column = scale_column(input_shape, scale, kernel_initializer)
         self.recompute = recompute
 
     def call(self, images, training=False):
@@ -198,8 +193,8 @@ class ScaleColumn(tf.keras.layers.Layer):
         return {**super().get_config(), **self.config}
 
 
-def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, data_format="channels_last",
-               input_dtype="uint8", recompute=False, precision="float32",
+def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, input_dtype="uint8",
+               recompute=False, precision="float32",
                standardization=None, relu_initializer="glorot_uniform",
                fc_512_initializer="glorot_uniform"):
     """Returns the uncompiled M-CNN; it outputs logits.
@@ -208,7 +203,6 @@ def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, data_format="channel
     them itself (scale_input), so the input pipeline can stay in uint8: integer
     pixels to [0, 1], or with `standardization` ({"mean": [...], "std": [...]} per
     channel, in that [0, 1] unit) each channel to mean 0 and spread 1.
-    With data_format="channels_first" the layers run in NCHW after a transpose.
     recompute=True trades a third more compute for memory (see ScaleColumn).
     precision is a Keras policy: under "mixed_bfloat16" the layers compute in bf16,
     and the weights and logits stay float32, so checkpoints fit either precision.
@@ -221,8 +215,8 @@ def build_mcnn(image_shape=(1024, 1280, 3), num_classes=13, data_format="channel
     previous = tf.keras.mixed_precision.global_policy()
     tf.keras.mixed_precision.set_global_policy(precision)
     try:
-        return mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute,
-                           standardization, relu_initializer, fc_512_initializer)
+        return mcnn_layers(image_shape, num_classes, input_dtype, recompute, standardization,
+                           relu_initializer, fc_512_initializer)
     finally:
         tf.keras.mixed_precision.set_global_policy(previous)
 
@@ -257,29 +251,24 @@ def scale_input(x, input_dtype, standardization=None):
                                      name="standardize")(x)
 
 
-def mcnn_layers(image_shape, num_classes, data_format, input_dtype, recompute, standardization,
+def mcnn_layers(image_shape, num_classes, input_dtype, recompute, standardization,
                 relu_initializer, fc_512_initializer):
     check_image_shape(image_shape)
-    if data_format not in ("channels_last", "channels_first"):
-        raise ValueError(f"data_format must be channels_last or channels_first, got {data_format}")
-    channel_axis = -1 if data_format == "channels_last" else 1
 
     images = tf.keras.Input(shape=image_shape, dtype=input_dtype, name="image")
     x = images
     if padded_size(*image_shape[:2]) != tuple(image_shape[:2]):
         x = tf.keras.layers.ZeroPadding2D(padding(*image_shape[:2]), name="pad_to_128")(x)
     x = scale_input(x, input_dtype, standardization)
-    if data_format == "channels_first":
-        x = tf.keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
 
-    columns = [ScaleColumn(x.shape[1:], scale, data_format, recompute, relu_initializer)(x)
+    columns = [ScaleColumn(x.shape[1:], scale, recompute, relu_initializer)(x)
                for scale in range(NUM_SCALES)]
-    x = tf.keras.layers.Concatenate(axis=channel_axis, name="merge")(columns)
-    x = tf.keras.layers.Conv2D(MERGE_FILTERS, 1, activation="relu", data_format=data_format,
+    x = tf.keras.layers.Concatenate(name="merge")(columns)
+    x = tf.keras.layers.Conv2D(MERGE_FILTERS, 1, activation="relu",
                                kernel_initializer=relu_initializer, name="merge_conv")(x)
-    x = MaxPool2DWithFp32Gradient(2, data_format=data_format, name="merge_pool")(x)
-    positions = int(np.prod(x.shape[1:3] if data_format == "channels_last" else x.shape[2:4]))
-    x = tf.keras.layers.Flatten(data_format=data_format, name="flatten")(x)
+    x = MaxPool2DWithFp32Gradient(2, name="merge_pool")(x)
+    positions = int(np.prod(x.shape[1:3]))
+    x = tf.keras.layers.Flatten(name="flatten")(x)
     if fc_512_initializer == "tiled":
         fc_512_initializer = PositionTiled(positions)
     # No activation between the two dense layers, as in the authors' code.
@@ -300,9 +289,8 @@ def layer_forward_flops(layer):
     layer; 0 for any other layer."""
     if isinstance(layer, tf.keras.layers.Conv2D):
         kh, kw, cin, cout = layer.kernel.shape
-        spatial = (layer.output.shape[1:3] if layer.data_format == "channels_last"
-                   else layer.output.shape[2:4])
-        return 2 * spatial[0] * spatial[1] * kh * kw * cin * cout
+        height, width = layer.output.shape[1:3]
+        return 2 * height * width * kh * kw * cin * cout
     if isinstance(layer, tf.keras.layers.Dense):
         return 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
     return 0

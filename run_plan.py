@@ -75,8 +75,6 @@ flags.DEFINE_enum("fc_512_initializer", "glorot_uniform", ["glorot_uniform", "ti
                   "size) over their number, so that it starts as global average pooling "
                   "and a dense layer (mcnn_model.PositionTiled).")
 # Execution
-flags.DEFINE_enum("data_format", "channels_last", ["channels_last", "channels_first"],
-                  "Layout of the convolutions.")
 flags.DEFINE_enum("precision", "auto", tf_env.PRECISIONS,
                   "mixed_bfloat16: bf16 compute, fp32 weights and checkpoints; auto: "
                   "mixed_bfloat16 where the CPU has native bf16 (AMX or AVX512-BF16).")
@@ -95,7 +93,6 @@ class Model:
     input_dtype: str
     precision: str  # float32 or mixed_bfloat16, as resolved
     recompute: bool
-    data_format: str
     initializer: str
     fc_512_initializer: str = "glorot_uniform"
 
@@ -108,9 +105,8 @@ class Model:
         """The Keras model (mcnn_model.build_mcnn); `standardization` as
         training_data.input_standardization gives it, or None for pixels / 255."""
         return mcnn_model.build_mcnn(
-            self.image_shape, self.num_classes, self.data_format, self.stored_dtype,
-            self.recompute, self.precision, standardization, self.initializer,
-            self.fc_512_initializer)
+            self.image_shape, self.num_classes, self.stored_dtype, self.recompute,
+            self.precision, standardization, self.initializer, self.fc_512_initializer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +130,6 @@ class Request:
     lr_decay: str
     end_lr: float
     recompute: bool
-    data_format: str
     initializer: str
     fc_512_initializer: str
     seed: int
@@ -285,7 +280,7 @@ def model_of(request, image_shape, num_classes, input_dtype, precision):
     """The Model a run of `request` builds for fields of `image_shape` stored as
     `input_dtype`."""
     return Model(tuple(image_shape), num_classes, input_dtype, precision, request.recompute,
-                 request.data_format, request.initializer, request.fc_512_initializer)
+                 request.initializer, request.fc_512_initializer)
 
 
 def memory_estimate(request, model, accumulate):

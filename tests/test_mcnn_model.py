@@ -1,5 +1,3 @@
-import sys
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,7 +5,6 @@ import tensorflow as tf
 import mcnn_model
 import model_files
 import tf_env
-from conftest import ROOT, run
 
 COLUMN_CHANNELS = (16, 16, 16, 32, 32, 32, 64)
 
@@ -108,13 +105,11 @@ def test_he_initialisation_gives_the_relu_layers_twice_the_variance_over_fan_in(
     assert he.count_params() == glorot.count_params()
 
 
-@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
-def test_tiled_fc_512_starts_as_global_average_pooling_and_a_dense_layer(data_format):
+def test_tiled_fc_512_starts_as_global_average_pooling_and_a_dense_layer():
     """PositionTiled: fc_512 on the flattened grid equals a (channels, units) Glorot block
-    applied to the channels averaged over the grid, in either layout; same parameters."""
+    applied to the channels averaged over the grid; same parameters."""
     tf.keras.utils.set_random_seed(0)
-    model = mcnn_model.build_mcnn((256, 384, 3), 3, data_format,
-                                  fc_512_initializer="tiled")
+    model = mcnn_model.build_mcnn((256, 384, 3), 3, fc_512_initializer="tiled")
     kernel = model.get_layer("fc_512").kernel.numpy()
     positions = (256 // 128) * (384 // 128)
     blocks = kernel.reshape(positions, mcnn_model.MERGE_FILTERS, mcnn_model.HIDDEN_UNITS)
@@ -124,8 +119,6 @@ def test_tiled_fc_512_starts_as_global_average_pooling_and_a_dense_layer(data_fo
 
     images = np.random.default_rng(0).integers(0, 256, (2, 256, 384, 3), np.uint8)
     merged = tf.keras.Model(model.input, model.get_layer("merge_pool").output)(images)
-    if data_format == "channels_first":
-        merged = tf.transpose(merged, (0, 2, 3, 1))
     pooled = tf.reduce_mean(merged, axis=(1, 2)).numpy()
     fc_512 = tf.keras.Model(model.input, model.get_layer("fc_512").output)(images).numpy()
     np.testing.assert_allclose(fc_512, pooled @ (blocks[0] * positions), rtol=1e-4, atol=1e-5)
@@ -136,33 +129,6 @@ def test_tiled_fc_512_starts_as_global_average_pooling_and_a_dense_layer(data_fo
 def test_shapes_without_pixels_or_channels_are_refused(shape):
     with pytest.raises(ValueError, match="each at least 1"):
         mcnn_model.build_mcnn(shape)
-
-
-CHANNELS_FIRST_LOGITS = """
-import sys, numpy as np, mcnn_model
-model = mcnn_model.build_mcnn((128, 256, 3), 4, "channels_first")
-model.load_weights(sys.argv[1])
-np.save(sys.argv[2], model(np.load(sys.argv[3])).numpy())
-"""
-
-
-def test_channels_first_matches_channels_last(tmp_path):
-    last = mcnn_model.build_mcnn((128, 256, 3), 4, "channels_last")
-    first = mcnn_model.build_mcnn((128, 256, 3), 4, "channels_first")
-    assert first.count_params() == last.count_params()
-    assert [tuple(t.shape) for t in column_outputs(first)] == [
-        (None, c, 2, 4) for c in COLUMN_CHANNELS]
-    # Same weights, same function (Flatten(channels_first) restores the NHWC order).
-    # Run in its own process: TensorFlow 2.15's oneDNN caches pooling primitives
-    # without their layout, so NHWC and NCHW pooling of one shape in one process
-    # return wrong results (tensorflow/tensorflow#61482). Training uses one layout.
-    images = np.random.default_rng(0).integers(0, 256, (2, 128, 256, 3), dtype=np.uint8)
-    np.save(tmp_path / "images.npy", images)
-    last.save_weights(tmp_path / "weights.h5")
-    run([sys.executable, "-c", CHANNELS_FIRST_LOGITS, str(tmp_path / "weights.h5"),
-         str(tmp_path / "logits.npy"), str(tmp_path / "images.npy")], cwd=ROOT)
-    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), last(images),
-                               rtol=1e-4, atol=1e-5)
 
 
 def test_integer_pixels_are_scaled_to_the_unit_range():
