@@ -24,18 +24,23 @@ LAUNCH = os.path.join(ROOT, "launch")
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 
 
-# Tests that train ranks under mpirun, start Slurm, convert screens or sweep the
-# benchmark: `-m "not slow"` leaves them out for a fast tier; CI and ./launch test run
-# them all. (Single tests elsewhere are marked where they are.)
-SLOW_MODULES = {"test_benchmark", "test_cluster", "test_field_sizes", "test_horovod_training",
-                "test_illumination", "test_prepare_data", "test_reliability", "test_studies",
-                "test_time_to_accuracy"}
+# The suite in three tiers, by what a test needs (CI and ./launch test run them all):
+#   -m "not slow"            in this process: planning, conversion, every flag check ...
+#   -m "slow and not ranks"  the programs run as one process each
+#   -m ranks                 ranks under mpirun or horovodrun, and Slurm
+# Modules whose tests run programs are marked here, single tests where they are.
+PROGRAM_MODULES = {"test_field_sizes"}
+RANKS_MODULES = {"test_benchmark", "test_cluster", "test_horovod_training", "test_reliability",
+                 "test_time_to_accuracy"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if (item.module.__name__ in SLOW_MODULES
-                or "two_rank_run" in getattr(item, "fixturenames", ())):
+        ranks = (item.module.__name__ in RANKS_MODULES
+                 or "two_rank_run" in getattr(item, "fixturenames", ()))
+        if ranks:
+            item.add_marker(pytest.mark.ranks)
+        if ranks or item.module.__name__ in PROGRAM_MODULES:
             item.add_marker(pytest.mark.slow)
 
 

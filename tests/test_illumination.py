@@ -125,6 +125,7 @@ def test_spreading_a_function_over_the_field_is_scipys_bilinear_zoom():
     np.testing.assert_allclose(illumination.full_size(grid, 256, 320, 8), zoomed, atol=1e-5)
 
 
+@pytest.mark.slow  # runs the programs
 def test_training_from_tiffs_and_prediction_correct_each_plate_by_its_own_function(
         even_screen, tmp_path):
     """train_mcnn.py reading vignetted TIFFs records the plate's function with the

@@ -175,6 +175,7 @@ def test_a_field_listed_twice_is_refused_naming_its_rows_before_anything_is_writ
     assert not (tmp_path / "data").exists() and not list(tmp_path.glob("data.partial-*"))
 
 
+@pytest.mark.slow  # runs the programs
 def test_a_class_left_without_training_fields_is_said_refused_and_reported_apart(
         screen, tmp_path):
     """evalml#760: a split by plate that holds out an MoA's only plate; conversion says
@@ -273,6 +274,7 @@ def test_another_screens_moa_table_is_refused_unless_asked(screen, tmp_path):
     assert lost not in data_pipeline.read_manifest(str(tmp_path / "data"))["classes"]
 
 
+@pytest.mark.slow  # runs the programs
 def test_ctrl_c_during_conversion_ends_in_one_line_and_the_rerun_resumes(tmp_path):
     """Ctrl-C reaches every process of the group: the workers leave it to the parent."""
     screen = tmp_path / "screen"
@@ -480,6 +482,7 @@ def loaddata_twin(screen, path):
     return path
 
 
+@pytest.mark.slow  # runs the programs
 def test_a_cellprofiler_loaddata_table_converts_to_the_shards_of_its_bbbc021_twin(
         screen, tmp_path):
     loaddata = loaddata_twin(screen, tmp_path / "load_data.csv")
