@@ -23,7 +23,8 @@ flags.DEFINE_integer("inter_op_threads", 0, "Ops run at once; 0: the launcher's 
                      "TF_NUM_INTEROP_THREADS, else 2.")
 
 # Ops run at once without the launcher's TF_NUM_INTEROP_THREADS: the launcher's own
-# value (two let the seven scale columns overlap; see launch).
+# value (two let the seven scale columns overlap; launch's set_rank_environment sets
+# it, and tests/test_launch.py checks that the two agree).
 INTER_OP_THREADS = 2
 
 

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+import threads
 from conftest import LAUNCH, ROOT
 
 
@@ -34,7 +35,7 @@ def test_two_socket_twenty_core_node_with_two_ranks_per_socket():
     assert option(command, "--bind-to") == "core"
     env = exported(command)
     assert env["OMP_NUM_THREADS"] == env["TF_NUM_INTRAOP_THREADS"] == "10"
-    assert env["TF_NUM_INTEROP_THREADS"] == "2"
+    assert env["TF_NUM_INTEROP_THREADS"] == str(threads.INTER_OP_THREADS)  # one value
     assert env["TF_ENABLE_ONEDNN_OPTS"] == "1" and env["KMP_BLOCKTIME"] == "1"
     assert env["KMP_AFFINITY"] == "granularity=fine,compact,1,0"
     assert command[-2:] == [os.path.join(ROOT, "train_mcnn.py"), "--per_rank_batch=8"]
