@@ -243,14 +243,8 @@ class ConversionOptions:
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
 
     def record(self):
-        """The options as the manifest records them (JSON)."""
-        return json_ready(dataclasses.asdict(self))
-
-
-def json_ready(value):
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    return list(value) if isinstance(value, tuple) else value
+        """The options as the manifest records them (JSON writes the tuples as lists)."""
+        return dataclasses.asdict(self)
 
 
 def prepare_fields(image_table, moa_table, image_root, options=None):

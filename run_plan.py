@@ -138,7 +138,7 @@ class Request:
     image_width: int
     synthetic_classes: int
     synthetic: bool  # the embedded synthetic screen, not a data set or plates
-    synthetic_counts: tuple  # its (train, eval) fields, known before it is made
+    synthetic_counts: tuple  # its (train, eval) fields, before it is made (time budget only)
     from_tiffs: bool  # plates read straight from their TIFFs (--image_table)
     shuffle_buffer: int
 
@@ -146,12 +146,13 @@ class Request:
     def from_flags(cls, flag_values):
         """The Request of the flags `flag_values` (absl's FlagValues) hold."""
         v = flag_values
+        synthetic = not (v.data_dir or v.image_table)
         derived = {"decay_epochs": tuple(float(e) for e in v.decay_epochs),
-                   "recipe": optimization.Recipe.from_flags(v),
-                   "synthetic": not (v.data_dir or v.image_table),
-                   "synthetic_counts": synthetic_data.split_counts(
+                   "recipe": optimization.Recipe.from_flags(v), "synthetic": synthetic,
+                   "synthetic_counts": synthetic_data.split_counts(  # for the time budget
                        v.synthetic_classes, v.synthetic_compounds_per_class,
-                       v.synthetic_fields_per_treatment, v.seed),
+                       v.synthetic_fields_per_treatment, v.seed)
+                   if synthetic and v.time_budget_minutes else (),
                    "from_tiffs": bool(v.image_table)}
         return cls(**derived, **{field.name: v[field.name].value
                                  for field in dataclasses.fields(cls)
