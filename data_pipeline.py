@@ -25,9 +25,9 @@ import intensity
 
 MANIFEST = "manifest.json"
 FORMAT = "mcnn-tfrecord-v1"
-# A field's provenance; table_row and file ("" in data sets converted before them) say
-# which field of the image table it is: its line, and its first channel's file.
-TEXT_FIELDS = ("compound", "concentration", "plate", "well", "table_row", "file")
+# A field's provenance; table_row, file and site ("" in data sets converted before them)
+# say which field of the image table it is: its line, its first channel's file, its site.
+TEXT_FIELDS = ("compound", "concentration", "plate", "well", "table_row", "file", "site")
 FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),  # raw H x W x C bytes, row-major
     "height": tf.io.FixedLenFeature([], tf.int64),

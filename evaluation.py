@@ -1,5 +1,5 @@
 """Held-out results in the biologists' terms: per field, per MoA class, per treatment,
-and NSC / NSCB of the treatments' profiles (profiles.py).
+and NSC / NSCB / mAP of the profiles of every field (profiles.py, profile_scores.py).
 
 A treatment is one compound at one concentration; its prediction is the majority
 vote of its fields (ties go to the class listed first), as in the MoA literature.
@@ -13,10 +13,14 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+import profile_scores
 import profiles
 
 TREATMENT = profiles.TREATMENT
-NSC_FIGURES = [k for key in profiles.NSC_FIGURES for k in (key, key + "_queries")]
+# The profile figures a run keeps (metrics.json, summary.json's final_...).
+PROFILE_FIGURES = [*(k for key in profile_scores.NSC_FIGURES for k in (key, key + "_queries")),
+                   "profile_normalization", "nsc_by_normalization", "nsc_raw_mean",
+                   *profile_scores.MAP_FIGURES, "nscb_batches", "baselines"]
 
 
 def per_class_table(labels, predictions, classes):
@@ -94,10 +98,12 @@ def summarize(fields, classes, split_by_field=(), untrained=()):
     return metrics
 
 
-def write_report(folder, fields, metrics, classes, step=None, field_profiles=None):
+def write_report(folder, fields, metrics, classes, step=None, profile_fields=None,
+                 control=None):
     """confusion.csv, per_class.csv, treatments.csv, fields.csv (with each class's
-    probability) and metrics.json; with `field_profiles` (fields x features), also
-    profiles.csv (each field's) and treatment_profiles.csv (each treatment's mean)."""
+    probability) and metrics.json; with `profile_fields` (profiles.field_table of every
+    field, training ones too), the field, well and treatment profiles as
+    profiles.write_tables writes them, normalised against `control` as the metrics'."""
     os.makedirs(folder, exist_ok=True)
     metrics["confusion"].to_csv(os.path.join(folder, "confusion.csv"))
     metrics["per_class"].to_csv(os.path.join(folder, "per_class.csv"), index=False)
@@ -113,17 +119,15 @@ def write_report(folder, fields, metrics, classes, step=None, field_profiles=Non
         json.dump({"step": step, **{k: metrics[k] for k in (
             "fields", "accuracy", "treatments", "treatment_accuracy", "split_by_field",
             "accuracy_by_compound", "untrained_classes", "accuracy_trained_classes",
-            *NSC_FIGURES) if k in metrics}}, f, indent=2)
-    if field_profiles is not None:
-        tables = profiles.profile_tables(
-            fields.assign(moa=[classes[k] for k in fields["label"]]), field_profiles)
-        for name, table in zip(profiles.PROFILE_CSVS, tables):
-            table.to_csv(os.path.join(folder, name), index=False, float_format="%.6g")
+            *PROFILE_FIGURES) if k in metrics}}, f, indent=2)
+    if profile_fields is not None:
+        profiles.write_tables(folder, profile_fields, control or profiles.CONTROL_MOA,
+                              metrics.get("profile_normalization", "none"))
 
 
 def format_nsc(metrics):
-    """'NSC 0.83 (12 held-out treatments), NSCB ..., NSC of all ...', or '' without."""
-    return "; ".join(f"{name} {value}" for name, value in profiles.describe_nsc(metrics))
+    """'NSC (tvn) 0.83 (12 held-out treatments); NSCB ...; mAP ...', or '' without."""
+    return "; ".join(f"{name} {value}" for name, value in profile_scores.describe(metrics))
 
 
 def format_per_class(metrics):
@@ -182,32 +186,39 @@ def predicted_fields(predict, batches, classes, name="fields"):
             np.concatenate([p for _, p in everyone]))
 
 
-def nsc_figures(held_out, held_out_profiles, training, training_profiles, classes,
-                control=None, batches=None):
-    """NSC, NSCB and NSC of all treatments (profiles.nsc_metrics) of the held-out fields
-    and the training fields' treatments; `batches`: {plate: batch} where recorded."""
+def profile_fields(held_out, held_out_profiles, training, training_profiles, classes,
+                   batches=None, names=None):
+    """profiles.field_table of the held-out and training fields (frames of label and
+    provenance, and their profiles, fields x features), with their MoA and split;
+    `batches`: {plate: batch} where recorded; `names`: the features' (the model's)."""
     fields = pd.concat([held_out.assign(split="eval"), training.assign(split="train")],
                        ignore_index=True)
-    treatments, means = profiles.treatment_profiles(
-        fields, np.concatenate([held_out_profiles, training_profiles]), batches)
-    return profiles.nsc_metrics(treatments, means,
-                                classes.index(control) if control in classes else None)
+    fields["moa"] = [classes[k] for k in fields["label"]]
+    return profiles.field_table(fields, np.concatenate([held_out_profiles, training_profiles]),
+                                batches, names)
 
 
 def evaluate(predict, batches, classes, split_by_field=(), reference=None, control=None,
-             plate_batches=None, untrained=()):
-    """(fields, their profiles, metrics) of the whole held-out split (summarize): each
-    rank predicts its own `batches`, and Horovod gathers every field's result on all
-    ranks. With `reference` (the training split's batches, as `batches`), the metrics
-    have NSC, NSCB and NSC of all treatments too (nsc_figures)."""
+             plate_batches=None, untrained=(), with_map=False):
+    """(fields, every field's profile table or None, metrics) of the whole held-out
+    split (summarize): each rank predicts its own `batches`, and Horovod gathers every
+    field's result on all ranks. With `reference` (the training split's batches, as
+    `batches`), the metrics have NSC, NSCB and NSC of all treatments too, and with
+    `with_map` mAP (profile_scores.score), of the held-out and training fields'
+    profiles (the table returned)."""
     fields, field_profiles = predicted_fields(predict, batches, classes, "eval_fields")
     metrics = summarize(fields, classes, split_by_field, untrained)
+    table = None
     if reference is not None:
         training, training_profiles = predicted_fields(predict, reference, classes,
                                                        "train_fields")
-        metrics.update(nsc_figures(fields, field_profiles, training, training_profiles,
-                                   classes, control, plate_batches))
-    return fields, field_profiles, metrics
+        table = profile_fields(fields, field_profiles, training, training_profiles, classes,
+                               plate_batches)
+        metrics.update(profile_scores.score(table, control or profiles.CONTROL_MOA,
+                                            with_map=with_map),
+                       nscb_batches=profiles.batch_source(plate_batches,
+                                                          table[profiles.PLATE]))
+    return fields, table, metrics
 
 
 def example_fields(predict, batches, num_classes, per_class=4, longest_side=640):

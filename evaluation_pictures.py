@@ -5,14 +5,15 @@ report.py for any finished run: the confusion matrix as a row-normalised heatmap
 counts (confusion.png), each MoA's precision and recall (per_class.png), held-out
 accuracy over epochs by field, treatment, NSC and NSCB (accuracy.png), a grid of
 held-out fields per MoA as false-colour composites with their true and predicted MoA
-(fields.png), and index.html, which opens offline.
+(fields.png), and index.html, which opens offline: what its accuracy counts, NSC and
+NSCB under each normalisation beside the baselines', and links to the tables.
 """
 import html
 import os
 
 import numpy as np
 
-import profiles
+import profile_scores
 from plots import plt, save
 
 PAGE = "index.html"
@@ -57,11 +58,13 @@ def accuracy_picture(history, path):
     """Held-out accuracy of fields, treatments, NSC and NSCB at each evaluation."""
     figure, axis = plt.subplots(figsize=(7, 4))
     epochs = [h["epoch"] for h in history]
-    for key, name in (("accuracy", "fields"), ("treatment_accuracy", "treatments"),
-                      ("nsc", "NSC"), ("nscb", "NSCB")):
+    # NSCB dashed over NSC's solid line, so that equal curves both show.
+    for key, name, style in (("accuracy", "fields", "-o"), ("treatment_accuracy", "treatments",
+                                                            "-o"),
+                             ("nsc", "NSC", "-s"), ("nscb", "NSCB", "--^")):
         points = [(e, h[key]) for e, h in zip(epochs, history) if h.get(key) is not None]
         if points:
-            axis.plot(*zip(*points), marker="o", markersize=3, label=name)
+            axis.plot(*zip(*points), style, markersize=4, label=name, fillstyle="none")
     axis.set(xlabel="epoch", ylabel="held-out accuracy", ylim=(0, 1.02),
              title="held-out accuracy over training")
     axis.legend(fontsize=8)
@@ -112,10 +115,11 @@ def fields_picture(examples, classes, path, tile_inches=2.4):
     save(figure, path, say=lambda _: None)
 
 
-def page(folder, title, figures, pictures, tables=None):
-    """index.html in `folder`: `figures` ([(name, value)]) as a table, then
-    `pictures` ([(file, caption)]) that exist, and links to the CSV and JSON files in
-    `tables` (default `folder`); relative links only, so it opens offline."""
+def page(folder, title, figures, pictures, tables=None, frames=()):
+    """index.html in `folder`: `figures` ([(name, value)]) as a table, `frames`
+    ([(heading, DataFrame)]) as tables, then `pictures` ([(file, caption)]) that exist,
+    and links to the CSV, JSON and Parquet files in `tables` (default `folder`);
+    relative links only, so it opens offline."""
     tables = tables or folder
     rows = "".join(f"<tr><th>{html.escape(n)}</th><td>{html.escape(str(v))}</td></tr>"
                    for n, v in figures)
@@ -124,7 +128,10 @@ def page(folder, title, figures, pictures, tables=None):
                     for f, c in pictures if os.path.exists(os.path.join(folder, f)))
     csvs = " · ".join(
         f'<a href="{html.escape(os.path.relpath(os.path.join(tables, n), folder))}">{n}</a>'
-        for n in sorted(os.listdir(tables)) if n.endswith((".csv", ".json")))
+        for n in sorted(os.listdir(tables)) if n.endswith((".csv", ".json", ".parquet")))
+    shown = "".join(f"<h2>{html.escape(heading)}</h2>" + frame.to_html(
+        index=False, float_format=lambda x: f"{x:.3f}", na_rep="none", border=0)
+        for heading, frame in frames if len(frame)) + shown
     with open(os.path.join(folder, PAGE), "w") as f:
         f.write(f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -138,10 +145,42 @@ figure{{margin:1.5em 0}}img{{max-width:100%}}figcaption{{color:#555;font-size:.9
     return os.path.join(folder, PAGE)
 
 
-def draw(folder, title, metrics, history, examples, classes, tables=None):
+def about(model_dir, data, split):
+    """draw's `about` of a run: its model dir's and its data's names (the last part of
+    each path) and its split."""
+    def name(path):
+        return os.path.basename(os.path.normpath(str(path))) if path else "?"
+    return {"run": name(model_dir), "data": name(data), "split": split}
+
+
+def headline(metrics, about, classes):
+    """The page's first rows: the data set, its MoAs and split, and what each accuracy
+    counts (the control's fields, split by field, counted and left out)."""
+    apart = metrics.get("split_by_field") or []
+    rows = [("data set", about.get("data", "?")),
+            ("MoAs", f"{len(classes)}: {', '.join(classes)}"),
+            ("held-out fields", f"{metrics['fields']} (split by {about.get('split') or '?'}"
+                                + (f"; {', '.join(apart)} split by field" if apart else "")
+                                + ")"),
+            ("field accuracy, all held-out fields" + (f" ({', '.join(apart)} included)"
+                                                      if apart else ""),
+             f"{metrics['accuracy']:.4f}")]
+    if metrics.get("accuracy_by_compound") is not None:
+        rows.append((f"field accuracy without {', '.join(apart)} (compounds never trained "
+                     f"on)", f"{metrics['accuracy_by_compound']:.4f}"))
+    rows.append(("treatment accuracy", f"{metrics['treatment_accuracy']:.4f} "
+                                       f"({metrics['treatments']} treatments)"))
+    rows += profile_scores.describe(metrics)
+    if metrics.get("nscb_batches"):
+        rows.append(("NSCB's batches", metrics["nscb_batches"]))
+    return rows
+
+
+def draw(folder, about, metrics, history, examples, classes, tables=None):
     """Every picture of an evaluation into `folder`, and the page; returns its path.
-    `metrics` as evaluation.summarize (NSC where computed); `history` [{epoch,
-    accuracy, treatment_accuracy, nsc, nscb}]; `examples` as fields_picture's;
+    `about`: {"run": model dir's name, "data": data set, "split": how it was split};
+    `metrics` as evaluation.summarize (profile figures where computed); `history`
+    [{epoch, accuracy, treatment_accuracy, nsc, nscb}]; `examples` as fields_picture's;
     `tables`: the folder of the evaluation's CSVs, where not `folder`."""
     os.makedirs(folder, exist_ok=True)
     confusion_picture(metrics["confusion"], os.path.join(folder, "confusion.png"))
@@ -150,13 +189,11 @@ def draw(folder, title, metrics, history, examples, classes, tables=None):
         accuracy_picture(history, os.path.join(folder, "accuracy.png"))
     if examples:
         fields_picture(examples, classes, os.path.join(folder, "fields.png"))
-    figures = [("held-out fields", metrics["fields"]),
-               ("field accuracy", f"{metrics['accuracy']:.4f}"),
-               ("treatment accuracy", f"{metrics['treatment_accuracy']:.4f} "
-                                      f"({metrics['treatments']} treatments)"),
-               *profiles.describe_nsc(metrics)]
-    return page(folder, title, figures, [
+    title = f"{about.get('data', '?')}: held-out evaluation of {about.get('run', '?')}"
+    return page(folder, title, headline(metrics, about, classes), [
         ("accuracy.png", "Held-out accuracy over training"),
         ("confusion.png", "Confusion matrix of held-out fields (rows: true MoA)"),
         ("per_class.png", "Precision and recall per MoA"),
-        ("fields.png", "Held-out fields (DNA blue, 2nd channel green, 3rd red)")], tables)
+        ("fields.png", "Held-out fields (DNA blue, 2nd channel green, 3rd red)")], tables,
+        [("NSC, NSCB and NSC of all treatments by normalisation (docs/profiles.md)",
+          profile_scores.comparison_table(metrics))])

@@ -71,11 +71,24 @@ def read_table(path):
             f"value with a {separator!r} in it needs double quotes") from None
 
 
+SITE_IN_FILE_NAME = re.compile(r"_s(\d+)(?:_|\.|$)")  # BBBC021's Week1_150607_B02_s1_w1...
+
+
+def field_sites(images, columns, files):
+    """Each field's site in its well, as text: the table's site column where it has one
+    (CellProfiler's Metadata_Site), else the _sN of its file name (BBBC021's), else ""."""
+    if columns.get("site") and columns["site"] in images:
+        return images[columns["site"]].astype(str).to_numpy()
+    found = [SITE_IN_FILE_NAME.search(os.path.basename(f)) for f in files]
+    return [m.group(1) if m else "" for m in found]
+
+
 def read_fields(image_table, image_root, channels, columns, moa_table=None, control=None,
                 include_control=False, missing_moa="skip"):
     """One row per field: table_row (its line in the image table, for messages and
     outputs), plate, well, compound, concentration, one path per channel (path_<channel>),
-    file (the first channel's, as the table names it), batch where columns name one,
+    file (the first channel's, as the table names it), site (field_sites), batch where
+    columns name one,
     and, with `moa_table`, moa.
     A PathName that is absolute (as CellProfiler writes them) is not under image_root."""
     images = read_table(image_table)
@@ -105,6 +118,7 @@ def read_fields(image_table, image_root, channels, columns, moa_table=None, cont
     first = channels[0]
     fields["file"] = [os.path.join(folder, name) for folder, name in zip(
         images[columns["pathname"].format(first)], images[columns["filename"].format(first)])]
+    fields["site"] = field_sites(images, columns, fields["file"])
     refuse_repeated_files(fields, channels, image_table)
     if moa_table is None:
         return fields
@@ -327,6 +341,7 @@ DEFAULT_COLUMNS = {
     "plate": "Image_Metadata_Plate_DAPI", "well": "Image_Metadata_Well_DAPI",
     "moa_compound": "compound", "moa_concentration": "concentration", "moa": "moa",
     "batch": "",  # none: NSCB's batch is the plate's week (profiles.batch_of)
+    "site": "",  # none: the _sN of a BBBC021 file name (field_sites)
 }
 # Image-table layouts (--table_layout): the columns of the public BBBC021 tables, or of
 # the CSV that CellProfiler's LoadData module reads (its compound and concentration
@@ -334,7 +349,7 @@ DEFAULT_COLUMNS = {
 TABLE_LAYOUTS = {
     "bbbc021": DEFAULT_COLUMNS,
     "cellprofiler": {**DEFAULT_COLUMNS, "filename": "FileName_{}", "pathname": "PathName_{}",
-                     "plate": "Metadata_Plate", "well": "Metadata_Well",
+                     "plate": "Metadata_Plate", "well": "Metadata_Well", "site": "Metadata_Site",
                      "compound": "Metadata_Compound",
                      "concentration": "Metadata_Concentration"},
 }
@@ -357,12 +372,15 @@ def define_table_flags(flags):
                       "--filename_column without {}): the page of each of --channels, where "
                       "the files do not name their channels (OME-TIFF, ImageJ labels do).")
     for key, default in DEFAULT_COLUMNS.items():
-        if not key.startswith("moa") and key != "batch":
+        if not key.startswith("moa") and key not in ("batch", "site"):
             flags.DEFINE_string(f"{key}_column", default, f"Image table column: {key}"
                                 + (" ({} is the channel)" if "{}" in default else "") + ".")
     flags.DEFINE_string("batch_column", "", "Image table column of each plate's batch, "
                         "which NSCB keeps apart; default: the week of a BBBC021 plate name "
                         "(Week4_27481: Week4), else the plate.")
+    flags.DEFINE_string("site_column", "", "Image table column of each field's site in its "
+                        "well (profiles' Metadata_Site); default: the _sN of a file name "
+                        "(BBBC021's), else none.")
 
 
 def table_columns(flag_values, layout=None):

@@ -7,7 +7,9 @@
 Writes one row per field (plate, well, compound, concentration, predicted MoA, the
 probability of each class) to --output, and one row per treatment (majority vote
 of its fields, mean probabilities) beside it as *_treatments.csv, and with --profiles
-each field's and treatment's profile (profiles.py); a field is named by its
+each field's, well's and treatment's profile (profiles.py: Parquet and CSV, the
+field's Metadata_ columns), with NSC, NSCB and mAP (profile_scores.py) where the MoAs
+are known (--moa_table, or a data set's labels); a field is named by its
 image-table line (table_row) and first channel's file. TIFFs are binned as
 the training data was, corrected by the illumination function and scaled with the
 intensity ranges recorded for their plate, or, for a plate not seen in training, by
@@ -30,8 +32,10 @@ import evaluation
 import intensity
 import model_files
 import plates
+import profile_scores
 import profiles
 import tiffs
+import run_files
 from run_files import write_csv
 from run_log import log
 
@@ -42,13 +46,19 @@ flags.DEFINE_string("output", None, "CSV to write, one row per field.")
 flags.DEFINE_integer("batch_size", 4, "Fields per forward pass per rank.")
 flags.DEFINE_string("model_dir", None, "The --model_dir of a train_mcnn.py run.")
 flags.DEFINE_bool("profiles", False, "Also write each field's profile (the fc_512 layer's "
-                  "512 values, which the classifier reads) and each treatment's mean, "
-                  "beside --output as *_profiles.csv and *_treatment_profiles.csv.")
+                  "512 values, which the classifier reads), each well's and each treatment's "
+                  "(profiles.py), beside --output as *_profiles, *_well_profiles and "
+                  "*_treatment_profiles (.parquet and .csv), and their NSC, NSCB and mAP "
+                  "where MoAs are known.")
+flags.DEFINE_string("moa_table", None, "With --profiles and --image_table: CSV of compound, "
+                    "concentration and moa, for NSC, NSCB and mAP of the profiles.")
+flags.DEFINE_string("control", profiles.CONTROL_MOA, "The control's MoA (or compound), "
+                    "which profiles are normalised against.")
 flags.DEFINE_enum("precision", "auto", tf_env.PRECISIONS,
                   "Compute precision, whatever the model was trained in; auto: "
                   "mixed_bfloat16 where the CPU has native bf16.")
 FLAGS = flags.FLAGS
-PROVENANCE = ["plate", "well", "compound", "concentration", "table_row", "file"]
+PROVENANCE = ["plate", "well", "site", "compound", "concentration", "table_row", "file"]
 
 
 def table_options(manifest):
@@ -75,6 +85,7 @@ def table_batches(manifest):
         raise app.UsageError(f"--channels={','.join(channels)}, but the model was trained on "
                              f"{manifest.get('channels', manifest['image_shape'][2])}")
     fields = plates.read_fields(FLAGS.image_table, FLAGS.image_root, channels, options.columns)
+    provenance = PROVENANCE + (["batch"] if "batch" in fields else [])
     fields = tiffs.check_files(fields, channels, FLAGS.image_table,
                                list(options.channel_pages) or None)
     data, new = intensity.with_new_plates(manifest, fields, options.range_sample_fields)
@@ -91,7 +102,7 @@ def table_batches(manifest):
         images = [intensity.prepared_field(tiffs.field_planes(row, channels), row["table_row"],
                                         row["plate"], data, manifest["dtype"])
                   for _, row in rows.iterrows()]
-        yield np.stack(images), rows[PROVENANCE].reset_index(drop=True)
+        yield np.stack(images), rows[provenance].reset_index(drop=True)
 
 
 def shard_batches(manifest):
@@ -102,9 +113,10 @@ def shard_batches(manifest):
     if given["image_shape"] != trained:
         raise app.UsageError(f"{FLAGS.data_dir} holds {given['image_shape']} images, "
                              f"the model takes {trained}")
-    for images, _, provenance in dataset:
+    for images, labels, provenance in dataset:
         yield images, pd.DataFrame({k: [v.decode() for v in provenance[k].numpy()]
-                                    for k in PROVENANCE})
+                                    for k in PROVENANCE}).assign(
+            moa=[given["classes"][k] for k in labels.numpy()])
 
 
 def predict_fields(predict, batches, classes):
@@ -162,11 +174,36 @@ def main(argv):
     write_csv(treatments(fields, classes), stem + "_treatments.csv")
     print(f"{len(fields)} fields -> {FLAGS.output}; treatments -> {stem}_treatments.csv")
     if FLAGS.profiles:
-        tables = profiles.profile_tables(fields, np.concatenate([p for _, p in everyone]))
-        for name, table in zip(profiles.PROFILE_CSVS, tables):
-            write_csv(table, f"{stem}_{name}", float_format="%.6g")
-        print(f"profiles ({profiles.LAYER}) -> {stem}_{profiles.PROFILE_CSVS[0]}, "
-              f"{stem}_{profiles.PROFILE_CSVS[1]}")
+        write_profiles(fields, np.concatenate([p for _, p in everyone]), stem,
+                       data_pipeline.read_manifest(FLAGS.data_dir).get("plate_batches")
+                       if FLAGS.data_dir else None)
+
+
+def write_profiles(fields, features, stem, plate_batches=None):
+    """--profiles: the field, well and treatment tables beside --output, and NSC, NSCB
+    and mAP (printed, and in *_profile_figures.json) where the fields' MoAs are known."""
+    if FLAGS.moa_table:
+        fields = plates.attach_moa(fields.assign(_row=np.arange(len(fields))), FLAGS.moa_table,
+                                   plates.DEFAULT_COLUMNS, FLAGS.control, True, "skip")
+        features = features[fields.pop("_row").to_numpy()]
+    batches = (dict(zip(fields["plate"], fields["batch"])) if "batch" in fields else
+               plate_batches)
+    table = profiles.field_table(fields, features, batches)
+    normalization = (profiles.DEFAULT_NORMALIZATION if profiles.is_control(table, FLAGS.control)
+                     .any() else "none")
+    paths = profiles.write_tables(os.path.dirname(os.path.abspath(stem)), table, FLAGS.control,
+                                  normalization, os.path.basename(stem) + "_")
+    print(f"profiles ({profiles.LAYER}; treatments normalised: {normalization}) -> "
+          f"{', '.join(paths)} (and .csv)")
+    if "moa" not in fields:
+        print("no MoAs (give --moa_table): no NSC, NSCB or mAP")
+        return
+    figures = profile_scores.score(table, FLAGS.control, normalization)
+    figures["nscb_batches"] = profiles.batch_source(batches, table[profiles.PLATE])
+    run_files.write_json(f"{stem}_profile_figures.json", figures)
+    for name, value in profile_scores.describe(figures):
+        print(f"{name}: {value}")
+    print(f"NSCB's batches: {figures['nscb_batches']}")
 
 
 if __name__ == "__main__":

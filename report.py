@@ -6,7 +6,8 @@
 From a model dir's TensorBoard logs: loss, learning rate and held-out accuracy
 against the step (training.png); from its evaluation/ folder, the pictures of its
 last evaluation and their page (evaluation_pictures.py: index.html), with held-out
-fields of its data set where that is still there. From benchmark.py's JSON files: images/s against
+fields of its data set where that is still there, and its NSC, NSCB and mAP by
+normalisation beside the baselines' (printed). From benchmark.py's JSON files: images/s against
 ranks (scaling.png) and peak memory against the per-rank batch (memory.png), one
 line per file and precision.
 """
@@ -24,6 +25,7 @@ import errors
 import evaluation
 import evaluation_pictures
 import model_files
+import profile_scores
 import run_files
 import run_log
 from plots import plt, save
@@ -118,8 +120,13 @@ def draw_evaluation(model_dir, output_dir):
         raise errors.InputError(f"{model_dir} is not a finished train_mcnn.py run: "
                                 f"{error.strerror}: {error.filename}") from None
     classes = summary["classes"]
+    figures = profile_scores.comparison_table(metrics)
+    if len(figures):
+        print(f"NSC, NSCB and mAP by normalisation (docs/profiles.md):\n"
+              f"{figures.to_string(index=False, float_format=lambda x: f'{x:.3f}', na_rep='')}")
     return evaluation_pictures.draw(
-        output_dir, os.path.basename(os.path.normpath(model_dir)), metrics,
+        output_dir, evaluation_pictures.about(model_dir, summary["data"], summary.get("split")),
+        metrics,
         summary.get("eval_history", []), example_fields(model_dir, summary, classes), classes,
         tables=folder)
 

@@ -66,7 +66,7 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected):
         "classes": run.manifest["classes"],
         "final_treatment_accuracy": metrics["treatment_accuracy"],
         "final_accuracy_by_compound": metrics.get("accuracy_by_compound"),
-        **{f"final_{k}": metrics[k] for k in evaluation.NSC_FIGURES if k in metrics},
+        **{f"final_{k}": metrics[k] for k in evaluation.PROFILE_FIGURES if k in metrics},
         "classes_split_by_field": metrics["split_by_field"],
         "split": run.manifest.get("split", {}).get("by"),
         "eval_history": outcome.history,
@@ -115,8 +115,10 @@ def draw_evaluation(run, outcome):
     examples = evaluation.example_fields(run.predict, iter(eval_data), len(classes))
     model_dir = run.plan.output.model_dir
     return evaluation_pictures.draw(
-        os.path.join(model_dir, run_files.EVALUATION), os.path.basename(
-            os.path.normpath(model_dir)), outcome.metrics, outcome.history, examples, classes)
+        os.path.join(model_dir, run_files.EVALUATION),
+        evaluation_pictures.about(model_dir, run.manifest["source"],
+                                  run.manifest.get("split", {}).get("by")),
+        outcome.metrics, outcome.history, examples, classes)
 
 
 def already_finished(run):

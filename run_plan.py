@@ -151,7 +151,7 @@ class Request:
                    "recipe": optimization.Recipe.from_flags(v), "synthetic": synthetic,
                    "synthetic_counts": synthetic_data.split_counts(  # for the time budget
                        v.synthetic_classes, v.synthetic_compounds_per_class,
-                       v.synthetic_fields_per_treatment, v.seed)
+                       v.synthetic_fields_per_treatment, v.seed, v.synthetic_batches)
                    if synthetic and v.time_budget_minutes else (),
                    "from_tiffs": bool(v.image_table)}
         return cls(**derived, **{field.name: v[field.name].value

@@ -5,7 +5,11 @@ Three channels that look like an MCF-7 screen: nuclei (DNA), microtubules
 phenotype (nucleus size and count, micronuclei, cell shape, microtubule texture,
 actin pattern); each compound of an MoA shows it in its own way, more at a higher
 concentration; every cell varies, and every field has its own cell density,
-illumination, exposure and camera noise, so the classes must be learned.
+illumination, exposure and camera noise, so the classes must be learned. With
+batches (weeks, as BBBC021's), each compound is imaged in one batch of its own plates,
+the control on every plate, and every batch after the first scales its plates'
+intensity per channel and tilts their illumination: a batch effect, for NSCB and
+for normalisation against the control to remove (docs/profiles.md).
 
 The screen is written as real screens come: one folder per plate of 16-bit
 single-channel TIFFs, BBBC021_v1_image.csv and BBBC021_v1_moa.csv. Training data
@@ -134,13 +138,16 @@ def sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, seed):
+def plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, seed,
+                batches=1):
     """One row per field: plate, well, site, compound, concentration, moa, phenotype.
 
     Every MoA but the control has `compounds_per_class` compounds at each of
     CONCENTRATIONS; each compound perturbs its MoA's phenotype in its own way and a
     lower concentration shows less of it, so a model must generalise to compounds it
-    has not seen. The control (DMSO) has as many fields as an MoA.
+    has not seen. The control (DMSO) has as many fields as an MoA, in each batch.
+    With `batches` > 1, compound k of each MoA is imaged in batch (k - 1) % batches + 1,
+    on `plates` plates of that batch's own (WeekB_SynthNN), and the control on all.
     """
     if not 2 <= num_classes <= len(CLASSES):
         raise ValueError(f"the synthetic screen has 2 to {len(CLASSES)} classes, got {num_classes}")
@@ -151,25 +158,28 @@ def plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, 
             compound = f"{moa.lower().replace(' ', '-')}-{k}"
             quirk = rng.uniform(0.85, 1.15, size=len(PHENOTYPES[moa]))
             for strength, concentration in zip((0.75, 1.0), CONCENTRATIONS):
-                treatments.append((compound, concentration, moa, strength, quirk))
-    for _ in range(compounds_per_class * len(CONCENTRATIONS)):
-        treatments.append((CONTROL, "0", CONTROL, 0.0, np.ones(len(PHENOTYPES[CONTROL]))))
+                treatments.append((compound, concentration, moa, strength, quirk,
+                                   (k - 1) % batches + 1))
+    for batch in range(1, batches + 1):
+        for _ in range(compounds_per_class * len(CONCENTRATIONS)):
+            treatments.append((CONTROL, "0", CONTROL, 0.0, np.ones(len(PHENOTYPES[CONTROL])),
+                               batch))
     rows = []
-    for t, (compound, concentration, moa, strength, quirk) in enumerate(treatments):
+    for t, (compound, concentration, moa, strength, quirk, batch) in enumerate(treatments):
         well = f"{'BCDEFG'[t // 10 % 6]}{t % 10 + 2:02d}"
         for site in range(fields_per_treatment):
-            rows.append({"plate": f"Week1_Synth{site % plates + 1:02d}", "well": well,
+            rows.append({"plate": f"Week{batch}_Synth{site % plates + 1:02d}", "well": well,
                          "site": site + 1, "compound": compound, "concentration": concentration,
                          "moa": moa, "phenotype": treated_phenotype(moa, strength, quirk)})
     return rows
 
 
-def split_counts(num_classes, compounds_per_class, fields_per_treatment, seed=0):
+def split_counts(num_classes, compounds_per_class, fields_per_treatment, seed=0, batches=1):
     """(train, eval) fields of the screen as conversion_options splits it, known before
     the screen exists: the split needs only the plan."""
     options = conversion_options(compounds_per_class, seed)
     fields = pd.DataFrame(plan_screen(num_classes, compounds_per_class, fields_per_treatment,
-                                      PLATES, seed))
+                                      PLATES, seed, batches))
     split = splits.assign_split(fields, options.split, options.eval_fraction, seed)
     return int((split == "train").sum()), int((split == "eval").sum())
 
@@ -186,6 +196,9 @@ def write_field(root, height, width, field, seed, index, even_illumination=False
     rng = np.random.default_rng([seed, 1, index])
     image = render_field(height, width, field["phenotype"], rng, even_illumination)
     plate_gain = 0.8 + 0.1 * (int(field["plate"][-2:]) % 5)  # plates differ in brightness
+    batch = int(field["plate"][4:field["plate"].index("_")])
+    if batch > 1:
+        image = image * batch_effect(batch, seed, height, width)
     pixels = np.clip(300 + image * 12000 * plate_gain, 0, 65535).astype(np.uint16)
     names = []
     for c, channel in enumerate(CHANNELS):
@@ -195,13 +208,28 @@ def write_field(root, height, width, field, seed, index, even_illumination=False
     return names
 
 
+def batch_effect(batch, seed, height, width):
+    """(height, width, 3) float32: the factor batch `batch` (2, 3, ...) multiplies its
+    fields by, drawn once per batch from `seed`: each channel 1.35-1.8 times as bright or
+    0.55-0.74 times (a week's staining and exposure), and an illumination tilted by up
+    to 40% across the field (another lamp alignment)."""
+    rng = np.random.default_rng([seed, 2, batch])
+    gain = np.exp(rng.choice([-1, 1], size=3) * rng.uniform(0.3, 0.6, size=3))
+    tilt = rng.uniform(-0.4, 0.4, size=2)
+    yy, xx = np.meshgrid(np.linspace(-1, 1, height, dtype=np.float32),
+                         np.linspace(-1, 1, width, dtype=np.float32), indexing="ij")
+    return (1.0 + tilt[0] * yy + tilt[1] * xx)[..., None] * gain.astype(np.float32)
+
+
 def write_screen(output_dir, height, width, num_classes=len(CLASSES), compounds_per_class=3,
                  fields_per_treatment=4, plates=PLATES, seed=0, workers=None,
-                 even_illumination=False):
+                 even_illumination=False, batches=1):
     """Writes a screen in the BBBC021 layout: one folder per plate of single-channel
     16-bit TIFFs, plus BBBC021_v1_image.csv and BBBC021_v1_moa.csv. Atomically.
-    even_illumination: every field lit evenly (no vignetting, no tilt)."""
-    fields = plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, seed)
+    even_illumination: every field lit evenly (no vignetting, no tilt); batches: weeks
+    of their own plates and batch effect (plan_screen, batch_effect)."""
+    fields = plan_screen(num_classes, compounds_per_class, fields_per_treatment, plates, seed,
+                         batches)
     staging = f"{output_dir}.partial-{os.getpid()}"
     for plate in sorted({f["plate"] for f in fields}):
         os.makedirs(os.path.join(staging, IMAGES, plate), exist_ok=True)
@@ -242,7 +270,8 @@ def conversion_options(compounds_per_class, seed=0):
 
 def main(_):
     write_screen(FLAGS.output_dir, FLAGS.height, FLAGS.width, FLAGS.classes,
-                 FLAGS.compounds_per_class, FLAGS.fields_per_treatment, FLAGS.plates, FLAGS.seed)
+                 FLAGS.compounds_per_class, FLAGS.fields_per_treatment, FLAGS.plates, FLAGS.seed,
+                 batches=FLAGS.batches)
     print(f"{FLAGS.output_dir}: {IMAGE_TABLE}, {MOA_TABLE} and {IMAGES}/; convert with\n"
           f"  python prepare_data.py --image_table={FLAGS.output_dir}/{IMAGE_TABLE} "
           f"--moa_table={FLAGS.output_dir}/{MOA_TABLE} --image_root={FLAGS.output_dir}/{IMAGES} "
@@ -258,7 +287,10 @@ if __name__ == "__main__":
     flags.DEFINE_integer("classes", len(CLASSES), f"MoA classes with the control, 2..{len(CLASSES)}.")
     flags.DEFINE_integer("compounds_per_class", 3, "Compounds per MoA.")
     flags.DEFINE_integer("fields_per_treatment", 4, "Fields of view per compound and concentration.")
-    flags.DEFINE_integer("plates", 3, "Plates the fields are spread over.")
+    flags.DEFINE_integer("plates", 3, "Plates the fields are spread over (in each batch).")
+    flags.DEFINE_integer("batches", 1, "Batches (weeks) the compounds are imaged in, each "
+                         "with its own plates and batch effect; the control in every one.",
+                         lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Random seed; same seed, same screen.")
     FLAGS = flags.FLAGS
     app.run(main)

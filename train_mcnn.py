@@ -18,6 +18,7 @@ from absl import flags, logging
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
+import baselines
 import checkpoints
 import data_pipeline
 import elastic
@@ -26,6 +27,7 @@ import evaluation
 import lr_schedule
 import model_files
 import optimization
+import profile_scores
 import run_plan
 import run_end
 import run_files
@@ -47,6 +49,9 @@ flags.DEFINE_integer("log_every", 10, "Print progress every this many steps.")
 flags.DEFINE_bool("nsc", True, "NSC and NSCB (profiles.py) at every evaluation, which "
                   "profiles the training split too (a forward pass over it, about a third of "
                   "an epoch's compute); --nonsc: at the last step's evaluation only.")
+flags.DEFINE_bool("profile_baselines", True, "At the last evaluation, NSC, NSCB and mAP of "
+                  "the untrained M-CNN's profiles and of intensity statistics too (a forward "
+                  "pass over every field), beside the trained model's.")
 flags.DEFINE_float("target_accuracy", 0.0, "Stop once held-out field accuracy reaches this, "
                    "and record the epochs, steps, images and seconds it took (0: never).")
 flags.adopt_module_key_flags(run_plan)  # --help lists the run's decisions with these
@@ -170,12 +175,14 @@ def log_progress(run, step, window, outcome):
 
 def evaluate_and_report(run, step, eval_data, outcome):
     started = time.time()
-    fields, profiles, metrics = evaluation.evaluate(
+    last = step == run.plan.total_steps
+    fields, profile_fields, metrics = evaluation.evaluate(
         run.predict, training_data.named_data_errors(iter(eval_data), run.manifest, "eval",
                                                      run.source.image_table is not None),
         run.manifest["classes"], run.manifest.get("classes_split_by_field", ()),
         nsc_reference(run, step), run.manifest.get("control", "DMSO"),
-        run.manifest.get("plate_batches"), list(data_pipeline.untrained_classes(run.manifest)))
+        run.manifest.get("plate_batches"), list(data_pipeline.untrained_classes(run.manifest)),
+        with_map=last)
     outcome.eval_seconds += time.time() - started
     epoch, accuracy = step / run.plan.steps_per_epoch, metrics["accuracy"]
     outcome.metrics = metrics
@@ -196,12 +203,38 @@ def evaluate_and_report(run, step, eval_data, outcome):
         log(f"target accuracy {target:g} reached at epoch {epoch:.2f} (step "
             f"{step}, {outcome.target['images']:,} images) after {seconds:.1f} s, "
             f"{outcome.target['train_seconds']:.1f} s of it training: stopping")
+    if profile_fields is not None and (last or outcome.target):
+        last_profile_figures(run, metrics, profile_fields, with_map=not last)
     run.record_history(outcome.history)
     if hvd.rank() == 0:
-        last = step == run.plan.total_steps or outcome.target
         evaluation.write_report(os.path.join(run.plan.output.model_dir, run_files.EVALUATION),
                                 fields, metrics, run.manifest["classes"], step,
-                                profiles if last else None)
+                                profile_fields if last or outcome.target else None,
+                                run.manifest.get("control", "DMSO"))
+
+
+def last_profile_figures(run, metrics, profile_fields, with_map):
+    """The run's last evaluation: mAP too where it stops early at its target (`with_map`;
+    the last step's evaluation has it), and with --profile_baselines the baselines'."""
+    if with_map:
+        metrics.update(profile_scores.score(profile_fields, run.manifest.get("control", "DMSO")))
+    log(f"NSCB's batches: {metrics['nscb_batches']}")
+    if FLAGS.profile_baselines:
+        metrics["baselines"] = profile_baselines(run)
+        for name, figures in metrics["baselines"].items():
+            log(f"baseline, {name} profiles: {evaluation.format_nsc(figures)}")
+
+
+def profile_baselines(run):
+    """baselines.scores of the same fields: the run's M-CNN with its initial weights
+    (baselines.initialised), and each field's intensity statistics."""
+    feed = run.source.feed(run.plan.per_rank_batch, provenance=True)
+    channels = run.manifest.get("channels") or range(run.plan.model.image_shape[-1])
+    with baselines.initialised(run.model, run.plan.seed):
+        return baselines.scores(run.predict, lambda split: named_data_errors(run, split, feed),
+                                run.manifest["classes"], channels,
+                                run.manifest.get("control", "DMSO"),
+                                run.manifest.get("plate_batches"))
 
 
 def nsc_reference(run, step):

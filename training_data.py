@@ -23,7 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PLATES_ONLY = ("bin", "illumination", "illumination_sigma", "illumination_fields")
 SHARDS_ONLY = ("shuffle_buffer", "skip_bad_records")
 SYNTHETIC_ONLY = ("image_height", "image_width", "synthetic_classes",
-                  "synthetic_compounds_per_class", "synthetic_fields_per_treatment")
+                  "synthetic_compounds_per_class", "synthetic_fields_per_treatment",
+                  "synthetic_batches")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Source:
     synthetic_classes: int = len(synthetic_data.CLASSES)
     synthetic_compounds_per_class: int = 3
     synthetic_fields_per_treatment: int = 4
+    synthetic_batches: int = 1
     shuffle_buffer: int = 64
     intensity_jitter: float = 0.0
     shift: float = 0.0
@@ -88,6 +90,10 @@ flags.DEFINE_integer("synthetic_compounds_per_class", Source.synthetic_compounds
                      "Compounds per MoA in the synthetic screen; one per MoA is held out.")
 flags.DEFINE_integer("synthetic_fields_per_treatment", Source.synthetic_fields_per_treatment,
                      "Fields per compound and concentration in the synthetic screen.")
+flags.DEFINE_integer("synthetic_batches", Source.synthetic_batches, "Batches (weeks) the "
+                     "synthetic screen's compounds are imaged in, each with its own plates and "
+                     "batch effect, the control in every one (for NSCB; docs/profiles.md).",
+                     lower_bound=1)
 flags.DEFINE_integer("shuffle_buffer", Source.shuffle_buffer,
                      "Images in each rank's shuffle buffer.")
 flags.DEFINE_float("intensity_jitter", Source.intensity_jitter, "Training augmentation: each "
@@ -141,7 +147,7 @@ def open_data(source, seed, field_size=None):
         data_dir = synthetic_dataset(
             source.synthetic_cache, *(field_size or (source.image_height, source.image_width)),
             source.synthetic_classes, source.synthetic_compounds_per_class,
-            source.synthetic_fields_per_treatment, seed=seed)
+            source.synthetic_fields_per_treatment, seed=seed, batches=source.synthetic_batches)
     manifest = data_pipeline.read_manifest(data_dir)
     refuse_untrained_classes(manifest, data_dir, source.allow_untrained_classes)
     refuse_too_few_shards(manifest, data_dir)
@@ -200,7 +206,8 @@ def open_plates(source):
 
 
 def synthetic_dataset(cache_dir, height, width, num_classes=len(synthetic_data.CLASSES),
-                      compounds_per_class=3, fields_per_treatment=4, seed=0, images_per_shard=8):
+                      compounds_per_class=3, fields_per_treatment=4, seed=0, images_per_shard=8,
+                      batches=1):
     """Path of the synthetic data set: the screen in BBBC021 layout, converted by
     prepare_data.py with a split by compound (the control split by field).
 
@@ -209,14 +216,16 @@ def synthetic_dataset(cache_dir, height, width, num_classes=len(synthetic_data.C
     """
     mcnn_model.check_image_shape((height, width, len(synthetic_data.CHANNELS)))
     name = (f"synthetic-v{synthetic_data.VERSION}_{height}x{width}_{num_classes}cls_"
-            f"{compounds_per_class}cpd_{fields_per_treatment}fields_seed{seed}")
+            f"{compounds_per_class}cpd_{fields_per_treatment}fields_seed{seed}"
+            + (f"_{batches}batches" if batches > 1 else ""))
     screen = os.path.join(cache_dir, name + "_screen")
     data = os.path.join(cache_dir, name + "_by-compound")
     with data_pipeline.exclusive_lock(os.path.join(cache_dir, name + ".lock")):
         if not os.path.isdir(screen):
             print(f"Generating the synthetic screen in {screen}", flush=True)
             synthetic_data.write_screen(screen, height, width, num_classes,
-                                        compounds_per_class, fields_per_treatment, seed=seed)
+                                        compounds_per_class, fields_per_treatment, seed=seed,
+                                        batches=batches)
         if not os.path.isdir(data):
             print(f"Converting it with prepare_data.py to {data}", flush=True)
             prepare_data.convert(

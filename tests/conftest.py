@@ -29,7 +29,7 @@ PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 #   -m "slow and not ranks"  the programs run as one process each
 #   -m ranks                 ranks under mpirun or horovodrun, and Slurm
 # Modules whose tests run programs are marked here, single tests where they are.
-PROGRAM_MODULES = {"test_field_sizes"}
+PROGRAM_MODULES = {"test_field_sizes", "test_profile_exports"}
 RANKS_MODULES = {"test_benchmark", "test_cluster", "test_horovod_training", "test_reliability",
                  "test_time_to_accuracy"}
 

@@ -66,18 +66,28 @@ def test_classes_split_by_field_are_reported_apart(tmp_path):
     assert "accuracy_by_compound" not in evaluation.summarize(example(), CLASSES)
 
 
-def test_profiles_are_written_per_field_and_per_treatment(tmp_path):
-    fields = example().assign(plate="Week1_01", well="B02")
-    field_profiles = np.arange(10 * 4, dtype=np.float32).reshape(10, 4)
-    evaluation.write_report(tmp_path, fields, evaluation.summarize(fields, CLASSES), CLASSES,
-                            field_profiles=field_profiles)
-    profiles = pd.read_csv(tmp_path / "profiles.csv")
-    assert profiles.columns.tolist() == ["plate", "well", "compound", "concentration", "moa",
-                                         "f0", "f1", "f2", "f3"]
-    by_treatment = pd.read_csv(tmp_path / "treatment_profiles.csv").set_index("compound")
-    assert by_treatment.loc["t1", "fields"] == 3 and by_treatment.loc["t1", "moa"] == "A"
-    np.testing.assert_allclose(by_treatment.loc["t1", ["f0", "f1", "f2", "f3"]].to_numpy(float),
-                               field_profiles[:3].mean(axis=0))
+def test_every_fields_profiles_are_written_per_field_well_and_treatment(tmp_path):
+    held_out = example().assign(plate="Week1_01", well="B02", site="1")
+    training = held_out.assign(compound=held_out["compound"] + "x", well="C03")
+    rng = np.random.default_rng(0)
+    table = evaluation.profile_fields(held_out, rng.normal(size=(10, 4)), training,
+                                      rng.normal(size=(10, 4)), CLASSES)
+    evaluation.write_report(tmp_path, held_out, evaluation.summarize(held_out, CLASSES),
+                            CLASSES, profile_fields=table)
+    fields = pd.read_parquet(tmp_path / "profiles.parquet")
+    assert fields.columns.tolist()[:8] == [
+        "Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Compound",
+        "Metadata_Concentration", "Metadata_MoA", "Metadata_Split", "Metadata_Batch"]
+    assert len(fields) == 20 and fields["Metadata_Split"].value_counts().to_dict() == {
+        "eval": 10, "train": 10}
+    assert fields.columns[-1] == "Image_MCNN_fc512_3"
+    wells = pd.read_csv(tmp_path / "well_profiles.csv")
+    assert len(wells) == 8 and wells["Metadata_Count"].sum() == 20
+    by_treatment = pd.read_csv(tmp_path / "treatment_profiles.csv").set_index(
+        "Metadata_Compound")
+    assert len(by_treatment) == 8 and by_treatment.loc["t1", "Metadata_MoA"] == "A"
+    # No control among A, B and C: the treatments' profiles are their wells' raw ones.
+    assert (by_treatment["Metadata_Normalization"] == "none").all()
 
 
 def test_the_evaluation_page_shows_every_picture(tmp_path):
@@ -91,10 +101,14 @@ def test_the_evaluation_page_shows_every_picture(tmp_path):
     examples = [(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8), k % 3, (k + k // 3) % 3, 0.9)
                 for k in range(9)]
     evaluation.write_report(tmp_path, fields, metrics, CLASSES)
-    page = evaluation_pictures.draw(tmp_path, "a run", metrics, history, examples, CLASSES)
+    page = evaluation_pictures.draw(tmp_path, evaluation_pictures.about(
+        "runs/a_run", "data/screen_by-compound", "compound"), metrics, history, examples,
+        CLASSES)
     text = open(page).read()
     for picture in ("accuracy.png", "confusion.png", "per_class.png", "fields.png"):
         assert f'src="{picture}"' in text and (tmp_path / picture).stat().st_size > 10_000
+    assert "<title>screen_by-compound: held-out evaluation of a_run</title>" in text
+    assert "<td>3: A, B, C</td>" in text and "(split by compound)" in text
     assert "<td>0.7500 (4 held-out treatments)</td>" in text
     assert "<td>none (no treatment of another batch)</td>" in text
     assert '<a href="fields.csv">fields.csv</a>' in text

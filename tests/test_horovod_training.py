@@ -113,8 +113,9 @@ def test_prediction_csv_from_tables_on_two_ranks(two_rank_run, tmp_path):
     assert len(treatments) == table.groupby(
         ["Image_Metadata_Compound", "Image_Metadata_Concentration"]).ngroups
     assert treatments["fields"].sum() == len(table)
-    profiles = pd.read_csv(tmp_path / "predictions_profiles.csv")
-    assert len(profiles) == len(table) and "f511" in profiles and "f512" not in profiles
+    profiles = pd.read_parquet(tmp_path / "predictions_profiles.parquet")
+    assert len(profiles) == len(table) and profiles.columns[-1] == "Image_MCNN_fc512_511"
+    assert sorted(profiles["Metadata_Site"].astype(int)) == sorted(table["Replicate"])
     assert len(pd.read_csv(tmp_path / "predictions_treatment_profiles.csv")) == len(treatments)
 
 
@@ -254,27 +255,32 @@ def test_report_draws_the_training_curves_and_the_evaluation(two_rank_run, tmp_p
 
 def test_the_evaluation_has_profiles_nsc_and_pictures(two_rank_run):
     """NSC of the held-out compounds' treatments (one per MoA, at two concentrations),
-    every evaluation; NSCB has no other batch (the synthetic plates are all of Week1)."""
+    every evaluation; NSCB has no other batch (the synthetic plates are all of Week1).
+    The profiles of every field, training ones too, per field, well and treatment."""
     model_dir, stdout = two_rank_run
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["final_nsc_queries"] == 4 and 0 <= summary["final_nsc"] <= 1
     assert summary["final_nscb"] is None and summary["final_nscb_queries"] == 0
     assert summary["final_nsc_all_queries"] == 8
     assert all("nsc" in h for h in summary["eval_history"])
-    assert "NSCB none (no treatment of another batch)" in stdout
+    assert "NSCB (tvn) none (no treatment of another batch)" in stdout
     assert len(scalar_series(model_dir / "tensorboard", "eval_nsc")) == 20
     folder = model_dir / "evaluation"
     fields = pd.read_csv(folder / "fields.csv")
     classes = summary["classes"]
     np.testing.assert_allclose(fields[[f"p_{c}" for c in classes]].sum(axis=1), 1, rtol=1e-5)
     profiles = pd.read_csv(folder / "profiles.csv")
-    assert len(profiles) == 48 and [c for c in profiles if c.startswith("f")][-1] == "f511"
+    manifest = json.loads((model_dir / "data_manifest.json").read_text())
+    assert len(profiles) == sum(split["count"] for split in manifest["splits"].values())
+    assert profiles.columns[-1] == "Image_MCNN_fc512_511"
+    wells = pd.read_csv(folder / "well_profiles.csv")
+    one = wells.iloc[0]
+    mine = profiles[(profiles["Metadata_Plate"] == one["Metadata_Plate"])
+                    & (profiles["Metadata_Well"] == one["Metadata_Well"])]
+    np.testing.assert_allclose(mine["Image_MCNN_fc512_7"].mean(), one["Image_MCNN_fc512_7"],
+                               rtol=1e-4, atol=1e-6)
     by_treatment = pd.read_csv(folder / "treatment_profiles.csv")
-    assert by_treatment["fields"].sum() == 48
-    one = by_treatment.iloc[0]
-    mine = profiles[(profiles["compound"] == one["compound"])
-                    & (profiles["concentration"] == one["concentration"])]
-    np.testing.assert_allclose(mine["f7"].mean(), one["f7"], rtol=1e-4, atol=1e-6)
+    assert by_treatment["Metadata_Count"].sum() == len(wells)
     assert "fields.png" in (folder / "index.html").read_text()
 
 

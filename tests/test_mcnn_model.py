@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import baselines
 import mcnn_model
 import model_files
 import tf_env
@@ -269,3 +270,18 @@ def test_a_model_trained_in_one_precision_predicts_in_the_other(tmp_path, traine
     tf.train.Checkpoint(model=other).restore(path).assert_existing_objects_matched()
     for a, b in zip(model.weights, other.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_model_initialised_again_has_its_initial_weights_and_gets_its_own_back():
+    """baselines.initialised: tf_keras's initializers draw the run's initial weights
+    again; the trained ones are put back after."""
+    tf.keras.utils.set_random_seed(3)
+    model = mcnn_model.build_mcnn((128, 128, 3), 3)
+    initial = model.get_weights()
+    trained = [w + 1.0 for w in initial]
+    model.set_weights(trained)
+    with baselines.initialised(model, 3):
+        for drawn, start in zip(model.get_weights(), initial):
+            np.testing.assert_array_equal(drawn, start)
+    for now, kept in zip(model.get_weights(), trained):
+        np.testing.assert_array_equal(now, kept)

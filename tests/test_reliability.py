@@ -503,3 +503,23 @@ def test_a_resume_on_other_data_is_refused_and_changed_flags_are_said(two_rank_r
     assert summary["flags_changed_on_resume"]["base_lr"] == ["0.02", "0.01"]
     assert json.loads((model_dir / "data_manifest.json").read_text())["intensity"] == manifest[
         "intensity"]
+
+
+def test_ctrl_c_while_predicting_ends_in_one_line_and_writes_nothing(two_rank_run, tmp_path):
+    """SIGINT once predict.py has said what its model takes (so, inside its main): one
+    line, exit 130, no output file."""
+    model_dir, _ = two_rank_run
+    screen = next((model_dir.parent / "data").glob("*_screen"))
+    output = tmp_path / "predictions.csv"
+    process = subprocess.Popen(
+        [PYTHON, os.path.join(ROOT, "predict.py"), f"--model_dir={model_dir}",
+         f"--output={output}", "--batch_size=1", "--profiles",
+         f"--image_table={screen / 'BBBC021_v1_image.csv'}", f"--image_root={screen / 'images'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert process.stdout.readline()  # the model loaded: its input described
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    said = stderr.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("predict.py: stopped by Ctrl-C"), said
+    assert not output.exists() and not list(tmp_path.iterdir())
