@@ -3,6 +3,7 @@ line naming the file, row or flag at fault, and a prompt exit of every rank."""
 import os
 import re
 import sys
+import time
 import traceback
 
 from absl import app, flags
@@ -60,8 +61,10 @@ def run_main(main):
         except (InputError, OutputError, app.UsageError, FloatingPointError) as error:
             if not (isinstance(error, SameOnEveryRank) and rank_in_job() != 0):
                 print(f"{os.path.basename(sys.argv[0])}: {error}", file=sys.stderr, flush=True)
+            else:  # so that mpirun, ending the job at the first exit, lets rank 0 say it
+                time.sleep(2)
         except (Interrupted, KeyboardInterrupt) as stop:
-            print(f"{os.path.basename(sys.argv[0])}: {stop or 'stopped by Ctrl-C'}",
+            print(f"{os.path.basename(sys.argv[0])}: {str(stop) or 'stopped by Ctrl-C'}",
                   file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(130)

@@ -194,8 +194,11 @@ def refuse_given(source, names, applies):
 def open_plates(source):
     """Training straight from TIFFs: the fields, split and scaled as prepare_data.py would."""
     options = source.conversion
-    fields, description = plates.prepare_fields(source.image_table, source.moa_table,
-                                                source.image_root, options)
+    try:
+        fields, description = plates.prepare_fields(source.image_table, source.moa_table,
+                                                    source.image_root, options)
+    except errors.InputError as error:  # every rank reads the same tables and files
+        raise errors.SameOnEveryRank(str(error)) from None
     manifest = {**description, "dtype": "uint8",
                 "split": {"by": options.split, "eval_fraction": options.eval_fraction},
                 "splits": {side: {"count": int((fields["split"] == side).sum())}

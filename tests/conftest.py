@@ -3,6 +3,7 @@ and one real 2-rank training run that several test modules read."""
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tf_env  # noqa: F401,E402  (before TensorFlow, as in every script)
+
+# The Ctrl-C tests send SIGINT to the programs. A suite started in the background of a
+# non-interactive shell (nohup ... &, a batch job) has SIGINT ignored, which every
+# program it starts would inherit; with a handler here they start with the default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import plates  # noqa: E402
 import prepare_data  # noqa: E402
 import run_log  # noqa: E402

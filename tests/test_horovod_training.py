@@ -47,9 +47,10 @@ def test_each_rank_reports_its_peak_memory_beside_the_estimate(two_rank_run):
     assert expected == pytest.approx(sum(parts.values()))
     assert f"memory: about {expected:.1f} GB a rank expected at batch 4 (runtime" in stdout
     # The estimate is of the training step and its input; a run also evaluates,
-    # profiles and draws, which at 128 x 128 adds about a tenth of a GB.
+    # profiles (copairs' mAP, duckdb under it: 0.08 GB measured) and draws, which at
+    # 128 x 128 adds a third of a GB, negligible at full size (a rank's 3-4 GB).
     peaks = summary["peak_rss_gb_by_rank"]
-    assert len(peaks) == 2 and all(0.8 * expected < gb < 1.6 * expected for gb in peaks), peaks
+    assert len(peaks) == 2 and all(0.8 * expected < gb < expected + 0.5 for gb in peaks), peaks
     assert f"peak memory of a rank: {max(peaks):.2f} GB" in stdout
 
 

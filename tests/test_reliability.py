@@ -440,7 +440,7 @@ def from_tables(screen, model_dir, *flags):
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_missing_tiffs_end_training_from_tables_in_one_line_on_every_rank(
+def test_missing_tiffs_end_training_from_tables_in_one_line_said_once(
         two_rank_run, tmp_path, ranks):
     screen, table = screen_copy(two_rank_run, tmp_path)
     missing = [tiff_of(screen, table, 9), tiff_of(screen, table, 30, "Actin")]
@@ -451,7 +451,7 @@ def test_missing_tiffs_end_training_from_tables_in_one_line_on_every_rank(
                     *from_tables(screen, tmp_path / "model", "--epochs=2")],
                    timeout=120)  # a hang fails here
     said = [line for line in result.stderr.splitlines() if line.startswith("train_mcnn.py: ")]
-    assert len(said) == ranks and len(set(said)) == 1, result.stderr[-3000:]
+    assert len(said) == 1, result.stderr[-3000:]  # every rank finds it; rank 0 says it
     assert f"2 of its {3 * len(table)} files are missing or unreadable" in said[0]
     assert f"row 11: {missing[0]} does not exist; row 32: {missing[1]} does not exist" in said[0]
     assert "Traceback" not in result.stdout + result.stderr
@@ -507,7 +507,8 @@ def test_a_resume_on_other_data_is_refused_and_changed_flags_are_said(two_rank_r
 
 def test_ctrl_c_while_predicting_ends_in_one_line_and_writes_nothing(two_rank_run, tmp_path):
     """SIGINT once predict.py has said what its model takes (so, inside its main): one
-    line, exit 130, no output file."""
+    line, exit 130, and no output half-written (at 128 x 128 the fields may all be
+    predicted before the signal lands, so a CSV may be there, whole)."""
     model_dir, _ = two_rank_run
     screen = next((model_dir.parent / "data").glob("*_screen"))
     output = tmp_path / "predictions.csv"
@@ -522,4 +523,8 @@ def test_ctrl_c_while_predicting_ends_in_one_line_and_writes_nothing(two_rank_ru
     assert process.returncode == 130, stderr[-3000:]
     said = stderr.strip().splitlines()
     assert len(said) == 1 and said[0].startswith("predict.py: stopped by Ctrl-C"), said
-    assert not output.exists() and not list(tmp_path.iterdir())
+    assert "Traceback" not in stderr
+    table = pd.read_csv(screen / "BBBC021_v1_image.csv")
+    if output.exists():
+        assert len(pd.read_csv(output)) == len(table)
+    assert not list(tmp_path.glob("*.tmp"))
