@@ -121,6 +121,24 @@ class PositionTiled(tf.keras.initializers.Initializer):
         return {"positions": self.positions, "seed": self.seed}
 
 
+def fc_512_positions(model):
+    """The positions of the merged grid fc_512 reads (8 x 10 = 80 at full size, 2 x 2 at
+    256 x 256): its kernel's rows are these x the merged channels, positions outermost."""
+    return int(np.prod(model.get_layer("merge_pool").output.shape[1:3]))
+
+
+def tied_over_positions(kernel_gradient, positions):
+    """fc_512's kernel gradient, (positions x channels, units), replaced by its mean over
+    the positions at every position. Every step then moves each position's weights
+    alike, so a PositionTiled kernel stays tiled (weight decay and momentum are linear
+    in it): fc_512 stays global average pooling and a dense layer through training,
+    with the published layer's parameters and the same step for what they share."""
+    rows, units = kernel_gradient.shape
+    per_position = tf.reshape(kernel_gradient, [positions, rows // positions, units])
+    mean = tf.reduce_mean(per_position, axis=0, keepdims=True)
+    return tf.reshape(tf.broadcast_to(mean, per_position.shape), [rows, units])
+
+
 def scale_column(input_shape, scale, kernel_initializer="glorot_uniform"):
     """Column `scale` as a model of its own: pool by 2**scale, three 5x5
     convolutions, pool to 1/64."""

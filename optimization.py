@@ -15,6 +15,8 @@ from absl import flags
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
+import mcnn_model
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """How a step turns a batch into an update: the loss's label smoothing and L2 weight
@@ -30,6 +32,7 @@ class Recipe:
     allreduce_groups: int = 0
     clip_norm: float = 0.0
     dense_rate_fan_in: int = 0
+    fc_512_tied: bool = False
 
     @property
     def l2(self):
@@ -69,6 +72,11 @@ flags.DEFINE_integer("dense_rate_fan_in", Recipe.dense_rate_fan_in, "SGD: a dens
                      "this fan-in would (one step moves a dense layer's output in proportion "
                      "to its fan-in, and fc_512's grows with the field: 4,096 at 256 x 256, "
                      "81,920 at full size). 0: one rate for every layer.", lower_bound=0)
+flags.DEFINE_bool("fc_512_tied", Recipe.fc_512_tied, "Keep fc_512's weights the same at every "
+                  "position of the merged grid (each step's gradient averaged over the 80 "
+                  "positions at full size, 4 at 256 x 256), so that with "
+                  "--fc_512_initializer=tiled it stays global average pooling and a dense "
+                  "layer: the read-out of a field's mean phenotype, wherever its cells lie.")
 flags.register_multi_flags_validator(
     ["dense_rate_fan_in", "optimizer"],
     lambda given: not given["dense_rate_fan_in"] or given["optimizer"] == "sgd",
@@ -139,6 +147,7 @@ def make_train_step(model, optimizer, num_classes, recipe, accumulate=1, average
     """train_step(images, labels) -> (loss, small_norm2, big_norm2): one update from
     this rank's per-rank batch x `accumulate` images."""
     rate_factors = dense_rate_factors(model, recipe.dense_rate_fan_in)
+    tied = fc_512_tied(model) if recipe.fc_512_tied else {}
 
     @tf.function
     def train_step(images, labels):
@@ -150,6 +159,8 @@ def make_train_step(model, optimizer, num_classes, recipe, accumulate=1, average
                                                   use_norm=tf.sqrt(big_norm2))
         gradients = [g * factor if factor != 1 else g
                      for g, factor in zip(gradients, rate_factors)]
+        gradients = [mcnn_model.tied_over_positions(g, tied[v.ref()]) if v.ref() in tied else g
+                     for g, v in zip(gradients, model.trainable_variables)]
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         return loss, small_norm2, big_norm2
     return train_step
@@ -166,6 +177,11 @@ def dense_rate_factors(model, fan_in):
         if fan_in and isinstance(layer, tf.keras.layers.Dense) and layer.kernel.shape[0] > fan_in:
             scaled[layer.kernel.ref()] = fan_in / layer.kernel.shape[0]
     return [scaled.get(v.ref(), 1.0) for v in model.trainable_variables]
+
+
+def fc_512_tied(model):
+    """{fc_512's kernel (a variable's ref): its positions} for tied_over_positions."""
+    return {model.get_layer("fc_512").kernel.ref(): mcnn_model.fc_512_positions(model)}
 
 
 def make_optimizer(learning_rate, recipe):

@@ -74,6 +74,11 @@ flags.DEFINE_enum("fc_512_initializer", "glorot_uniform", ["glorot_uniform", "ti
                   "block repeated at every position of the merged 8 x 10 grid (at full "
                   "size) over their number, so that it starts as global average pooling "
                   "and a dense layer (mcnn_model.PositionTiled).")
+flags.register_multi_flags_validator(
+    ["fc_512_tied", "fc_512_initializer"],
+    lambda given: not given["fc_512_tied"] or given["fc_512_initializer"] == "tiled",
+    message="--fc_512_tied keeps fc_512 as it starts: start it tiled too "
+            "(--fc_512_initializer=tiled)")
 # Execution
 flags.DEFINE_enum("precision", "auto", tf_env.PRECISIONS,
                   "mixed_bfloat16: bf16 compute, fp32 weights and checkpoints; auto: "

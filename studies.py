@@ -1,12 +1,14 @@
 """Tables and plots of the studies, each a set of training runs to a target accuracy.
 
-    python studies.py --recipe_dirs=runs/recipe_study/levers/baseline,... --output_dir=DIR
+    python studies.py --recipe_dirs=runs/recipe_study/levers/baseline,... [--recipe_table=CSV] \
+        --output_dir=DIR
     python studies.py --study_dirs=runs/batch_study/sgd_8_x1,... [--study_table=CSV] \
         --output_dir=DIR
 
 The recipe study (experiments/recipe_study): one folder of time-to-accuracy runs per
 recipe (benchmark.py --parts=time_to_accuracy), epochs to --target per seed, read
-from each run's evaluations, and their median (recipes.csv, recipes.png).
+from each run's evaluations, and their median (recipes.csv, recipes.png); the runs'
+folders stay out of git, and --recipe_table keeps the rows of recipes whose runs are gone.
 
 The batch-size study (experiments/batch_study): one model dir per run, each a global
 batch, optimizer and peak rate trained until --target_accuracy. For each optimizer
@@ -35,6 +37,8 @@ import time_to_accuracy
 
 flags.DEFINE_list("recipe_dirs", [], "Folders of time-to-accuracy runs, one per recipe "
                   "(benchmark.py --parts=time_to_accuracy --model_dir=FOLDER).")
+flags.DEFINE_string("recipe_table", None, "A recipes.csv written before: its rows are kept "
+                    "for the recipes not among --recipe_dirs (whose runs may be gone).")
 flags.DEFINE_list("study_dirs", [], "Model dirs of the batch-size study's runs.")
 flags.DEFINE_string("study_table", None, "A batch_study.csv written before: its rows are "
                     "kept for the runs not among --study_dirs (whose folders may be gone).")
@@ -50,14 +54,16 @@ FIT_FILE = "batch_study_fit.json"
 
 # ---------------------------------------------------------------- the recipe study
 
-def recipe_table(recipe_dirs, target):
+def recipe_table(recipe_dirs, target, earlier=None):
     """One row per recipe: a folder of time-to-accuracy runs (benchmark.py
     --parts=time_to_accuracy --model_dir=FOLDER: PRECISION_seedN model dirs), named by
     the folder. Per seed, the epochs and seconds to `target` held-out field accuracy (the
     first evaluation at or above it, seconds from the start of training with the
     evaluations, as MLPerf counts; NEVER if none was, or the run diverged), their medians
-    and the epochs' spread, and the final accuracy. Raises ValueError for a run that
-    stopped at a lower target than `target`: what came after is not known."""
+    and the epochs' spread, and the final accuracy; then the rows of `earlier` (a table
+    this function made before) for the recipes not among `recipe_dirs`, sorted by recipe.
+    Raises ValueError for a run that stopped at a lower target than `target`: what came
+    after is not known; errors.InputError if `earlier` was measured to another target."""
     rows = []
     for folder in recipe_dirs:
         seeds = {}
@@ -76,7 +82,14 @@ def recipe_table(recipe_dirs, target):
                      **{f"seed{s}_epochs": e for s, (e, _, _) in sorted(seeds.items())},
                      **{f"seed{s}_seconds": t for s, (_, t, _) in sorted(seeds.items())},
                      **{f"seed{s}_final": f for s, (_, _, f) in sorted(seeds.items())}})
-    return pd.DataFrame(rows)
+    if earlier is not None:
+        if len(earlier) and not np.isclose(earlier["target"], target).all():
+            raise errors.InputError(f"--recipe_table: its rows were measured to "
+                                    f"{earlier['target'].iloc[0]:g}, not to --target={target:g}")
+        fresh = {row["recipe"] for row in rows}
+        rows += [row for row in earlier.to_dict("records") if row["recipe"] not in fresh]
+    table = pd.DataFrame(rows)
+    return table.sort_values("recipe").reset_index(drop=True) if len(table) else table
 
 
 def epochs_to(model_dir, target):
@@ -170,11 +183,12 @@ def study_table(model_dirs, earlier=None):
     return table.sort_values(["optimizer", "global_batch", "peak_lr", "run"]).reset_index(drop=True)
 
 
-def earlier_table(path):
-    """The rows of a batch_study.csv written before (--study_table); errors.InputError
-    naming the flag if there is no such file."""
+def earlier_table(path, flag="study_table"):
+    """The rows of a table written before (--study_table's batch_study.csv,
+    --recipe_table's recipes.csv); errors.InputError naming the flag if there is no
+    such file."""
     if not os.path.isfile(path):
-        raise errors.InputError(f"--study_table={path}: no such file")
+        raise errors.InputError(f"--{flag}={path}: no such file")
     return pd.read_csv(path, float_precision="round_trip")
 
 
@@ -284,7 +298,9 @@ def main(argv):
         raise app.UsageError("give --recipe_dirs, or --study_dirs and/or --study_table")
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     if FLAGS.recipe_dirs:
-        table = recipe_table(FLAGS.recipe_dirs, FLAGS.target)
+        table = recipe_table(FLAGS.recipe_dirs, FLAGS.target,
+                             earlier_table(FLAGS.recipe_table, "recipe_table")
+                             if FLAGS.recipe_table else None)
         run_files.write_csv(table, os.path.join(FLAGS.output_dir, "recipes.csv"))
         print(table.to_string(index=False))
         plot_recipes(table, os.path.join(FLAGS.output_dir, "recipes.png"))

@@ -1,5 +1,6 @@
 """optimization.py: the fused SGD against Keras's, LARS against its formula, the gradient
-noise scale against a known noise, the dense layers' rate by fan-in and clipping.
+noise scale against a known noise, the dense layers' rate by fan-in and clipping, fc_512
+kept tiled.
 (Accumulation against 2 ranks and against one larger batch: test_horovod_training.py.)"""
 import dataclasses
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import mcnn_model
 import optimization
 
 
@@ -90,3 +92,34 @@ def test_a_wider_dense_layer_steps_at_its_scaled_rate_after_clipping():
     for variable, before, gradient in zip(model.trainable_variables, start, gradients):
         expected = before - 0.1 * factors.get(variable.name, 1.0) * gradient.numpy() / 2
         np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_tied_fc_512_stays_global_average_pooling_and_steps_by_the_positions_mean():
+    """--fc_512_tied with a tiled start: after SGD steps with momentum and weight decay,
+    every position of fc_512 still holds the same weights, and the first step moved them
+    by the rate x the mean over positions of fc_512's kernel gradient."""
+    tf.keras.utils.set_random_seed(0)
+    model = mcnn_model.build_mcnn((256, 384, 3), 3, fc_512_initializer="tiled")
+    positions = mcnn_model.fc_512_positions(model)
+    assert positions == 2 * 3
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.integers(0, 256, (2, 256, 384, 3), np.uint8))
+    labels = tf.constant([0, 2])
+    recipe = optimization.Recipe(fc_512_tied=True)
+    kernel = model.get_layer("fc_512").kernel
+    before = kernel.numpy()
+    _, gradients = optimization.local_gradients(model, images, labels, 3, recipe)
+    gradient = gradients[[v.ref() for v in model.trainable_variables].index(kernel.ref())]
+    blocks = gradient.numpy().reshape(positions, -1, mcnn_model.HIDDEN_UNITS)
+    assert np.abs(blocks - blocks.mean(axis=0)).max() > 1e-3 * np.abs(blocks).max()
+
+    step = optimization.make_train_step(model, optimization.FusedSGD(0.01, momentum=0.9), 3,
+                                        recipe, average=False)
+    step(images, labels)
+    moved = (kernel.numpy() - before).reshape(blocks.shape)
+    np.testing.assert_allclose(moved[0], -0.01 * blocks.mean(axis=0), rtol=1e-3, atol=1e-8)
+    for _ in range(2):
+        step(images, labels)
+    after = kernel.numpy().reshape(blocks.shape)
+    assert np.array_equal(after, np.broadcast_to(after[0], after.shape))
+    assert not np.allclose(after, before.reshape(blocks.shape))

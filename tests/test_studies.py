@@ -131,3 +131,22 @@ def test_the_recipe_table_counts_epochs_to_the_target_from_each_seeds_evaluation
     write_seed(tmp_path / "lower" / "float32_seed0", [0.5, 0.85], target=0.8)
     with pytest.raises(ValueError, match="stopped at 0.8, below 0.9"):
         studies.recipe_table([str(tmp_path / "lower")], 0.9)
+
+
+def test_the_recipe_table_keeps_the_rows_of_recipes_whose_runs_are_gone(tmp_path):
+    for recipe, accuracies in (("gone", [0.5, 0.93]), ("kept", [0.4, 0.6, 0.8])):
+        write_seed(tmp_path / "runs" / recipe / "float32_seed0", accuracies)
+    docs = tmp_path / "docs"
+    study = [PYTHON, os.path.join(ROOT, "studies.py"), "--target=0.9", f"--output_dir={docs}"]
+    run([*study, f"--recipe_dirs={tmp_path / 'runs' / 'gone'},{tmp_path / 'runs' / 'kept'}"])
+    write_seed(tmp_path / "runs" / "new" / "float32_seed0", [0.95])
+    write_seed(tmp_path / "runs" / "kept" / "float32_seed1", [0.91])
+    run([*study, f"--recipe_dirs={tmp_path / 'runs' / 'kept'},{tmp_path / 'runs' / 'new'}",
+         f"--recipe_table={docs / 'recipes.csv'}"])
+    table = pd.read_csv(docs / "recipes.csv", dtype=str)
+    assert table[["recipe", "median_epochs", "reached"]].values.tolist() == [
+        ["gone", "2.0", "1 of 1"], ["kept", "never", "1 of 2"], ["new", "1.0", "1 of 1"]]
+    other_target = fails([*study, f"--recipe_dirs={tmp_path / 'runs' / 'new'}", "--target=0.8",
+                          f"--recipe_table={docs / 'recipes.csv'}"])
+    assert "--recipe_table: its rows were measured to 0.9, not to --target=0.8" in other_target.stderr
+    assert "Traceback" not in other_target.stderr
