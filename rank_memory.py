@@ -58,7 +58,8 @@ class RankMemory:
     """The estimated peak memory of a training rank, in GB (2**30 bytes), as a function
     of its per-rank batch. image_shape is (H, W, C) as stored, each pixel channel
     `stored_bytes` bytes; a step takes the per-rank batch `accumulate` micro-batches at
-    a time from an input pipeline with a shuffle buffer of `shuffle_buffer` images."""
+    a time from an input pipeline with a shuffle buffer of `shuffle_buffer` images; with
+    `averaged` (--ema_decay) the optimizer holds one more copy of the parameters."""
     image_shape: tuple
     num_classes: int
     stored_bytes: int
@@ -66,6 +67,7 @@ class RankMemory:
     recompute: bool
     shuffle_buffer: int
     accumulate: int = 1
+    averaged: bool = False
 
     def parts(self, batch):
         """{runtime, state, activations, input}: GB each, at per-rank batch `batch`."""
@@ -75,7 +77,7 @@ class RankMemory:
         in_pipeline = (self.shuffle_buffer + IN_FLIGHT_IMAGES
                        + IN_FLIGHT_STEPS * batch * self.accumulate)
         return {"runtime": RUNTIME_GB,
-                "state": PARAMETER_COPIES * 4 * parameters / 2 ** 30,
+                "state": (PARAMETER_COPIES + self.averaged) * 4 * parameters / 2 ** 30,
                 "activations": batch * per_image * padded / FULL_SIZE_PIXELS,
                 "input": in_pipeline * math.prod(self.image_shape) * self.stored_bytes / 2 ** 30}
 

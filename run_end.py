@@ -78,10 +78,12 @@ def write_summary(run, outcome, start_step, seconds, in_sync, peaks, expected):
 
 
 def finish(run, outcome, start_step):
-    """Rank 0 exports the model, writes the summary and draws the evaluation; every rank
-    checks the weights."""
+    """Rank 0 exports the model (the moving average of its weights with --ema_decay, as
+    evaluated), writes the summary and draws the evaluation; every rank checks the
+    weights."""
     seconds = run.seconds()
     in_sync = optimization.weights_in_sync(run.model)
+    run.optimizer.finalize_variable_values(run.model.trainable_variables)  # --ema_decay's
     peaks = hvd.allgather_object(round(rank_memory.peak_rss_gb(), 3), name="peak_rss_gb")
     expected = run.plan.memory.parts(run.plan.per_rank_batch)
     if hvd.rank() == 0:
@@ -127,4 +129,5 @@ def already_finished(run):
     log(f"{model_dir} has finished its {run.plan.total_steps} steps; nothing to do "
         f"(raise --epochs to train on, or --noresume --overwrite to start afresh)")
     if hvd.rank() == 0 and not os.path.isdir(os.path.join(model_dir, run_files.SAVED_MODEL)):
+        run.optimizer.finalize_variable_values(run.model.trainable_variables)
         checkpoints.export_finished(run.manager, run.model, model_dir)

@@ -295,7 +295,7 @@ def memory_estimate(request, model, accumulate):
         model.image_shape, model.num_classes, model.stored_dtype.size,
         model.precision, model.recompute,
         0 if request.from_tiffs else request.shuffle_buffer,  # TIFFs: no shuffle buffer
-        accumulate)
+        accumulate, averaged=request.recipe.ema_decay > 0)
 
 
 def resolve(request, manifest, precision, precision_why, rank_threads, kept=None,

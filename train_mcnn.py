@@ -176,13 +176,14 @@ def log_progress(run, step, window, outcome):
 def evaluate_and_report(run, step, eval_data, outcome):
     started = time.time()
     last = step == run.plan.total_steps
-    fields, profile_fields, metrics = evaluation.evaluate(
-        run.predict, training_data.named_data_errors(iter(eval_data), run.manifest, "eval",
-                                                     run.source.image_table is not None),
-        run.manifest["classes"], run.manifest.get("classes_split_by_field", ()),
-        nsc_reference(run, step), run.manifest.get("control", "DMSO"),
-        run.manifest.get("plate_batches"), list(data_pipeline.untrained_classes(run.manifest)),
-        with_map=last)
+    with optimization.averaged_weights(run.model, run.optimizer):
+        fields, profile_fields, metrics = evaluation.evaluate(
+            run.predict, training_data.named_data_errors(iter(eval_data), run.manifest, "eval",
+                                                         run.source.image_table is not None),
+            run.manifest["classes"], run.manifest.get("classes_split_by_field", ()),
+            nsc_reference(run, step), run.manifest.get("control", "DMSO"),
+            run.manifest.get("plate_batches"),
+            list(data_pipeline.untrained_classes(run.manifest)), with_map=last)
     outcome.eval_seconds += time.time() - started
     epoch, accuracy = step / run.plan.steps_per_epoch, metrics["accuracy"]
     outcome.metrics = metrics
@@ -276,9 +277,11 @@ def log_start(run, start_step):
         log(note)
     accumulated = (f" x {plan.accumulate_steps} micro-batches"
                    if plan.accumulate_steps > 1 else "")
+    averaged = (f", weights' moving average {plan.recipe.ema_decay:g} evaluated"
+                if plan.recipe.ema_decay else "")
     log(f"{plan.ranks} rank{'s' * (plan.ranks > 1)} ({plan.nodes} "
         f"node{'s' * (plan.nodes > 1)}) x {plan.per_rank_batch} images"
-        f"{accumulated} = global batch {plan.global_batch}; {plan.recipe.optimizer}; "
+        f"{accumulated} = global batch {plan.global_batch}; {plan.recipe.optimizer}{averaged}; "
         f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps; peak LR "
         f"{plan.peak_lr:g} ({plan.lr_scaling} rule); threads per rank: {plan.threads}; oneDNN "
         f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; {plan.model.precision} "

@@ -12,6 +12,9 @@ import tensorflow as tf
 import tifffile
 
 import tf_env
+import checkpoints
+import model_files
+import optimization
 from conftest import LAUNCH, PYTHON, ROOT, launch_two_ranks, run, scalar_series, small_run
 
 
@@ -182,6 +185,36 @@ def test_prediction_from_shards_matches_training_evaluation(two_rank_run, tmp_pa
     predicted = pd.read_csv(output, dtype=str).sort_values(["plate", "well", "compound"])
     at_training = pd.read_csv(model_dir / "evaluation" / "fields.csv", dtype=str).sort_values(
         ["plate", "well", "compound"])
+    assert predicted["predicted_moa"].tolist() == at_training["predicted_moa"].tolist()
+
+
+def test_with_ema_decay_the_weights_moving_average_is_evaluated_and_exported(two_rank_run,
+                                                                              tmp_path):
+    """The export is the average the optimizer kept (restored from the last checkpoint,
+    which holds the trained weights for a resumed run), and predict.py with it gives the
+    training's last evaluation."""
+    model_dir = tmp_path / "model"
+    result = launch_two_ranks(os.path.join(ROOT, "train_mcnn.py"), small_run(
+        two_rank_run, model_dir, "--epochs=2", "--warmup_epochs=1", "--ema_decay=0.8"))
+    assert "= global batch 8; sgd, weights' moving average 0.8 evaluated;" in result.stdout
+    assert json.loads((model_dir / "summary.json").read_text())["ranks_in_sync"] is True
+    model, _ = model_files.load_trained(str(model_dir))
+    exported = [v.numpy() for v in model.trainable_variables]
+    optimizer = optimization.make_optimizer(0.1, optimization.Recipe(ema_decay=0.8))
+    optimizer.build(model.trainable_variables)
+    last = model_files.checkpoints_in(str(model_dir / "checkpoints"))[0]
+    checkpoints.make_checkpoint(model, optimizer, 8).restore(last).expect_partial()
+    trained = [v.numpy() for v in model.trainable_variables]
+    optimizer.finalize_variable_values(model.trainable_variables)
+    for average, export, weights in zip(model.trainable_variables, exported, trained):
+        np.testing.assert_allclose(average.numpy(), export, rtol=1e-6, atol=1e-7)
+    assert not all(np.allclose(e, w) for e, w in zip(exported, trained))
+    data_dir = next((two_rank_run[0].parent / "data").glob("*_by-compound"))
+    run([PYTHON, os.path.join(ROOT, "predict.py"), f"--model_dir={model_dir}",
+         f"--output={tmp_path / 'eval.csv'}", f"--data_dir={data_dir}"])
+    keys = ["plate", "well", "compound", "site"]
+    predicted = pd.read_csv(tmp_path / "eval.csv", dtype=str).sort_values(keys)
+    at_training = pd.read_csv(model_dir / "evaluation" / "fields.csv", dtype=str).sort_values(keys)
     assert predicted["predicted_moa"].tolist() == at_training["predicted_moa"].tolist()
 
 

@@ -123,3 +123,29 @@ def test_a_tied_fc_512_stays_global_average_pooling_and_steps_by_the_positions_m
     after = kernel.numpy().reshape(blocks.shape)
     assert np.array_equal(after, np.broadcast_to(after[0], after.shape))
     assert not np.allclose(after, before.reshape(blocks.shape))
+
+
+def test_the_moving_average_of_the_weights_follows_its_formula_and_is_worn_for_evaluation():
+    """--ema_decay: average = d x average + (1 - d) x weights after each step, from the
+    initial weights; averaged_weights puts it in the model and the trained weights back."""
+    inputs = tf.keras.Input((3,))
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(2)(inputs))
+    optimizer = optimization.make_optimizer(0.1, optimization.Recipe(ema_decay=0.75))
+    optimizer.build(model.trainable_variables)
+    average = [v.numpy() for v in model.trainable_variables]
+    step = tf.function(lambda gs: optimizer.apply_gradients(zip(gs, model.trainable_variables)))
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        step([tf.constant(rng.normal(size=v.shape).astype(np.float32))
+              for v in model.trainable_variables])
+        average = [0.75 * a + 0.25 * v.numpy() for a, v in zip(average, model.trainable_variables)]
+    trained = [v.numpy() for v in model.trainable_variables]
+    with optimization.averaged_weights(model, optimizer):
+        for variable, expected in zip(model.trainable_variables, average):
+            np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-6)
+    for variable, expected, averaged in zip(model.trainable_variables, trained, average):
+        np.testing.assert_array_equal(variable.numpy(), expected)
+        assert not np.allclose(expected, averaged)
+    plain = optimization.make_optimizer(0.1, optimization.Recipe())
+    with optimization.averaged_weights(model, plain):
+        np.testing.assert_array_equal(model.trainable_variables[0].numpy(), trained[0])
