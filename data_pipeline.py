@@ -53,6 +53,7 @@ class Feed:
     shuffle_buffer: int = 64
     intensity_jitter: float = 0.0
     shift: float = 0.0
+    erase: float = 0.0
 
 
 # ---------------------------------------------------------------- writing
@@ -241,7 +242,7 @@ def parse_record(record, filename, image_shape, num_classes, dtype="uint8"):
     return image, tf.cast(features["label"], tf.int32), {k: features[k] for k in TEXT_FIELDS}
 
 
-def augment(image, intensity_jitter=0.0, shift=0.0):
+def augment(image, intensity_jitter=0.0, shift=0.0, erase=0.0):
     """Random flips, and transposes for square images: microscopy has no up or left.
     A 90-degree rotation of a non-square field would change its shape, so those
     get the four symmetries of the rectangle, square ones all eight.
@@ -255,6 +256,11 @@ def augment(image, intensity_jitter=0.0, shift=0.0):
     drawn log-uniformly from [1 / (1 + j), 1 + j], and clipped to the dtype: fields
     differ in exposure and staining from field to field and plate to plate, which the
     per-plate scaling does not remove, and an MoA should not be read from them.
+
+    With erase a > 0, a rectangle of the field's shape covering a share of it drawn
+    uniformly from [0, a], anywhere inside it, is set to the field's background
+    (erased_background): random erasing (Zhong et al., AAAI 2020), so that how densely
+    cells lie, which varies from field to field within a treatment, is not read as an MoA.
     """
     image = tf.image.random_flip_left_right(image)
     image = tf.image.random_flip_up_down(image)
@@ -265,6 +271,8 @@ def augment(image, intensity_jitter=0.0, shift=0.0):
         pad = [math.ceil(shift * image.shape[0]), math.ceil(shift * image.shape[1])]
         image = tf.image.random_crop(
             tf.pad(image, [[pad[0]] * 2, [pad[1]] * 2, [0, 0]], mode="REFLECT"), image.shape)
+    if erase > 0:
+        image = erase_rectangle(image, erase)
     if intensity_jitter > 0:
         spread = math.log1p(intensity_jitter)
         gains = tf.exp(tf.random.uniform([image.shape[-1]], -spread, spread))
@@ -323,14 +331,35 @@ def make_dataset(manifest, split, feed, good_records=None):
     return augmented_batches(ds, feed)
 
 
+def erase_rectangle(image, most):
+    """`image` (H, W, C) with one rectangle of its aspect, covering a uniform share in
+    [0, `most`] of it, at a uniform place inside it, set to erased_background(image)."""
+    height, width = image.shape[0], image.shape[1]
+    side = tf.sqrt(tf.random.uniform([], 0.0, most))
+    rows = tf.cast(side * height, tf.int32)
+    columns = tf.cast(side * width, tf.int32)
+    top = tf.random.uniform([], 0, height - rows + 1, tf.int32)
+    left = tf.random.uniform([], 0, width - columns + 1, tf.int32)
+    y, x = tf.range(height)[:, None], tf.range(width)[None, :]
+    inside = (y >= top) & (y < top + rows) & (x >= left) & (x < left + columns)
+    return tf.where(inside[..., None], erased_background(image), image)
+
+
+def erased_background(image):
+    """(C,) in `image`'s dtype: each channel's 10th percentile over every 8th row and
+    column, the level of a field's background where cells cover less than 90% of it."""
+    sample = tf.reshape(image[::8, ::8], [-1, image.shape[-1]])
+    return tf.sort(sample, axis=0)[tf.shape(sample)[0] // 10]
+
+
 def augmented_batches(ds, feed):
     """Batches of (image, label, provenance) records; for training, augmented and only
     full ones; without provenance, (image, label) only."""
     if not feed.provenance:
         ds = ds.map(lambda image, label, _: (image, label))
     if feed.training:
-        ds = ds.map(lambda image, *rest: (augment(image, feed.intensity_jitter, feed.shift),
-                                          *rest),
+        ds = ds.map(lambda image, *rest: (augment(image, feed.intensity_jitter, feed.shift,
+                                                  feed.erase), *rest),
                     num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(feed.batch_size, drop_remainder=feed.training).prefetch(tf.data.AUTOTUNE)
 

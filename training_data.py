@@ -47,6 +47,7 @@ class Source:
     shuffle_buffer: int = 64
     intensity_jitter: float = 0.0
     shift: float = 0.0
+    erase: float = 0.0
     input_scaling: str = "unit"
     skip_bad_records: bool = False
     allow_untrained_classes: bool = False
@@ -73,7 +74,8 @@ class Source:
     def feed(self, batch_size, training=False, provenance=False, seed=0):
         """This rank's share of a split, in batches of `batch_size`."""
         return data_pipeline.Feed(batch_size, hvd.rank(), hvd.size(), training, provenance,
-                                  seed, self.shuffle_buffer, self.intensity_jitter, self.shift)
+                                  seed, self.shuffle_buffer, self.intensity_jitter, self.shift,
+                                  self.erase)
 
 
 flags.DEFINE_string("data_dir", None, "Data set folder (manifest.json + TFRecord shards). "
@@ -102,6 +104,10 @@ flags.DEFINE_float("intensity_jitter", Source.intensity_jitter, "Training augmen
 flags.DEFINE_float("shift", Source.shift, "Training augmentation: each field moved by up to "
                    "this share of its height and width (the border mirrored; 0: off), besides "
                    "the flips.", lower_bound=0, upper_bound=0.5)
+flags.DEFINE_float("erase", Source.erase, "Training augmentation: in each field a rectangle "
+                   "covering up to this share of it (uniform) set to the field's background, "
+                   "so that how densely cells lie is not read as an MoA (0: off), besides the "
+                   "flips.", lower_bound=0, upper_bound=0.9)
 flags.DEFINE_enum("input_scaling", Source.input_scaling, ["unit", "standardize"], "unit: "
                   "pixels / the largest value of their dtype, [0, 1] (the authors'); "
                   "standardize: each channel to mean 0 and spread 1, by the training fields' "

@@ -116,6 +116,31 @@ def test_shift_moves_a_field_by_up_to_its_share_of_each_side_and_keeps_its_size(
     assert (moved.astype(int).sum(axis=(1, 2, 3)) == 255).all()
 
 
+def test_erase_sets_one_rectangle_of_up_to_its_share_to_the_fields_background():
+    """A field of background 10 (per channel: 10 and 20) with cells of 200 on a quarter of
+    it: one rectangle of the field's aspect is set to the background, covering shares
+    spread over [0, 0.5]; the rest is untouched, dtype and size kept."""
+    rng = np.random.default_rng(0)
+    field = np.stack([np.full((40, 50), 10), np.full((40, 50), 20)], axis=-1).astype(np.uint16)
+    cells = rng.random((40, 50)) < 0.25
+    field[cells] = 200
+    tf.random.set_seed(0)
+    np.testing.assert_array_equal(data_pipeline.erased_background(tf.constant(field)), [10, 20])
+    shares = []
+    for _ in range(300):
+        erased = data_pipeline.erase_rectangle(tf.constant(field), 0.5).numpy()
+        assert erased.dtype == np.uint16 and erased.shape == field.shape
+        changed = np.argwhere((erased != field).any(axis=-1))
+        assert (erased[tuple(changed.T)] == [10, 20]).all()
+        if len(changed):
+            (top, left), (bottom, right) = changed.min(axis=0), changed.max(axis=0)
+            box = erased[top:bottom + 1, left:right + 1]
+            assert (box == [10, 20]).all()  # one rectangle, all of it background
+            shares.append((bottom + 1 - top) * (right + 1 - left) / (40 * 50))
+    assert max(shares) <= 0.5 and min(shares) < 0.05 and max(shares) > 0.4
+    assert 0.2 < np.mean(shares) < 0.3  # uniform in [0, 0.5]: mean 0.25
+
+
 def test_fewer_shards_than_ranks_is_a_clear_error(small_set):
     with pytest.raises(ValueError, match="6 shard files for 7 ranks"):
         batches(small_set, "eval", 2, rank=0, num_ranks=7)
