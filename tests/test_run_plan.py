@@ -50,7 +50,8 @@ def test_the_authors_flag_file_plans_their_global_batch_and_schedule():
     assert plan["recipe"] == {"optimizer": "sgd", "momentum": 0.9, "lars_eta": 0.001,
                               "weight_decay": 5e-5, "label_smoothing": 0.1,
                               "fp16_allreduce": False, "allreduce_groups": 0,
-                              "clip_norm": 0.0, "dense_rate_fan_in": 0}
+                              "clip_norm": 0.0, "dense_rate_fan_in": 0,
+                              "fc_512_tied": False, "ema_decay": 0.0}
     assert plan["model"]["image_shape"] == [1024, 1280, 3] and plan["model"]["num_classes"] == 12
     assert plan["memory"]["accumulate"] == 32
 
