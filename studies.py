@@ -89,7 +89,13 @@ def recipe_table(recipe_dirs, target, earlier=None):
         fresh = {row["recipe"] for row in rows}
         rows += [row for row in earlier.to_dict("records") if row["recipe"] not in fresh]
     table = pd.DataFrame(rows)
-    return table.sort_values("recipe").reset_index(drop=True) if len(table) else table
+    if not len(table):
+        return table
+    seeds = sorted((c for c in table.columns if c.startswith("seed")),
+                   key=lambda c: (("epochs", "seconds", "final").index(c.split("_")[1]),
+                                  int(c.split("_")[0][4:])))  # one order, wherever rows came from
+    return table[[c for c in table.columns if c not in seeds] + seeds].sort_values(
+        "recipe").reset_index(drop=True)
 
 
 def epochs_to(model_dir, target):

@@ -146,6 +146,8 @@ def test_the_recipe_table_keeps_the_rows_of_recipes_whose_runs_are_gone(tmp_path
     table = pd.read_csv(docs / "recipes.csv", dtype=str)
     assert table[["recipe", "median_epochs", "reached"]].values.tolist() == [
         ["gone", "2.0", "1 of 1"], ["kept", "never", "1 of 2"], ["new", "1.0", "1 of 1"]]
+    assert list(table.columns)[8:] == ["seed0_epochs", "seed1_epochs", "seed0_seconds",
+                                       "seed1_seconds", "seed0_final", "seed1_final"]
     other_target = fails([*study, f"--recipe_dirs={tmp_path / 'runs' / 'new'}", "--target=0.8",
                           f"--recipe_table={docs / 'recipes.csv'}"])
     assert "--recipe_table: its rows were measured to 0.9, not to --target=0.8" in other_target.stderr
