@@ -54,6 +54,7 @@ class Feed:
     intensity_jitter: float = 0.0
     shift: float = 0.0
     erase: float = 0.0
+    overlay: float = 0.0
 
 
 # ---------------------------------------------------------------- writing
@@ -242,7 +243,7 @@ def parse_record(record, filename, image_shape, num_classes, dtype="uint8"):
     return image, tf.cast(features["label"], tf.int32), {k: features[k] for k in TEXT_FIELDS}
 
 
-def augment(image, intensity_jitter=0.0, shift=0.0, erase=0.0):
+def augment(image, intensity_jitter=0.0, shift=0.0, erase=0.0, overlay=0.0):
     """Random flips, and transposes for square images: microscopy has no up or left.
     A 90-degree rotation of a non-square field would change its shape, so those
     get the four symmetries of the rectangle, square ones all eight.
@@ -261,7 +262,14 @@ def augment(image, intensity_jitter=0.0, shift=0.0, erase=0.0):
     uniformly from [0, a], anywhere inside it, is set to the field's background
     (erased_background): random erasing (Zhong et al., AAAI 2020), so that how densely
     cells lie, which varies from field to field within a treatment, is not read as an MoA.
+
+    With overlay p > 0, a field is, with probability p, overlaid with a copy of itself
+    rolled round by a quarter to three quarters of its height and width (overlay_rolled):
+    twice its cells, each one as it was, so that density varies twofold within every
+    class without a cell being lost, which erasing cannot avoid.
     """
+    if overlay > 0:
+        image = overlay_rolled(image, overlay)
     image = tf.image.random_flip_left_right(image)
     image = tf.image.random_flip_up_down(image)
     if image.shape[0] == image.shape[1]:
@@ -345,6 +353,18 @@ def erase_rectangle(image, most):
     return tf.where(inside[..., None], erased_background(image), image)
 
 
+def overlay_rolled(image, chance):
+    """`image` (H, W, C) or, with probability `chance`, its pixel maximum with itself
+    rolled round (tf.roll) by a uniform H/4 to 3H/4 rows and W/4 to 3W/4 columns: a cell
+    narrower than a quarter of the field never meets its own copy. Dtype and shape kept."""
+    height, width = image.shape[0], image.shape[1]
+    rows = tf.random.uniform([], height // 4, height - height // 4 + 1, tf.int32)
+    columns = tf.random.uniform([], width // 4, width - width // 4 + 1, tf.int32)
+    return tf.cond(tf.random.uniform([]) < chance,
+                   lambda: tf.maximum(image, tf.roll(image, [rows, columns], axis=[0, 1])),
+                   lambda: image)
+
+
 def erased_background(image):
     """(C,) in `image`'s dtype: each channel's 10th percentile over every 8th row and
     column, the level of a field's background where cells cover less than 90% of it."""
@@ -359,7 +379,7 @@ def augmented_batches(ds, feed):
         ds = ds.map(lambda image, label, _: (image, label))
     if feed.training:
         ds = ds.map(lambda image, *rest: (augment(image, feed.intensity_jitter, feed.shift,
-                                                  feed.erase), *rest),
+                                                  feed.erase, feed.overlay), *rest),
                     num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(feed.batch_size, drop_remainder=feed.training).prefetch(tf.data.AUTOTUNE)
 

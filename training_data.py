@@ -48,6 +48,7 @@ class Source:
     intensity_jitter: float = 0.0
     shift: float = 0.0
     erase: float = 0.0
+    overlay: float = 0.0
     input_scaling: str = "unit"
     skip_bad_records: bool = False
     allow_untrained_classes: bool = False
@@ -75,7 +76,7 @@ class Source:
         """This rank's share of a split, in batches of `batch_size`."""
         return data_pipeline.Feed(batch_size, hvd.rank(), hvd.size(), training, provenance,
                                   seed, self.shuffle_buffer, self.intensity_jitter, self.shift,
-                                  self.erase)
+                                  self.erase, self.overlay)
 
 
 flags.DEFINE_string("data_dir", None, "Data set folder (manifest.json + TFRecord shards). "
@@ -108,6 +109,11 @@ flags.DEFINE_float("erase", Source.erase, "Training augmentation: in each field 
                    "covering up to this share of it (uniform) set to the field's background, "
                    "so that how densely cells lie is not read as an MoA (0: off), besides the "
                    "flips.", lower_bound=0, upper_bound=0.9)
+flags.DEFINE_float("overlay", Source.overlay, "Training augmentation: the chance that a field "
+                   "is overlaid (pixel maximum) with a copy of itself rolled round by a quarter "
+                   "to three quarters of its height and width, twice its cells, so that how "
+                   "densely cells lie is not read as an MoA (0: off), besides the flips.",
+                   lower_bound=0, upper_bound=1)
 flags.DEFINE_enum("input_scaling", Source.input_scaling, ["unit", "standardize"], "unit: "
                   "pixels / the largest value of their dtype, [0, 1] (the authors'); "
                   "standardize: each channel to mean 0 and spread 1, by the training fields' "

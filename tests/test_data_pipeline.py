@@ -141,6 +141,30 @@ def test_erase_sets_one_rectangle_of_up_to_its_share_to_the_fields_background():
     assert 0.2 < np.mean(shares) < 0.3  # uniform in [0, 0.5]: mean 0.25
 
 
+def test_overlay_doubles_a_fields_cells_each_kept_whole_in_about_its_share_of_fields():
+    """A field of background 10 with one cell (a 4 x 4 square of 200): overlaid, it holds
+    that cell and one copy of it, a quarter to three quarters of the field's height and
+    width round from it, nothing else changed; about half the fields at a chance of 0.5."""
+    field = np.full((40, 48, 1), 10, np.uint8)
+    field[2:6, 2:6] = 200  # its copy cannot wrap round the edge
+    tf.random.set_seed(0)
+    offsets = []
+    for _ in range(300):
+        overlaid = data_pipeline.overlay_rolled(tf.constant(field), 0.5).numpy()
+        assert overlaid.dtype == np.uint8 and overlaid.shape == field.shape
+        assert (overlaid >= field).all()  # the field's own cells are all kept
+        copy = np.argwhere((overlaid != field)[..., 0])
+        if len(copy):
+            assert len(copy) == 16 and (overlaid[tuple(copy.T)] == 200).all()
+            rows, columns = copy.min(axis=0) - 2
+            assert 10 <= rows <= 30 and 12 <= columns <= 36
+            offsets.append((rows, columns))
+    assert 120 < len(offsets) < 180
+    assert len(set(offsets)) > 50  # offsets drawn over the whole range
+    assert (data_pipeline.augment(tf.constant(field)).numpy().sum()
+            == field.sum())  # off by default
+
+
 def test_fewer_shards_than_ranks_is_a_clear_error(small_set):
     with pytest.raises(ValueError, match="6 shard files for 7 ranks"):
         batches(small_set, "eval", 2, rank=0, num_ranks=7)

@@ -256,8 +256,8 @@ def test_training_straight_from_tiffs_and_tables(two_rank_run, tmp_path):
 
 
 def test_speed_and_memory_options_train_on_two_ranks(two_rank_run, tmp_path):
-    """--recompute, bf16, fp16 allreduce, a small fusion buffer, the automatic batch and
-    random erasing, together, on two ranks."""
+    """--recompute, bf16, fp16 allreduce, a small fusion buffer, the automatic batch,
+    random erasing and overlaid fields, together, on two ranks."""
     data = two_rank_run[0].parent / "data"
     result = launch_two_ranks(os.path.join(ROOT, "train_mcnn.py"), [
         f"--synthetic_cache={data}", f"--model_dir={tmp_path / 'model'}",
@@ -266,7 +266,7 @@ def test_speed_and_memory_options_train_on_two_ranks(two_rank_run, tmp_path):
         "--per_rank_batch=auto", "--memory_per_rank_gb=8", "--recompute",
         "--precision=mixed_bfloat16",
         "--fp16_allreduce", "--fusion_threshold_mb=1", "--optimizer=lars", "--base_lr=1",
-        "--erase=0.5",
+        "--erase=0.5", "--overlay=0.5",
         "--epochs=2", "--warmup_epochs=1"])
     summary = json.loads((tmp_path / "model" / "summary.json").read_text())
     # auto: 8 GB a rank hold any batch at 128 x 128, so one rank's share of the 48 images
