@@ -354,15 +354,22 @@ def erase_rectangle(image, most):
 
 
 def overlay_rolled(image, chance):
-    """`image` (H, W, C) or, with probability `chance`, its pixel maximum with itself
-    rolled round (tf.roll) by a uniform H/4 to 3H/4 rows and W/4 to 3W/4 columns: a cell
-    narrower than a quarter of the field never meets its own copy. Dtype and shape kept."""
+    """`image` (H, W, C) or, with probability `chance`, overlaid(image, ...) by a uniform
+    H/4 to 3H/4 rows and W/4 to 3W/4 columns: a cell narrower than a quarter of the field
+    never meets its own copy. Dtype and shape kept."""
     height, width = image.shape[0], image.shape[1]
-    rows = tf.random.uniform([], height // 4, height - height // 4 + 1, tf.int32)
-    columns = tf.random.uniform([], width // 4, width - width // 4 + 1, tf.int32)
-    return tf.cond(tf.random.uniform([]) < chance,
-                   lambda: tf.maximum(image, tf.roll(image, [rows, columns], axis=[0, 1])),
-                   lambda: image)
+
+    def rolled_at_random():
+        rows = tf.random.uniform([], height // 4, height - height // 4 + 1, tf.int32)
+        columns = tf.random.uniform([], width // 4, width - width // 4 + 1, tf.int32)
+        return overlaid(image, rows, columns)
+    return tf.cond(tf.random.uniform([]) < chance, rolled_at_random, lambda: image)
+
+
+def overlaid(images, rows, columns):
+    """`images` (..., H, W, C), each the pixel maximum of itself and itself rolled round
+    (tf.roll) by `rows` and `columns`: twice its cells, each as it was."""
+    return tf.maximum(images, tf.roll(images, [rows, columns], axis=[-3, -2]))
 
 
 def erased_background(image):

@@ -31,15 +31,25 @@ def accuracy(predict, batches):
     return right / total
 
 
-def main(run_dir, data_dir=None):
+def held_out(run_dir, data_dir=None, batch_size=8):
+    """(model, its predict (evaluation.make_predict), the held-out (image, label,
+    provenance) batches as a list, the manifest) of a train_mcnn.py run: its exported
+    weights (else its newest checkpoint), read in bf16 where the CPU has it, and the
+    held-out fields of `data_dir` (default: the data set its data manifest names)."""
     hvd.init()
     model, manifest = model_files.load_trained(run_dir, tf_env.resolve_precision("auto")[0])
     data_dir = data_dir or manifest["source"]
     print(f"held-out fields of {data_dir}", flush=True)
-    batches = list(data_pipeline.make_dataset(data_pipeline.read_manifest(data_dir), "eval",
-                                              data_pipeline.Feed(8, 0, 1, provenance=True)))
+    batches = list(data_pipeline.make_dataset(
+        data_pipeline.read_manifest(data_dir), "eval",
+        data_pipeline.Feed(batch_size, 0, 1, provenance=True)))
     predict = evaluation.make_predict(model, manifest["image_shape"],
                                       data_pipeline.DTYPES[manifest["dtype"]])
+    return model, predict, batches, manifest
+
+
+def main(run_dir, data_dir=None):
+    model, predict, batches, _ = held_out(run_dir, data_dir)
     newest_first = model_files.checkpoints_in(os.path.join(run_dir, "checkpoints"))
     weights = []
     for path in newest_first:

@@ -1,8 +1,7 @@
 """Does a trained run read how densely cells lie as an MoA? Each held-out field is
 classified as it is and overlaid (pixel maximum) with a copy of itself rolled round by
-half its height and width: twice its cells, each as it was; the calls are compared class
-by class
-(issue 35: the held-out DMSO fields the full-size model calls DNA damage are the sparse
+half its height and width (data_pipeline.overlaid: twice its cells, each as it was), and
+the calls are compared class by class (issue 35: the held-out DMSO fields the full-size model calls DNA damage are the sparse
 ones; docs/recipe_study.md, "Which control fields fail").
 
     .venv/bin/python experiments/full_size/density_probe.py RUN_DIR [DATA_DIR]
@@ -18,19 +17,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import tf_env  # noqa: E402,F401  (before TensorFlow)
-import horovod.tensorflow as hvd  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
 import data_pipeline  # noqa: E402
-import evaluation  # noqa: E402
-import model_files  # noqa: E402
-
-
-def doubled(images):
-    """(N, H, W, C) fields, each overlaid with itself rolled by half its height and width."""
-    height, width = images.shape[1], images.shape[2]
-    return tf.maximum(images, tf.roll(images, [height // 2, width // 2], axis=[1, 2]))
+from checkpoint_average import held_out  # noqa: E402
 
 
 def calls(predict, batches):
@@ -39,23 +27,18 @@ def calls(predict, batches):
     for images, labels, provenance in batches:
         truth += labels.numpy().tolist()
         plain += np.argmax(predict(images)[0].numpy(), axis=1).tolist()
-        dense += np.argmax(predict(doubled(images))[0].numpy(), axis=1).tolist()
+        doubled = data_pipeline.overlaid(images, images.shape[1] // 2, images.shape[2] // 2)
+        dense += np.argmax(predict(doubled)[0].numpy(), axis=1).tolist()
         compounds += [c.decode() for c in provenance["compound"].numpy()]
     return np.array(truth), np.array(plain), np.array(dense), compounds
 
 
 def main(run_dir, data_dir=None):
-    hvd.init()
-    model, manifest = model_files.load_trained(run_dir, tf_env.resolve_precision("auto")[0])
-    data_dir = data_dir or manifest["source"]
-    batches = data_pipeline.make_dataset(data_pipeline.read_manifest(data_dir), "eval",
-                                         data_pipeline.Feed(4, 0, 1, provenance=True))
-    predict = evaluation.make_predict(model, manifest["image_shape"],
-                                      data_pipeline.DTYPES[manifest["dtype"]])
+    _, predict, batches, manifest = held_out(run_dir, data_dir, batch_size=4)
     truth, plain, dense, compounds = calls(predict, batches)
     classes = manifest["classes"]
-    print(f"held-out fields of {data_dir}: right as they are {np.mean(plain == truth):.4f}, "
-          f"doubled {np.mean(dense == truth):.4f}")
+    print(f"right as they are {np.mean(plain == truth):.4f}, doubled "
+          f"{np.mean(dense == truth):.4f}")
     for k, name in enumerate(classes):
         mine = truth == k
         changed = collections.Counter(
