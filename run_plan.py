@@ -355,8 +355,10 @@ def steps_of(request, epochs, steps_per_epoch):
 
 def measured_rate(model, recipe, per_rank_batch, accumulate):
     """Global training images/s of a throwaway `model` (a Model) stepping on random
-    images as `recipe` would (sizing.images_per_second)."""
+    images as `recipe` would, with its optimizer and weights' average
+    (sizing.images_per_second)."""
     return sizing.images_per_second(
-        model.build(), lambda keras_model, optimizer: optimization.make_train_step(
-            keras_model, optimizer, model.num_classes, recipe, accumulate),
+        model.build(), lambda keras_model: optimization.make_train_step(
+            keras_model, optimization.make_optimizer(1e-6, recipe), model.num_classes,
+            recipe, accumulate),
         per_rank_batch * accumulate, model.num_classes)
