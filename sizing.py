@@ -27,9 +27,8 @@ EVAL_COST = 1 / 3  # an evaluated image costs a forward pass, a third of a train
 
 def images_per_second(model, make_train_step, batch, num_classes, steps=4):
     """Global training images/s of the Keras `model`, from `steps` steps of `batch`
-    random images after a traced first one, make_train_step(model) making the step (with
-    the run's optimizer, at a rate too small to matter); the slowest rank's time, so that
-    every rank agrees. Two steps read 4.12 images/s on a host whose run then trained at
+    random images after a traced first one, make_train_step(model) making the step as
+    the run will; the slowest rank's time, so that every rank agrees. Two steps read 4.12 images/s on a host whose run then trained at
     3.14 (docs/recipe_study.md, "The demo's final check"): more steps average its swings."""
     train_step = make_train_step(model)
     rng = np.random.default_rng(0)
