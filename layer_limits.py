@@ -89,7 +89,7 @@ def describe(shape):
     """'Conv2D 16 @ 1024x1280x16 +input gradient' (16 filters on that input; a pooling
     layer's number is its window) and the like."""
     size = "x".join(str(s) for s in shape.input_shape)
-    kind = shape.kind.replace("WithFp32Gradient", "")
+    kind = shape.kind.replace("InStages", "")
     return (f"{kind}{f' {shape.size}' if shape.size else ''} @ {size}"
             + (" +input gradient" if shape.input_gradient else ""))
 

@@ -215,7 +215,7 @@ def column_gradient_cosines(pool_layer):
 
 
 def test_bf16_max_pool_gives_the_fp32_gradient():
-    cosines = column_gradient_cosines(mcnn_model.MaxPool2DWithFp32Gradient)
+    cosines = column_gradient_cosines(mcnn_model.MaxPool2DInStages)
     assert min(cosines) >= 0.98, cosines
 
 
@@ -228,7 +228,7 @@ def test_plain_bf16_max_pool_gradient_is_wrong_under_onednn():
     assert min(column_gradient_cosines(tf.keras.layers.MaxPool2D)) < 0.98
 
 
-def test_every_max_pool_of_the_model_takes_its_gradient_in_fp32():
+def test_every_max_pool_gradient_of_the_bf16_model_has_a_window_of_at_most_8():
     model = mcnn_model.build_mcnn((128, 128, 3), 3, precision="mixed_bfloat16")
     images = tf.zeros((1, 128, 128, 3), tf.uint8)
 
@@ -243,9 +243,30 @@ def test_every_max_pool_of_the_model_takes_its_gradient_in_fp32():
     for function in graph._functions.values():  # the layers' gradients are functions
         pool_gradients += [op for op in function.graph.get_operations()
                            if op.type == "MaxPoolGrad"]
-    # 6 columns pool after their convolutions (column 6 ends at 1/64), and the merge pools
-    assert len(pool_gradients) == 7
-    assert {op.get_attr("T") for op in pool_gradients} == {tf.float32}
+    # columns 0-2 pool by 64, 32 and 16 in two stages each, columns 3-5 by 8, 4 and 2 in
+    # one (column 6 ends at 1/64 unpooled), and the merge pools by 2
+    assert len(pool_gradients) == 10
+    assert {op.get_attr("T") for op in pool_gradients} == {tf.bfloat16}
+    assert max(max(op.get_attr("ksize")) for op in pool_gradients) == 8
+
+
+def test_pooling_in_stages_is_one_max_pool():
+    assert mcnn_model.pooling_stages(64) == [8, 8]
+    assert mcnn_model.pooling_stages(32) == [8, 4]
+    assert mcnn_model.pooling_stages(2) == [2]
+    with pytest.raises(ValueError, match="11-wide"):
+        mcnn_model.pooling_stages(22)
+    maps = tf.random.normal((2, 128, 192, 5))
+    for padding in ("same", "valid"):
+        staged = mcnn_model.MaxPool2DInStages(64, padding=padding)(maps)
+        np.testing.assert_array_equal(staged, tf.nn.max_pool2d(maps, 64, 64, padding.upper()))
+    np.testing.assert_array_equal(mcnn_model.MaxPool2DInStages(64)(maps[:, :100, :100]),
+                                  tf.nn.max_pool2d(maps[:, :100, :100], 64, 64, "VALID"))
+    with pytest.raises(ValueError, match="multiples"):
+        mcnn_model.MaxPool2DInStages(64, padding="same")(maps[:, :100])
+    # models exported before the layer pooled in stages load into it
+    assert (tf.keras.utils.get_registered_object("mcnn>MaxPool2DWithFp32Gradient")
+            is mcnn_model.MaxPool2DInStages)
 
 
 @pytest.mark.parametrize("trained, predicting", [("mixed_bfloat16", "float32"),
