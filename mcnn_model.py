@@ -104,13 +104,14 @@ class MaxPool2DInStages(tf.keras.layers.MaxPool2D):
     padding (the model's are); raises ValueError otherwise."""
 
     def build(self, input_shape):
-        for side, window in zip(input_shape[1:3], self.pool_size):
-            if self.strides != self.pool_size or (
-                    self.padding == "same" and side is not None and side % window):
-                raise ValueError(f"{self.name}: pooling in stages needs strides equal to the "
-                                 f"window {self.pool_size} and, with same padding, sides that "
-                                 f"are multiples of it; got strides {self.strides}, input "
-                                 f"{tuple(input_shape)}")
+        uneven = self.padding == "same" and any(
+            side is not None and side % window
+            for side, window in zip(input_shape[1:3], self.pool_size))
+        if self.strides != self.pool_size or uneven:
+            raise ValueError(f"{self.name}: pooling in stages needs strides equal to the "
+                             f"window {self.pool_size} and, with same padding, sides that "
+                             f"are multiples of it; got strides {self.strides}, input "
+                             f"{tuple(input_shape)}")
         super().build(input_shape)
 
     def call(self, inputs):
